@@ -1,0 +1,107 @@
+"""The one registry of mLSTM sequence kernels: names -> functions of one call signature.
+
+Every registered kernel is called as::
+
+    kernel(q, k, v, i, f, c_initial=None, n_initial=None, m_initial=None, *,
+           return_last_states=False, qk_scale=None, eps=1e-6, norm_val=1.0,
+           stabilize_correctly=True, grad_mode="exact")
+      -> h                                  # (B, NH, S, DHV), dtype of q
+      or (h, (matC, vecN, scaM))            # with return_last_states, states in float32
+
+with q, k (B, NH, S, DHQK), v (B, NH, S, DHV), i, f (B, NH, S) or (B, NH, S, 1), and the initial
+states (B, NH, DHQK, DHV), (B, NH, DHQK), (B, NH). Kernel-specific options (a chunk size, tile sizes,
+``interpret``) are bound once by ``get_mlstm_kernel(name, **options)``; unknown names and unknown
+options raise ``ValueError`` listing the valid ones.
+
+Kernel modules register themselves at import; the modules below are imported lazily on first use
+of the registry, so importing ``xlstm_jax`` stays cheap.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+from typing import Any, Callable
+
+# Modules whose import registers kernels. Later kernel families add their module here.
+_KERNEL_MODULES = (
+    "xlstm_jax.kernels.mlstm_parallel.native",
+    "xlstm_jax.kernels.mlstm_recurrent.native",
+    "xlstm_jax.kernels.mlstm_chunkwise.native",
+)
+
+COMMON_OPTIONS = ("return_last_states", "qk_scale", "eps", "norm_val", "stabilize_correctly", "grad_mode")
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelSpec:
+    """A registered kernel: its function, the extra options it takes (with defaults), a summary."""
+
+    name: str
+    fn: Callable[..., Any]
+    options: dict[str, Any]
+    description: str
+    supports_initial_states: bool = True
+    needs_gpu: bool = False
+
+
+_REGISTRY: dict[str, KernelSpec] = {}
+_loaded = False
+
+
+def register_mlstm_kernel(
+    name: str,
+    fn: Callable[..., Any],
+    *,
+    options: dict[str, Any] | None = None,
+    description: str = "",
+    supports_initial_states: bool = True,
+    needs_gpu: bool = False,
+) -> None:
+    """Register ``fn`` (the common signature above, plus keyword ``options``) under ``name``."""
+    if name in _REGISTRY and _REGISTRY[name].fn is not fn:
+        raise ValueError(f"an mLSTM kernel named {name!r} is already registered")
+    _REGISTRY[name] = KernelSpec(
+        name, fn, dict(options or {}), description, supports_initial_states, needs_gpu
+    )
+
+
+def _load() -> None:
+    global _loaded
+    if _loaded:
+        return
+    for mod in _KERNEL_MODULES:
+        importlib.import_module(mod)
+    _loaded = True
+
+
+def available_mlstm_kernels() -> list[str]:
+    """Names of all registered mLSTM sequence kernels, sorted."""
+    _load()
+    return sorted(_REGISTRY)
+
+
+def get_mlstm_kernel_spec(name: str) -> KernelSpec:
+    """The ``KernelSpec`` of ``name``; ``ValueError`` listing the valid names if unknown."""
+    _load()
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown mLSTM kernel {name!r}; available: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def get_mlstm_kernel(name: str, **options) -> Callable[..., Any]:
+    """The kernel ``name`` with its kernel-specific ``options`` bound.
+
+    Raises ``ValueError`` for an unknown name or an option the kernel does not take.
+    """
+    spec = get_mlstm_kernel_spec(name)
+    unknown = sorted(set(options) - set(spec.options))
+    if unknown:
+        raise ValueError(
+            f"mLSTM kernel {name!r} takes no option(s) {unknown}; its options are "
+            f"{sorted(spec.options) or 'none'} (common arguments {list(COMMON_OPTIONS)} go to the call)"
+        )
+    if not options:
+        return spec.fn
+    return functools.partial(spec.fn, **options)

@@ -1,0 +1,1 @@
+"""xLSTM models and the mLSTM backends they select kernels through."""

@@ -1,0 +1,1 @@
+"""The xLSTM model family whose mLSTM layers process a whole sequence in parallel (chunkwise)."""

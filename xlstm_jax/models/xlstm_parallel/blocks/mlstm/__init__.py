@@ -1,0 +1,1 @@
+"""The mLSTM block: its layer, cell and backends."""

@@ -1,0 +1,134 @@
+"""Recurrent mLSTM backend (seed 004): a single step, a whole sequence, and the backend module.
+
+Thin over ``xlstm_jax.kernels.mlstm_recurrent.native``. Shapes of one step: c (B, NH, DHQK, DHV),
+n (B, NH, DHQK), m (B, NH, 1), q, k (B, NH, DHQK), v (B, NH, DHV), i, f (B, NH, 1). The query scale is
+DHQK ** -0.5 and the normalizer is ``max(|q . n|, exp(-m)) + eps`` (DESIGN.md section 1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from xlstm_jax.kernels._common import MLSTMState, squeeze_gate, validate_inputs
+from xlstm_jax.kernels.mlstm_recurrent.native import mlstm_recurrent_sequence, mlstm_recurrent_step
+
+from .config import mLSTMBackend, mLSTMBackendConfig
+
+
+def _check_step_shapes(c, n, m, q, k, v, i, f) -> None:
+    if q.ndim != 3:
+        raise ValueError(f"q must have shape (B, NH, DHQK); got {tuple(q.shape)}")
+    B, NH, DHQK = q.shape
+    DHV = v.shape[-1] if v.ndim == 3 else -1
+    want = {
+        "c": (B, NH, DHQK, DHV), "n": (B, NH, DHQK), "m": (B, NH, 1),
+        "k": (B, NH, DHQK), "v": (B, NH, DHV), "i": (B, NH, 1), "f": (B, NH, 1),
+    }
+    got = {"c": c, "n": n, "m": m, "k": k, "v": v, "i": i, "f": f}
+    bad = [f"{name} {tuple(got[name].shape)} (expected {shape})" for name, shape in want.items()
+           if tuple(got[name].shape) != shape]
+    if bad or v.ndim != 3:
+        raise ValueError(f"recurrent_step_fw shape mismatch for q {tuple(q.shape)}: " + ", ".join(bad or [f"v {tuple(v.shape)}"]))
+
+
+def recurrent_step_fw(
+    c: jax.Array,  # (B, NH, DHQK, DHV)
+    n: jax.Array,  # (B, NH, DHQK)
+    m: jax.Array,  # (B, NH, 1)
+    q: jax.Array,  # (B, NH, DHQK)
+    k: jax.Array,  # (B, NH, DHQK)
+    v: jax.Array,  # (B, NH, DHV)
+    i: jax.Array,  # (B, NH, 1)
+    f: jax.Array,  # (B, NH, 1)
+    eps: float = 1e-6,
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
+    """One step of the mLSTM in recurrent form.
+
+    Returns the hidden state h (B, NH, DHV) and the new states (c, n, m) with m of shape (B, NH, 1),
+    in the dtype of the states.
+    """
+    _check_step_shapes(c, n, m, q, k, v, i, f)
+    h, (c_new, n_new, m_new) = mlstm_recurrent_step(c, n, m[..., 0], q, k, v, i[..., 0], f[..., 0], eps=eps)
+    return h, (c_new, n_new, m_new[..., None])
+
+
+def recurrent_sequence_fw(
+    queries: jax.Array,  # (B, NH, S, DHQK)
+    keys: jax.Array,  # (B, NH, S, DHQK)
+    values: jax.Array,  # (B, NH, S, DHV)
+    igate_preact: jax.Array,  # (B, NH, S, 1) or (B, NH, S)
+    fgate_preact: jax.Array,  # (B, NH, S, 1) or (B, NH, S)
+    c_initial: jax.Array | None = None,  # (B, NH, DHQK, DHV)
+    n_initial: jax.Array | None = None,  # (B, NH, DHQK)
+    m_initial: jax.Array | None = None,  # (B, NH)
+    return_last_states: bool = False,
+    eps: float = 1e-6,
+    state_dtype: str | jnp.dtype | None = None,
+    use_scan: bool = False,
+    mlstm_step_fn: Callable = recurrent_step_fw,
+):
+    """Forward pass of the mLSTM cell in recurrent form on a full sequence.
+
+    ``state_dtype`` None: the initial states' dtype if given, else the gate pre-activations' dtype.
+    ``mlstm_step_fn`` has the signature of ``recurrent_step_fw``. Returns h (B, NH, S, DHV) (dtype of
+    the queries), and with ``return_last_states`` also ``(c, n, m)`` with m of shape (B, NH).
+    """
+    vecI, vecF, state0 = validate_inputs(
+        queries, keys, values, igate_preact, fgate_preact, c_initial, n_initial, m_initial
+    )
+    if state_dtype is None:
+        state_dtype = state0.matC.dtype if state0 is not None else jnp.result_type(vecI, vecF)
+
+    def step(C, N, M, q, k, v, i, f):
+        h, (C, N, M) = mlstm_step_fn(C, N, M[..., None], q, k, v, i[..., None], f[..., None], eps=eps)
+        return h, MLSTMState(C, N, M[..., 0])
+
+    return mlstm_recurrent_sequence(
+        queries, keys, values, vecI, vecF, *(state0 or (None, None, None)),
+        return_last_states=return_last_states, use_scan=use_scan, state_dtype=state_dtype, step_fn=step,
+    )
+
+
+@dataclasses.dataclass
+class mLSTMBackendRecurrentConfig(mLSTMBackendConfig):
+    """Config of the recurrent backend."""
+
+    context_length: int = -1
+    """Context length of the model (informational for this backend); taken from the model config."""
+    eps: float = 1e-6
+    """Epsilon added to the normalizer."""
+    state_dtype: str | None = None
+    """Dtype of the states; None: see ``recurrent_sequence_fw``."""
+    use_scan: bool = False
+    """Loop with ``jax.lax.scan`` (fast to compile) instead of an unrolled Python loop."""
+
+    def assign_model_config_params(self, model_config: Any) -> None:
+        """Take ``context_length`` from the model config."""
+        self.context_length = model_config.context_length
+
+
+class mLSTMBackendRecurrent(mLSTMBackend):
+    """mLSTM backend that runs the cell step by step (``recurrent_sequence_fw``)."""
+
+    config: mLSTMBackendRecurrentConfig
+    config_class = mLSTMBackendRecurrentConfig
+
+    def __call__(self, q, k, v, i, f, c_initial=None, n_initial=None, m_initial=None, return_last_states=False):
+        """Run the sequence; see ``recurrent_sequence_fw``."""
+        return recurrent_sequence_fw(
+            q, k, v, i, f, c_initial, n_initial, m_initial,
+            return_last_states=return_last_states, eps=self.config.eps,
+            state_dtype=self.config.state_dtype, use_scan=self.config.use_scan,
+        )
+
+    @property
+    def can_vmap_over_heads(self) -> bool:
+        """Whether the backend can be vmapped over the heads dimension.
+
+        The backend was not written to be independent of the heads dimension: False.
+        """
+        return False
