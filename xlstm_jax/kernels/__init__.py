@@ -4,11 +4,22 @@ Use the registry: ``get_mlstm_kernel(name, **options)`` and ``available_mlstm_ke
 """
 
 from ._common import MLSTMState
-from .registry import available_mlstm_kernels, get_mlstm_kernel, get_mlstm_kernel_spec, register_mlstm_kernel
+from .registry import (
+    available_mlstm_kernels,
+    available_mlstm_step_kernels,
+    get_mlstm_kernel,
+    get_mlstm_kernel_spec,
+    get_mlstm_step_kernel,
+    register_mlstm_kernel,
+    register_mlstm_step_kernel,
+)
 
 __all__ = [
     "MLSTMState",
     "available_mlstm_kernels",
+    "available_mlstm_step_kernels",
+    "get_mlstm_step_kernel",
+    "register_mlstm_step_kernel",
     "get_mlstm_kernel",
     "get_mlstm_kernel_spec",
     "register_mlstm_kernel",

@@ -76,6 +76,45 @@ def _load() -> None:
     _loaded = True
 
 
+_STEP_REGISTRY: dict[str, KernelSpec] = {}
+
+
+def register_mlstm_step_kernel(
+    name: str, fn: Callable[..., Any], *, options: dict[str, Any] | None = None, description: str = ""
+) -> None:
+    """Register a single-step kernel (decode). Signature::
+
+        step(matC, vecN, scaM, q, k, v, i, f, *, qk_scale=None, eps=1e-6, norm_val=1.0,
+             stabilize_correctly=True) -> (h, (matC, vecN, scaM))
+
+    with matC (B, NH, DHQK, DHV), vecN (B, NH, DHQK), scaM (B, NH), q, k (B, NH, DHQK),
+    v (B, NH, DHV), i, f (B, NH); h (B, NH, DHV).
+    """
+    if name in _STEP_REGISTRY and _STEP_REGISTRY[name].fn is not fn:
+        raise ValueError(f"an mLSTM step kernel named {name!r} is already registered")
+    _STEP_REGISTRY[name] = KernelSpec(name, fn, dict(options or {}), description)
+
+
+def available_mlstm_step_kernels() -> list[str]:
+    """Names of all registered single-step (decode) kernels, sorted."""
+    _load()
+    return sorted(_STEP_REGISTRY)
+
+
+def get_mlstm_step_kernel(name: str, **options) -> Callable[..., Any]:
+    """The step kernel ``name`` with its options bound; ``ValueError`` for unknown names/options."""
+    _load()
+    if name not in _STEP_REGISTRY:
+        raise ValueError(
+            f"unknown mLSTM step kernel {name!r}; available: {', '.join(sorted(_STEP_REGISTRY))}"
+        )
+    spec = _STEP_REGISTRY[name]
+    unknown = sorted(set(options) - set(spec.options))
+    if unknown:
+        raise ValueError(f"mLSTM step kernel {name!r} takes no option(s) {unknown}; its options are {sorted(spec.options) or 'none'}")
+    return functools.partial(spec.fn, **options) if options else spec.fn
+
+
 def available_mlstm_kernels() -> list[str]:
     """Names of all registered mLSTM sequence kernels, sorted."""
     _load()

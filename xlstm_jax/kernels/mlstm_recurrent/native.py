@@ -23,7 +23,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from ..registry import register_mlstm_kernel
+from ..registry import register_mlstm_kernel, register_mlstm_step_kernel
 from .._common import (
     MLSTMState,
     compute_dtype,
@@ -150,3 +150,13 @@ register_mlstm_kernel(
     options={"use_scan": True},
     description="recurrent form in pure JAX, one step at a time (lax.scan or a Python loop)",
 )
+
+
+def _step_kernel(matC, vecN, scaM, q, k, v, i, f, *, qk_scale=None, eps=1e-6, norm_val=1.0, stabilize_correctly=True):
+    return mlstm_recurrent_step(
+        matC, vecN, scaM, q, k, v, i, f,
+        qk_scale=qk_scale, eps=eps, norm_val=norm_val, stabilize_correctly=stabilize_correctly,
+    )
+
+
+register_mlstm_step_kernel("recurrent_native", _step_kernel, description="one recurrent step in pure JAX")

@@ -1,0 +1,63 @@
+"""Helpers shared by the tests, ``xlstm-jax check`` and the benchmark: inputs and error measures."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def relative_error(out, ref) -> float:
+    """||out - ref|| / ||ref|| in float64 on the host (NaN if either has a NaN; abs error if ref is 0)."""
+    out = np.asarray(jax.device_get(out), dtype=np.float64)
+    ref = np.asarray(jax.device_get(ref), dtype=np.float64)
+    if out.shape != ref.shape:
+        raise ValueError(f"shape mismatch: out {out.shape} vs ref {ref.shape}")
+    if np.isnan(out).any() or np.isnan(ref).any():
+        return float("nan")
+    den = np.linalg.norm(ref.ravel())
+    num = np.linalg.norm((out - ref).ravel())
+    return float(num / den) if den > 0 else float(num)
+
+
+def mlstm_inputs(
+    key,
+    B: int,
+    NH: int,
+    S: int,
+    DHQK: int,
+    DHV: int,
+    *,
+    dtype=jnp.float32,
+    i_offset: float = 0.0,
+    f_offset: float = 3.0,
+    gate_scale: float = 1.0,
+    initial_states: bool = False,
+    m_initial_scale: float = 1.0,
+):
+    """Random mLSTM inputs ``(q, k, v, i, f, c0, n0, m0)`` (states None unless ``initial_states``).
+
+    Gates: ``i = i_offset + gate_scale * N(0,1)``, ``f = f_offset + gate_scale * N(0,1)``; states in
+    float32 (float64 if ``dtype`` is float64), m0 scaled by ``m_initial_scale``.
+    """
+    ks = jax.random.split(key, 8)
+    q = jax.random.normal(ks[0], (B, NH, S, DHQK), jnp.float32).astype(dtype)
+    k = jax.random.normal(ks[1], (B, NH, S, DHQK), jnp.float32).astype(dtype)
+    v = jax.random.normal(ks[2], (B, NH, S, DHV), jnp.float32).astype(dtype)
+    i = (i_offset + gate_scale * jax.random.normal(ks[3], (B, NH, S), jnp.float32)).astype(dtype)
+    f = (f_offset + gate_scale * jax.random.normal(ks[4], (B, NH, S), jnp.float32)).astype(dtype)
+    if not initial_states:
+        return q, k, v, i, f, None, None, None
+    sdt = jnp.float64 if jnp.dtype(dtype) == jnp.float64 else jnp.float32
+    c0 = jax.random.normal(ks[5], (B, NH, DHQK, DHV), sdt)
+    n0 = jax.random.normal(ks[6], (B, NH, DHQK), sdt)
+    m0 = m_initial_scale * jax.random.normal(ks[7], (B, NH), sdt)
+    return q, k, v, i, f, c0, n0, m0
+
+
+def to_float64(tree):
+    """Cast every floating array of a pytree to float64 (needs ``jax_enable_x64``)."""
+    return jax.tree_util.tree_map(
+        lambda x: x.astype(jnp.float64) if x is not None and jnp.issubdtype(x.dtype, jnp.floating) else x,
+        tree,
+    )

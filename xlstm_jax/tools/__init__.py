@@ -1,0 +1,1 @@
+"""Command implementations of the ``xlstm-jax`` CLI."""
