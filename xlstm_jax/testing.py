@@ -61,3 +61,45 @@ def to_float64(tree):
         lambda x: x.astype(jnp.float64) if x is not None and jnp.issubdtype(x.dtype, jnp.floating) else x,
         tree,
     )
+
+
+GRAD_NAMES = ("q", "k", "v", "i", "f", "c0", "n0", "m0")
+
+
+def random_cotangents(key, h_shape, states, dtype=jnp.float32):
+    """Random cotangents for h and the last states (C, n, m), for ``outputs_and_grads``."""
+    ks = jax.random.split(key, 4)
+    dh = jax.random.normal(ks[0], h_shape, jnp.float32).astype(dtype)
+    dC, dn, dm = (
+        jax.random.normal(kk, s.shape, jnp.float32).astype(dtype) for kk, s in zip(ks[1:], states)
+    )
+    return dh, dC, dn, dm
+
+
+def outputs_and_grads(kernel, inputs, cotangents, **call_options):
+    """Run ``kernel`` (registry signature) with last states; return outputs and all gradients.
+
+    ``inputs`` = (q, k, v, i, f, c0, n0, m0) (states may be None: then no state gradients);
+    ``cotangents`` = (dh, dC, dn, dm). The loss is ``sum(h*dh) + sum(C*dC) + sum(n*dn) + sum(m*dm)``
+    in float32 (float64 for float64 inputs). Returns ``(outs, grads)``: outs = {"h", "C", "n", "m"},
+    grads = {name: gradient} for q, k, v, i, f and (if given) c0, n0, m0.
+    """
+    q, k, v, i, f, c0, n0, m0 = inputs
+    dh, dC, dn, dm = cotangents
+    has_states = c0 is not None
+    args = (q, k, v, i, f) + ((c0, n0, m0) if has_states else ())
+
+    def loss(*a):
+        h, (C, N, M) = kernel(*a, return_last_states=True, **call_options)
+        acc = jnp.promote_types(h.dtype, jnp.float32)
+        total = (
+            jnp.sum(h.astype(acc) * dh.astype(acc))
+            + jnp.sum(C.astype(acc) * dC.astype(acc))
+            + jnp.sum(N.astype(acc) * dn.astype(acc))
+            + jnp.sum(M.astype(acc) * dm.astype(acc))
+        )
+        return total, {"h": h, "C": C, "n": N, "m": M}
+
+    grad_fn = jax.grad(loss, argnums=tuple(range(len(args))), has_aux=True)
+    grads, outs = grad_fn(*args)
+    return outs, dict(zip(GRAD_NAMES, grads))
