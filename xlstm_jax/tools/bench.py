@@ -168,10 +168,10 @@ def run(args) -> int:
                 row["error"] = f"{type(e).__name__}: {e}"[:300]
             results.append(row)
 
-    print(f"\n{'kernel':<28}{'grad':>6}{'B':>4}{'S':>7}{'mode':>6}{'ms':>10}{'TFLOP/s':>9}{'floor%':>8}{'mem GB':>8}")
+    print(f"\n{'kernel':<40}{'grad':>6}{'B':>4}{'S':>7}{'mode':>6}{'ms':>10}{'TFLOP/s':>9}{'floor%':>8}{'mem GB':>8}")
     for r in results:
         label = r["kernel"] + ("" if not r["options"] else ":" + ",".join(f"{k}={v}" for k, v in r["options"].items()))
-        head = f"{label[:27]:<28}{r['grad_mode']:>6}{r['B']:>4}{r['S']:>7}{r['mode']:>6}"
+        head = f"{label[:39]:<40}{r['grad_mode']:>6}{r['B']:>4}{r['S']:>7}{r['mode']:>6}"
         if "error" in r:
             print(head + "  ERROR " + r["error"][:120])
             continue

@@ -32,7 +32,11 @@ def _check_step_shapes(c, n, m, q, k, v, i, f) -> None:
     bad = [f"{name} {tuple(got[name].shape)} (expected {shape})" for name, shape in want.items()
            if tuple(got[name].shape) != shape]
     if bad or v.ndim != 3:
-        raise ValueError(f"recurrent_step_fw shape mismatch for q {tuple(q.shape)}: " + ", ".join(bad or [f"v {tuple(v.shape)}"]))
+        given = ", ".join(f"{name} {tuple(x.shape)}" for name, x in got.items())
+        raise ValueError(
+            f"recurrent_step_fw shape mismatch: {'; '.join(bad) or 'v must be (B, NH, DHV)'} "
+            f"(given q {tuple(q.shape)}, {given})"
+        )
 
 
 def recurrent_step_fw(
