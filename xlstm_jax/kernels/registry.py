@@ -29,6 +29,7 @@ _KERNEL_MODULES = (
     "xlstm_jax.kernels.mlstm_parallel.native",
     "xlstm_jax.kernels.mlstm_recurrent.native",
     "xlstm_jax.kernels.mlstm_chunkwise.native",
+    "xlstm_jax.kernels.mlstm_recurrent.pallas_step",
 )
 
 COMMON_OPTIONS = ("return_last_states", "qk_scale", "eps", "norm_val", "stabilize_correctly", "grad_mode")
