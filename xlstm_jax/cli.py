@@ -14,6 +14,8 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "check": ("xlstm_jax.tools.check", "check every registered kernel against the float64 reference"),
     "bench": ("xlstm_jax.tools.bench", "time the kernels at the standard workload (PERF.md)"),
+    "train": ("xlstm_jax.tools.train_cmd", "train the xLSTM language model (default: small model, embedded corpus)"),
+    "generate": ("xlstm_jax.tools.generate_cmd", "generate text from a trained run's checkpoint"),
 }
 
 

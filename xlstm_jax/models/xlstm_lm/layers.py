@@ -1,0 +1,293 @@
+"""Layers of the xLSTM language model: norms, the mLSTM layer, the gated feed-forward, the block.
+
+Notation (see ``config.py``): x (B, S, E) residual stream; per layer q, k (B, NH, S, DHQK),
+v (B, NH, S, DHV), gate pre-activations i, f (B, NH, S), hidden h (B, NH, S, DHV); the cell state
+``MLSTMState(matC (B, NH, DHQK, DHV), vecN (B, NH, DHQK), scaM (B, NH))``.
+
+The mLSTM layer (xLSTM-7B style):
+
+    q, k, v  = W_q x, W_k x, W_v x                         (no up-projection)
+    i, f     = softcap(W_i x + b_i), softcap(W_f x + b_f)  (one value per head, float32)
+    h        = mLSTM cell(q, k, v, i, f)                   (backend or step kernel)
+    y        = W_out (sigmoid(W_o x) * MultiHeadRMSNorm(h))
+
+and a block is ``x + mLSTMLayer(RMSNorm(x))`` followed by ``x + SwiGLU(RMSNorm(x))``.
+
+Two modes: ``"sequence"`` runs the cell over S tokens with the configured backend (training,
+prompt prefill; optionally from and to a state), ``"step"`` runs one token (S = 1) with the configured
+step kernel from a given state (decoding). With a ``mesh`` the cell runs per device under
+``jax.shard_map``: batch over (data, fsdp), heads over tensor.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec as P
+
+from xlstm_jax.kernels import get_mlstm_step_kernel
+from xlstm_jax.kernels._common import MLSTMState
+from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend import create_mlstm_backend
+
+from .config import xLSTMLMConfig
+from .sharding import BATCH_AXES, TENSOR
+
+MODES = ("sequence", "step")
+
+
+def soft_cap(x: jax.Array, cap: float | None) -> jax.Array:
+    """``cap * tanh(x / cap)``: smooth clipping to (-cap, cap); identity if ``cap`` is None."""
+    if cap is None:
+        return x
+    return cap * jnp.tanh(x / cap)
+
+
+def small_init(dim: int) -> nn.initializers.Initializer:
+    """Normal init with std sqrt(2 / (5 * dim)) (the "small init" of xLSTM / GPT-NeoX)."""
+    return nn.initializers.normal(stddev=(2.0 / (5.0 * dim)) ** 0.5)
+
+
+def wang_init(dim: int, num_blocks: int) -> nn.initializers.Initializer:
+    """Normal init with std 2 / (num_blocks * sqrt(dim)) for projections back into the residual."""
+    return nn.initializers.normal(stddev=2.0 / (num_blocks * dim**0.5))
+
+
+def linspace_init(low: float, high: float) -> nn.initializers.Initializer:
+    """Bias init: values linearly spaced from ``low`` to ``high`` over the (only) dimension."""
+
+    def init(key, shape, dtype=jnp.float32):
+        del key
+        return jnp.linspace(low, high, shape[-1], dtype=dtype) * jnp.ones(shape, dtype)
+
+    return init
+
+
+def _float_dtype(dtype) -> jnp.dtype:
+    """The dtype norms and gates compute in: float32, or float64 for float64 models."""
+    return jnp.promote_types(jnp.dtype(dtype), jnp.float32)
+
+
+class RMSNorm(nn.Module):
+    """RMS normalisation over the last dimension with a learned scale; computes in float32+."""
+
+    eps: float = 1e-6
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:  # (..., D) -> (..., D) in dtype
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        xf = x.astype(_float_dtype(self.dtype))
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return (y * scale.astype(y.dtype)).astype(self.dtype)
+
+
+class MultiHeadRMSNorm(nn.Module):
+    """RMS normalisation of each head separately, with one learned scale per channel (NH * DHV)."""
+
+    eps: float = 1e-6
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, h: jax.Array) -> jax.Array:  # (B, S, NH, DHV) -> (B, S, NH * DHV)
+        B, S, NH, DHV = h.shape
+        scale = self.param("scale", nn.initializers.ones, (NH * DHV,), self.param_dtype)
+        hf = h.astype(_float_dtype(self.dtype))
+        y = hf * jax.lax.rsqrt(jnp.mean(hf * hf, axis=-1, keepdims=True) + self.eps)
+        y = y.reshape(B, S, NH * DHV) * scale.astype(y.dtype)
+        return y.astype(self.dtype)
+
+
+def _per_device(fn, mesh: Mesh | None, in_specs, out_specs):
+    """``fn`` as is without a mesh, else ``fn`` under ``jax.shard_map`` over ``mesh``."""
+    if mesh is None:
+        return fn
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+
+
+_SPEC_QKV = P(BATCH_AXES, TENSOR, None, None)  # (B, NH, S, D)
+_SPEC_GATE = P(BATCH_AXES, TENSOR, None)  # (B, NH, S)
+_SPEC_STATE = MLSTMState(P(BATCH_AXES, TENSOR, None, None), P(BATCH_AXES, TENSOR, None), P(BATCH_AXES, TENSOR))
+_SPEC_STEP_VEC = P(BATCH_AXES, TENSOR, None)  # (B, NH, D)
+_SPEC_STEP_GATE = P(BATCH_AXES, TENSOR)  # (B, NH)
+
+
+def mlstm_sequence(
+    config: xLSTMLMConfig,
+    mesh: Mesh | None,
+    matQ: jax.Array,  # (B, NH, S, DHQK)
+    matK: jax.Array,  # (B, NH, S, DHQK)
+    matV: jax.Array,  # (B, NH, S, DHV)
+    vecI: jax.Array,  # (B, NH, S)
+    vecF: jax.Array,  # (B, NH, S)
+    state: MLSTMState | None = None,  # initial state or None (zeros)
+    return_last_states: bool = False,
+):
+    """Run the mLSTM cell over a sequence with the configured backend (per device with a mesh).
+
+    Returns h (B, NH, S, DHV), and with ``return_last_states`` also the last ``MLSTMState``.
+    """
+    # an unbound backend module, built from the registry: the model config fills what the backend needs
+    backend = create_mlstm_backend(
+        config.mlstm_backend, model_config=config, **config.backend_kwargs
+    ).clone(parent=None)
+
+    def run(q, k, v, i, f, *st):
+        out = backend.apply({}, q, k, v, i, f, *st, return_last_states=return_last_states)
+        if return_last_states:
+            h, last = out
+            return h, MLSTMState(*last)
+        return out
+
+    args = (matQ, matK, matV, vecI, vecF) + (tuple(state) if state is not None else ())
+    in_specs = (_SPEC_QKV,) * 3 + (_SPEC_GATE,) * 2 + (tuple(_SPEC_STATE) if state is not None else ())
+    out_specs = (_SPEC_QKV, _SPEC_STATE) if return_last_states else _SPEC_QKV
+    return _per_device(run, mesh, in_specs, out_specs)(*args)
+
+
+def step_kernel_options(config: xLSTMLMConfig) -> dict[str, Any]:
+    """The cell options (eps, norm_val, stabilize_correctly) of the configured backend, for the step
+    kernel, so that decoding computes the same cell as the backend."""
+    from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend import create_mlstm_backend_config
+
+    backend_config = create_mlstm_backend_config(config.mlstm_backend, **config.backend_kwargs)
+    return {
+        name: getattr(backend_config, name)
+        for name in ("eps", "norm_val", "stabilize_correctly")
+        if hasattr(backend_config, name)
+    }
+
+
+def mlstm_step(
+    config: xLSTMLMConfig,
+    mesh: Mesh | None,
+    vecQ: jax.Array,  # (B, NH, DHQK)
+    vecK: jax.Array,  # (B, NH, DHQK)
+    vecV: jax.Array,  # (B, NH, DHV)
+    scaI: jax.Array,  # (B, NH)
+    scaF: jax.Array,  # (B, NH)
+    state: MLSTMState,  # the state before this token
+) -> tuple[jax.Array, MLSTMState]:
+    """One token of the mLSTM cell with the configured step kernel: h (B, NH, DHV), new state."""
+    kernel = functools.partial(get_mlstm_step_kernel(config.mlstm_step_kernel), **step_kernel_options(config))
+
+    def run(q, k, v, i, f, C, n, m):
+        h, new = kernel(C, n, m, q, k, v, i, f)
+        return h, MLSTMState(*new)
+
+    in_specs = (_SPEC_STEP_VEC,) * 3 + (_SPEC_STEP_GATE,) * 2 + tuple(_SPEC_STATE)
+    return _per_device(run, mesh, in_specs, (_SPEC_STEP_VEC, _SPEC_STATE))(
+        vecQ, vecK, vecV, scaI, scaF, *state
+    )
+
+
+def zero_state(config: xLSTMLMConfig, batch_size: int, dtype=jnp.float32) -> MLSTMState:
+    """The all-zero cell state of one layer (m = 0, the recurrent convention)."""
+    B, NH, DHQK, DHV = batch_size, config.num_heads, config.qk_head_dim, config.v_head_dim
+    return MLSTMState(
+        jnp.zeros((B, NH, DHQK, DHV), dtype), jnp.zeros((B, NH, DHQK), dtype), jnp.zeros((B, NH), dtype)
+    )
+
+
+class mLSTMLayer(nn.Module):
+    """The xLSTM-7B mLSTM layer: projections, capped gates, cell, multi-head norm, output gate."""
+
+    config: xLSTMLMConfig
+    mesh: Mesh | None = None
+    mode: str = "sequence"
+    return_last_states: bool = False
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,  # (B, S, E), already normalised
+        state: MLSTMState | None = None,  # per-layer state or None
+    ) -> tuple[jax.Array, MLSTMState | None]:
+        cfg = self.config
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}; got {self.mode!r}")
+        B, S, E = x.shape
+        if E != cfg.embedding_dim:
+            raise ValueError(f"input has shape {x.shape}; expected (B, S, {cfg.embedding_dim})")
+        NH, DHQK, DHV = cfg.num_heads, cfg.qk_head_dim, cfg.v_head_dim
+        dt, pdt, gdt = cfg.compute_dtype, cfg.params_dtype, _float_dtype(cfg.compute_dtype)
+        dense = functools.partial(
+            nn.Dense, use_bias=cfg.use_bias, dtype=dt, param_dtype=pdt, kernel_init=small_init(E)
+        )
+        matQ = dense(NH * DHQK, name="q")(x)
+        matK = dense(NH * DHQK, name="k")(x)
+        matV = dense(NH * DHV, name="v")(x)
+        vecO = dense(NH * DHV, name="ogate")(x)
+        gate = functools.partial(nn.Dense, NH, use_bias=True, dtype=gdt, param_dtype=pdt, kernel_init=small_init(E))
+        vecI = gate(name="igate", bias_init=nn.initializers.constant(cfg.igate_bias_init))(x)
+        vecF = gate(name="fgate", bias_init=linspace_init(*cfg.fgate_bias_init_range))(x)
+        vecI, vecF = soft_cap(vecI, cfg.gate_soft_cap), soft_cap(vecF, cfg.gate_soft_cap)
+
+        heads = lambda t, D: t.reshape(B, S, NH, D).transpose(0, 2, 1, 3)  # noqa: E731  (B, NH, S, D)
+        matQ, matK, matV = heads(matQ, DHQK), heads(matK, DHQK), heads(matV, DHV)
+        vecI, vecF = vecI.transpose(0, 2, 1), vecF.transpose(0, 2, 1)  # (B, NH, S)
+
+        new_state = None
+        if self.mode == "step":
+            if S != 1:
+                raise ValueError(f"step mode takes one token: x has shape {x.shape}")
+            if state is None:
+                state = zero_state(cfg, B, gdt)
+            h, new_state = mlstm_step(
+                cfg, self.mesh, matQ[:, :, 0], matK[:, :, 0], matV[:, :, 0], vecI[:, :, 0], vecF[:, :, 0], state
+            )
+            h = h[:, :, None]
+        elif self.return_last_states:
+            h, new_state = mlstm_sequence(cfg, self.mesh, matQ, matK, matV, vecI, vecF, state, True)
+        else:
+            h = mlstm_sequence(cfg, self.mesh, matQ, matK, matV, vecI, vecF, state, False)
+        h = h.transpose(0, 2, 1, 3)  # (B, S, NH, DHV)
+        h = MultiHeadRMSNorm(eps=cfg.norm_eps, dtype=dt, param_dtype=pdt, name="mh_norm")(h)
+        h = nn.sigmoid(vecO) * h
+        y = dense(E, name="out_proj", kernel_init=wang_init(E, cfg.num_blocks))(h)
+        return y, new_state
+
+
+class FeedForward(nn.Module):
+    """Gated (SwiGLU) feed-forward: W_down (silu(W_gate x) * W_up x), inner width F."""
+
+    config: xLSTMLMConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:  # (B, S, E) -> (B, S, E)
+        cfg = self.config
+        E, F = cfg.embedding_dim, cfg.ffn_dim
+        dense = functools.partial(
+            nn.Dense, use_bias=cfg.use_bias, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype
+        )
+        gate = dense(F, name="up_gate", kernel_init=small_init(E))(x)
+        up = dense(F, name="up", kernel_init=small_init(E))(x)
+        return dense(E, name="down", kernel_init=wang_init(E, cfg.num_blocks))(nn.silu(gate) * up)
+
+
+class mLSTMBlock(nn.Module):
+    """Pre-norm residual block: x + mLSTMLayer(norm(x)), then x + FeedForward(norm(x)).
+
+    Called as ``(x, state) -> (x, new_state)`` so that ``nn.scan`` can stack the blocks.
+    """
+
+    config: xLSTMLMConfig
+    mesh: Mesh | None = None
+    mode: str = "sequence"
+    return_last_states: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array, state: MLSTMState | None):  # x (B, S, E) in the residual dtype
+        cfg = self.config
+        norm = functools.partial(RMSNorm, eps=cfg.norm_eps, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype)
+        h, new_state = mLSTMLayer(
+            cfg, self.mesh, self.mode, self.return_last_states, name="mlstm"
+        )(norm(name="norm_mlstm")(x), state)
+        x = x + h.astype(x.dtype)
+        x = x + FeedForward(cfg, name="ffn")(norm(name="norm_ffn")(x)).astype(x.dtype)
+        return x, new_state

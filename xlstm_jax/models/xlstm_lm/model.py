@@ -1,0 +1,144 @@
+"""The xLSTM language model: embedding, NB stacked mLSTM blocks (``nn.scan``), final norm, LM head.
+
+Notation (see ``config.py``): tokens (B, S) int32, logits (B, S, V) float32 (float64 for float64
+models). The per-layer cell states of all blocks are stacked along a leading block axis:
+
+    states = MLSTMState(matC (NB, B, NH, DHQK, DHV), vecN (NB, B, NH, DHQK), scaM (NB, B, NH))
+
+Calls:
+
+    model.apply(v, tokens)                                   -> logits
+    model.apply(v, tokens, states, return_last_states=True)  -> (logits, states)   (prefill / chunks)
+    model.apply(v, token, states, mode="step")               -> (logits, states)   (token (B, 1))
+
+The block stack is one ``nn.scan`` (compile time independent of depth; ``config.remat`` recomputes
+each block in the backward pass). With a ``mesh`` (axes data, fsdp, tensor; see ``sharding.py``) the
+batch is constrained to (data, fsdp) and every mLSTM cell runs per device under ``jax.shard_map``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from xlstm_jax.kernels._common import MLSTMState
+
+from .config import xLSTMLMConfig
+from .layers import MODES, RMSNorm, mLSTMBlock, small_init, soft_cap, zero_state
+from .sharding import BATCH_AXES, validate_mesh
+
+
+class Embedding(nn.Module):
+    """Token embedding table (V, E). With a mesh the (FSDP-sharded) table is gathered before the
+    lookup, so the looked-up vectors keep the batch sharding of the tokens."""
+
+    num_embeddings: int
+    features: int
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    mesh: Mesh | None = None
+
+    def setup(self):
+        self.embedding = self.param(
+            "embedding", small_init(self.features), (self.num_embeddings, self.features), self.param_dtype
+        )
+
+    def _table(self) -> jax.Array:
+        table = self.embedding
+        if self.mesh is not None:
+            table = jax.lax.with_sharding_constraint(table, NamedSharding(self.mesh, P()))
+        return table.astype(self.dtype)
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:  # (B, S) int -> (B, S, E)
+        return jnp.take(self._table(), tokens, axis=0)
+
+    def attend(self, x: jax.Array) -> jax.Array:  # (B, S, E) -> (B, S, V)
+        """Logits against the embedding table (tied LM head)."""
+        return x @ self._table().T
+
+
+class xLSTMLMModel(nn.Module):
+    """xLSTM language model (xLSTM-7B-style blocks) over a vocabulary of ``config.vocab_size``."""
+
+    config: xLSTMLMConfig
+    mesh: Mesh | None = None
+
+    def _constrain(self, x: jax.Array) -> jax.Array:
+        if self.mesh is None:
+            return x
+        spec = P(BATCH_AXES, *([None] * (x.ndim - 1)))
+        return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
+
+    @nn.compact
+    def __call__(
+        self,
+        tokens: jax.Array,  # (B, S) int
+        states: MLSTMState | None = None,  # stacked per-block states, or None (zeros)
+        return_last_states: bool = False,
+        mode: str = "sequence",
+    ):
+        cfg = self.config
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must have shape (B, S); got {tokens.shape}")
+        B, S = tokens.shape
+        if mode == "step" and S != 1:
+            raise ValueError(f"mode='step' takes tokens of shape (B, 1); got {tokens.shape}")
+        if self.mesh is not None:
+            validate_mesh(self.mesh, num_heads=cfg.num_heads, batch_size=B)
+        resid_dtype = jnp.promote_types(cfg.compute_dtype, cfg.params_dtype)
+        if states is not None:
+            want = (cfg.num_blocks, B, cfg.num_heads)
+            if tuple(states.scaM.shape) != want:
+                raise ValueError(f"states.scaM has shape {states.scaM.shape}; expected {want} (NB, B, NH)")
+        elif mode == "step":
+            states = jax.tree.map(
+                lambda x: jnp.broadcast_to(x, (cfg.num_blocks,) + x.shape),
+                zero_state(cfg, B, jnp.promote_types(cfg.compute_dtype, jnp.float32)),
+            )
+
+        embed = Embedding(
+            cfg.vocab_size, cfg.embedding_dim, dtype=resid_dtype, param_dtype=cfg.params_dtype,
+            mesh=self.mesh, name="embedding",
+        )
+        x = self._constrain(embed(tokens))  # (B, S, E)
+
+        block = mLSTMBlock
+        if cfg.remat:
+            block = nn.remat(block, prevent_cse=False)
+        keep_states = return_last_states or mode == "step"
+        stack = nn.scan(
+            block,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=0,
+            out_axes=0,
+            length=cfg.num_blocks,
+        )(cfg, self.mesh, mode, keep_states, name="blocks")
+        x, new_states = stack(x, states)
+        x = self._constrain(x)
+
+        x = RMSNorm(eps=cfg.norm_eps, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype, name="out_norm")(x)
+        if cfg.tie_embeddings:
+            logits = embed.attend(x.astype(resid_dtype))
+        else:
+            logits = nn.Dense(
+                cfg.vocab_size, use_bias=False, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
+                kernel_init=small_init(cfg.embedding_dim), name="lm_head",
+            )(x)
+        logits = soft_cap(logits.astype(jnp.promote_types(logits.dtype, jnp.float32)), cfg.output_logit_soft_cap)
+        if keep_states:
+            return logits, new_states
+        return logits
+
+
+def init_params(config: xLSTMLMConfig, key: jax.Array, batch_size: int = 1, seq_len: int | None = None):
+    """Initial parameters of ``xLSTMLMModel(config)`` (a dict of arrays)."""
+    S = seq_len or min(config.context_length, 8)
+    tokens = jnp.zeros((batch_size, S), jnp.int32)
+    return xLSTMLMModel(config).init(key, tokens)["params"]

@@ -1,0 +1,152 @@
+"""Training text: the embedded corpus, user files, the train / held-out split, resumable batches.
+
+The default corpus is the English documentation text that ships with CPython itself
+(``pydoc_data.topics``: the language reference topics behind ``help()``), so training works offline on
+any machine with Python. Users pass their own UTF-8 text files instead.
+
+Batches are windows of ``seq_len + 1`` byte tokens (inputs and next-token targets). Each epoch draws
+a random offset and a random order of the non-overlapping windows from ``(seed, epoch)``; the
+iterator's whole state is ``DataState(epoch, position)``, saved in every checkpoint, so a resumed run
+sees exactly the batches the uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Sequence
+
+import numpy as np
+
+from .tokenizer import ByteTokenizer
+
+EMBEDDED_CORPUS_NAME = "cpython-pydoc-topics"
+
+
+def embedded_corpus_text() -> str:
+    """The English text of CPython's ``pydoc_data.topics`` (topics in sorted order)."""
+    try:
+        from pydoc_data import topics
+    except ImportError as err:  # some distributions strip pydoc_data from the standard library
+        raise RuntimeError(
+            "the embedded corpus needs CPython's pydoc_data module, which this Python lacks; "
+            "train on your own text with --data FILE [FILE ...]"
+        ) from err
+    return "\n\n".join(topics.topics[name].strip() for name in sorted(topics.topics)) + "\n"
+
+
+def load_corpus(paths: Sequence[str] = ()) -> tuple[np.ndarray, str]:
+    """Token ids (N,) uint8 of the given UTF-8 text files (concatenated), or of the embedded corpus
+    when ``paths`` is empty; and a short description of the source."""
+    tok = ByteTokenizer()
+    if not paths:
+        return tok.encode(embedded_corpus_text()), EMBEDDED_CORPUS_NAME
+    parts = []
+    for path in paths:
+        if not os.path.isfile(path):
+            raise ValueError(f"text file {path!r} does not exist")
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            parts.append(fh.read())
+    return tok.encode("\n\n".join(parts)), "files: " + ", ".join(os.path.basename(p) for p in paths)
+
+
+def split_corpus(tokens: np.ndarray, heldout_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """(train, held-out): the last ``heldout_fraction`` of the tokens, cut at a newline if one is near."""
+    if not 0.0 < heldout_fraction < 1.0:
+        raise ValueError(f"heldout_fraction must lie in (0, 1); got {heldout_fraction}")
+    cut = int(len(tokens) * (1.0 - heldout_fraction))
+    newline = np.flatnonzero(tokens[cut : cut + 4096] == ord("\n"))
+    if newline.size:
+        cut += int(newline[0]) + 1
+    return tokens[:cut], tokens[cut:]
+
+
+def unigram_entropy(tokens: np.ndarray, vocab_size: int = 256) -> float:
+    """Entropy in nats per token of the token frequencies: the loss of the best context-free model."""
+    counts = np.bincount(np.asarray(tokens, dtype=np.int64), minlength=vocab_size).astype(np.float64)
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+@dataclasses.dataclass(frozen=True)
+class DataState:
+    """Position of the batch iterator: the epoch and the index of the next batch inside it."""
+
+    epoch: int = 0
+    position: int = 0
+
+    def to_dict(self) -> dict[str, int]:
+        """JSON form."""
+        return {"epoch": self.epoch, "position": self.position}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, int]) -> "DataState":
+        """Inverse of ``to_dict``."""
+        return cls(int(d["epoch"]), int(d["position"]))
+
+
+class BatchSampler:
+    """Deterministic, resumable batches of windows (B, seq_len + 1) from a token array.
+
+    ``batch(state)`` returns the batch at ``state`` and the state after it; nothing else is stored, so
+    ``state`` (in every checkpoint) fully determines the rest of the data stream.
+    """
+
+    def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, seed: int = 0):
+        self.tokens = np.asarray(tokens)
+        self.batch_size, self.seq_len, self.seed = int(batch_size), int(seq_len), int(seed)
+        if batch_size < 1 or seq_len < 1:
+            raise ValueError(f"batch_size and seq_len must be positive; got {batch_size}, {seq_len}")
+        if self.batches_per_epoch(0) < 1:
+            raise ValueError(
+                f"the training text has {len(self.tokens)} tokens: too short for one batch of "
+                f"{batch_size} windows of {seq_len + 1} tokens; use more text or a smaller --batch-size/--seq-len"
+            )
+        self._cache: tuple[int, np.ndarray] | None = None
+
+    def _epoch_starts(self, epoch: int) -> np.ndarray:
+        if self._cache is not None and self._cache[0] == epoch:
+            return self._cache[1]
+        rng = np.random.default_rng([self.seed, epoch])
+        offset = int(rng.integers(0, self.seq_len))
+        n = (len(self.tokens) - offset - 1) // self.seq_len
+        starts = offset + self.seq_len * rng.permutation(n)
+        self._cache = (epoch, starts)
+        return starts
+
+    def batches_per_epoch(self, epoch: int) -> int:
+        """Number of full batches in ``epoch`` (its random offset may drop one window)."""
+        n = (len(self.tokens) - (self.seq_len - 1) - 1) // self.seq_len  # the worst offset
+        return n // self.batch_size
+
+    def batch(self, state: DataState) -> tuple[np.ndarray, DataState]:
+        """The batch (B, seq_len + 1) int32 at ``state``, and the next state."""
+        epoch, pos = state.epoch, state.position
+        if pos >= self.batches_per_epoch(epoch):
+            epoch, pos = epoch + 1, 0
+        starts = self._epoch_starts(epoch)[pos * self.batch_size : (pos + 1) * self.batch_size]
+        windows = np.stack([self.tokens[s : s + self.seq_len + 1] for s in starts]).astype(np.int32)
+        return windows, DataState(epoch, pos + 1)
+
+
+def heldout_batches(tokens: np.ndarray, batch_size: int, seq_len: int, max_batches: int) -> list[np.ndarray]:
+    """Fixed evaluation batches (B, seq_len + 1) int32: consecutive non-overlapping windows of the
+    held-out text (at most ``max_batches``; a last partial batch is dropped)."""
+    n = (len(tokens) - 1) // seq_len
+    nb = min(max_batches, n // batch_size)
+    if nb < 1:
+        raise ValueError(
+            f"the held-out text has {len(tokens)} tokens: too short for one evaluation batch of "
+            f"{batch_size} x {seq_len + 1}; raise --heldout-fraction or lower --batch-size/--seq-len"
+        )
+    out = []
+    for b in range(nb):
+        starts = seq_len * np.arange(b * batch_size, (b + 1) * batch_size)
+        out.append(np.stack([tokens[s : s + seq_len + 1] for s in starts]).astype(np.int32))
+    return out
+
+
+def bits_per_byte(nats: float) -> float:
+    """Convert a loss in nats per byte token to bits per byte."""
+    return nats / math.log(2.0)
