@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The project's one GPU script: runs on the GPU machine (device tool) from the repository root.
 #   SECTIONS  space-separated subset of: env tests bench infer peers   (default: all)
-#   TESTS     pytest selection for the tests section (default: tests/kernels tests/models -m "not slow")
+#   TESTS     pytest selection for the tests section (default: tests/kernels tests/models)
+#   BENCH_ARGS extra arguments of `xlstm-jax bench` (e.g. --grad-mode exact tfla)
 # Full logs and JSON results go to $OUT (or /tmp/xlstm_out); a short table is printed last.
 set -u
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -23,7 +24,7 @@ if has tests; then
 fi
 
 if has bench; then
-  python3 -m xlstm_jax bench --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" | tail -n 40
+  python3 -m xlstm_jax bench ${BENCH_ARGS:-} --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" | tail -n 40
   summary+=("bench: rc=${PIPESTATUS[0]} (table above, JSON in bench.json)")
 fi
 
