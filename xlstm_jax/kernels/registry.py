@@ -29,6 +29,7 @@ _KERNEL_MODULES = (
     "xlstm_jax.kernels.mlstm_parallel.native",
     "xlstm_jax.kernels.mlstm_recurrent.native",
     "xlstm_jax.kernels.mlstm_chunkwise.native",
+    "xlstm_jax.kernels.mlstm_chunkwise.pallas",
     "xlstm_jax.kernels.mlstm_recurrent.pallas_step",
 )
 

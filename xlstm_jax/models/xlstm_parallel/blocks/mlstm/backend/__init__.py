@@ -20,6 +20,7 @@ _BACKEND_MODULES = {
     "recurrent": ("xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend.recurrent", "mLSTMBackendRecurrent"),
     "parallel_stabilized": ("xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend.simple", "mLSTMBackendParallel"),
     "fwbw_stabilized": ("xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend.fwbw", "mLSTMBackendFwbw"),
+    "triton_kernels": ("xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend.triton_kernels", "mLSTMBackendTriton"),
     "recurrent_triton": (
         "xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend.recurrent_triton", "mLSTMBackendRecurrentTriton"
     ),

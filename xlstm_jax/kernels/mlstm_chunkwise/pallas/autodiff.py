@@ -1,0 +1,368 @@
+"""The autodiff layer of the Pallas chunkwise (TFLA) kernels: casting, padding, ``jax.custom_vjp``.
+
+Notation (see ``xlstm_jax.kernels._common`` and ``gates.py``): BH = B * NH; inside this layer every
+array is flattened over (B, NH), padded in time to S_pad (a multiple of the intra chunk L; open
+forget gates, closed input gates, zero q/k/v: the state carries through unchanged) and in the head
+dims to powers of two >= 16 (zero columns, exact).
+
+Forward (``chunkwise_forward``): the m scan and the gate vectors (XLA, O(S)), the recurrent kernel
+(chunk-border states), the parallel kernel (h and the signed normalizer qs.n).
+
+Backward (``chunkwise_backward``): dh -> (1/den, dnq, dm) in XLA; the recurrent backward kernel
+(state cotangents); the dQ, dK, dV kernels; gate gradients from <dq, q>, <dk, k> and the state
+decays by chunk-local sums (``gates.gate_gradients``). ``grad_mode="exact"`` (default) carries the normalizer as an extra value column
+(dnq) and pulls dm back through the m scan (``jax.vjp``); ``grad_mode="tfla"`` treats the
+denominator and m as constants, the convention of the TFLA kernels (DESIGN.md section 1).
+
+Inputs may be float32, bfloat16, float16 (float64 inputs run in float32); q, k, v are cast to the
+kernel dtype (``autocast_kernel_dtype``, default: the dtype of q), gates, states and all
+accumulation are float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from ..._common import MLSTMState, validate_inputs, validate_options
+from ...pallas import _triton
+from . import gates
+from .bw_parallel_dk import parallel_bw_dk
+from .bw_parallel_dq import parallel_bw_dq
+from .bw_parallel_dv import parallel_bw_dv
+from .bw_recurrent import recurrent_bw_states
+from .fw_parallel import parallel_fw_h
+from .fw_recurrent import recurrent_fw_states
+from .heuristics import ChunkwiseKernelParams, chunkwise_kernel_params, padded_head_dim
+
+_F32 = jnp.float32
+KERNEL_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+@dataclasses.dataclass(frozen=True)
+class CoreConfig:
+    """Static (hashable) options of one kernel call."""
+
+    params: ChunkwiseKernelParams
+    qk_scale: float
+    eps: float
+    norm_val: float
+    stabilize_correctly: bool
+    grad_mode: str
+    h_dtype: jnp.dtype
+    recompute_states_in_bw: bool
+    interpret: bool
+
+
+class ForwardOut(NamedTuple):
+    """Everything the forward computes (padded, flattened)."""
+
+    matH: jax.Array  # (BH, S, DHV)
+    vecNq: jax.Array  # (BH, S) signed qs.n (stabilized)
+    vecM: jax.Array  # (BH, S)
+    matC_states: jax.Array  # (BH, NC+1, DHQK, DHV)
+    vecN_states: jax.Array  # (BH, NC+1, DHQK)
+    scaM_borders: jax.Array  # (BH, NC+1)
+
+
+def chunkwise_forward(
+    matQ: jax.Array,  # (BH, S, DHQK) kernel dtype
+    matK: jax.Array,  # (BH, S, DHQK)
+    matV: jax.Array,  # (BH, S, DHV)
+    vecI: jax.Array,  # (BH, S) float32
+    vecLogF: jax.Array,  # (BH, S) float32
+    matC0: jax.Array,  # (BH, DHQK, DHV) float32
+    vecN0: jax.Array,  # (BH, DHQK)
+    scaM0: jax.Array,  # (BH,)
+    cfg: CoreConfig,
+) -> ForwardOut:
+    """The forward pass on padded, flattened arrays."""
+    p = cfg.params
+    vecM = gates.max_state_scan(vecI, vecLogF, scaM0)
+    g = gates.kernel_gates(vecI, vecLogF, vecM, scaM0, p.chunk_size_intra)
+    matC_states, vecN_states = recurrent_fw_states(
+        matK, matV, g.vecWstate, g.vecDecay, matC0, vecN0, params=p, interpret=cfg.interpret
+    )
+    matH, vecNq = parallel_fw_h(
+        matQ, matK, matV, g.vecQlog, g.vecKlog, g.vecWinter, vecM, matC_states, vecN_states,
+        params=p, qk_scale=cfg.qk_scale, eps=cfg.eps, norm_val=cfg.norm_val,
+        stabilize_correctly=cfg.stabilize_correctly, output_dtype=cfg.h_dtype, interpret=cfg.interpret,
+    )
+    return ForwardOut(matH, vecNq, vecM, matC_states, vecN_states, g.scaM_borders)
+
+
+def chunkwise_backward(
+    matQ: jax.Array,  # (BH, S, DHQK)
+    matK: jax.Array,  # (BH, S, DHQK)
+    matV: jax.Array,  # (BH, S, DHV)
+    vecI: jax.Array,  # (BH, S)
+    vecLogF: jax.Array,  # (BH, S)
+    matC0: jax.Array,  # (BH, DHQK, DHV)
+    vecN0: jax.Array,  # (BH, DHQK)
+    scaM0: jax.Array,  # (BH,)
+    vecM: jax.Array,  # (BH, S)
+    vecNq: jax.Array,  # (BH, S)
+    matH: jax.Array | None,  # (BH, S, DHV), needed for grad_mode="exact"
+    matC_states: jax.Array | None,  # (BH, NC+1, DHQK, DHV); None: recompute
+    vecN_states: jax.Array | None,  # (BH, NC+1, DHQK)
+    matDH: jax.Array,  # (BH, S, DHV)
+    matDC_last: jax.Array,  # (BH, DHQK, DHV)
+    vecDN_last: jax.Array,  # (BH, DHQK)
+    scaDM_last: jax.Array,  # (BH,)
+    cfg: CoreConfig,
+):
+    """The backward pass: (dQ, dK, dV, dI, dLogF, dC0, dN0, dM0) on padded, flattened arrays."""
+    p = cfg.params
+    exact = cfg.grad_mode == "exact"
+    dtype = matQ.dtype
+    g = gates.kernel_gates(vecI, vecLogF, vecM, scaM0, p.chunk_size_intra)
+    if matC_states is None:
+        matC_states, vecN_states = recurrent_fw_states(
+            matK, matV, g.vecWstate, g.vecDecay, matC0, vecN0, params=p, interpret=cfg.interpret
+        )
+    if exact:
+        vecDhh = jnp.sum(matDH.astype(_F32) * matH.astype(_F32), axis=-1)
+    else:
+        vecDhh = jnp.zeros_like(vecNq)
+    vecDenInv, vecDnq, vecDm = gates.normalizer_cotangents(
+        vecDhh, vecNq, vecM, eps=cfg.eps, norm_val=cfg.norm_val,
+        stabilize_correctly=cfg.stabilize_correctly, exact=exact,
+    )
+    matDH = matDH.astype(dtype)
+    kw = dict(params=p, qk_scale=cfg.qk_scale, interpret=cfg.interpret)
+    matDC_states, vecDN_states = recurrent_bw_states(
+        matQ, matDH, g.vecWinter, vecDenInv, vecDnq, g.vecDecay,
+        matDC_last.astype(_F32), vecDN_last.astype(_F32), **kw,
+    )
+    matDQ, vecDqq = parallel_bw_dq(
+        matQ, matK, matV, matDH, g.vecQlog, g.vecKlog, g.vecWinter, vecDenInv, vecDnq,
+        matC_states, vecN_states, output_dtype=dtype, **kw,
+    )
+    matDK, vecDkk, vecDkkState = parallel_bw_dk(
+        matQ, matK, matV, matDH, g.vecQlog, g.vecKlog, g.vecWstate, vecDenInv, vecDnq,
+        matDC_states, vecDN_states, output_dtype=dtype, **kw,
+    )
+    matDV = parallel_bw_dv(
+        matQ, matK, matDH, g.vecQlog, g.vecKlog, g.vecWstate, vecDenInv, matDC_states,
+        output_dtype=dtype, **kw,
+    )
+    matC_last, vecN_last = matC_states[:, -1], vecN_states[:, -1]
+    scaDlast = jnp.sum(matDC_last * matC_last, axis=(1, 2)) + jnp.sum(vecDN_last * vecN_last, axis=1)
+    # <dC_k, decay_k C_{k-1}> + <dn_k, decay_k n_{k-1}> for every chunk k (one pass over the states)
+    scaDdecay = g.vecDecay * (
+        jnp.einsum("bkij,bkij->bk", matDC_states[:, 1:], matC_states[:, :-1],
+                   precision=jax.lax.Precision.HIGHEST)
+        + jnp.einsum("bki,bki->bk", vecDN_states[:, 1:], vecN_states[:, :-1],
+                     precision=jax.lax.Precision.HIGHEST)
+    )
+    vecDI, vecDLogF = gates.gate_gradients(vecDqq, vecDkk, vecDkkState, scaDdecay, p.chunk_size_intra)
+    matDC0, vecDN0 = matDC_states[:, 0], vecDN_states[:, 0]
+    scaDM0 = jnp.sum(matDC0 * matC0, axis=(1, 2)) + jnp.sum(vecDN0 * vecN0, axis=1)
+    if exact:
+        vecDM = vecDm.at[:, -1].add(scaDM_last - scaDlast)
+        dI_m, dLogF_m, dM0_m = gates.max_state_pullback(vecI, vecLogF, scaM0, vecDM)
+        vecDI, vecDLogF, scaDM0 = vecDI + dI_m, vecDLogF + dLogF_m, scaDM0 + dM0_m
+    return matDQ, matDK, matDV, vecDI, vecDLogF, matDC0, vecDN0, scaDM0
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
+def _core(matQ, matK, matV, vecI, vecLogF, matC0, vecN0, scaM0, cfg: CoreConfig):
+    out = chunkwise_forward(matQ, matK, matV, vecI, vecLogF, matC0, vecN0, scaM0, cfg)
+    return out.matH, out.matC_states[:, -1], out.vecN_states[:, -1], out.scaM_borders[:, -1]
+
+
+def _core_fwd(matQ, matK, matV, vecI, vecLogF, matC0, vecN0, scaM0, cfg: CoreConfig):
+    out = chunkwise_forward(matQ, matK, matV, vecI, vecLogF, matC0, vecN0, scaM0, cfg)
+    keep_states = not cfg.recompute_states_in_bw
+    res = (
+        matQ, matK, matV, vecI, vecLogF, matC0, vecN0, scaM0, out.vecM, out.vecNq,
+        out.matH if cfg.grad_mode == "exact" else None,
+        out.matC_states if keep_states else None,
+        out.vecN_states if keep_states else None,
+    )
+    prim = (out.matH, out.matC_states[:, -1], out.vecN_states[:, -1], out.scaM_borders[:, -1])
+    return prim, res
+
+
+def _core_bwd(cfg: CoreConfig, res, cts):
+    matDH, matDC_last, vecDN_last, scaDM_last = cts
+    grads = chunkwise_backward(*res, matDH, matDC_last, vecDN_last, scaDM_last, cfg)
+    primals = res[:8]
+    return tuple(gr.astype(x.dtype) for gr, x in zip(grads, primals))
+
+
+_core.defvjp(_core_fwd, _core_bwd)
+
+
+class Prepared(NamedTuple):
+    """Inputs cast, flattened and padded for the kernels, plus what is needed to undo it."""
+
+    arrays: tuple  # (matQ, matK, matV, vecI, vecLogF, matC0, vecN0, scaM0)
+    B: int
+    NH: int
+    S: int
+    DHQK: int
+    DHV: int
+    kernel_dtype: jnp.dtype
+    params: ChunkwiseKernelParams
+    qk_scale: float
+
+
+def kernel_dtype_of(autocast_kernel_dtype, q_dtype) -> jnp.dtype:
+    """The kernel dtype: ``autocast_kernel_dtype`` (a dtype or its name) or q's; float64 -> float32."""
+    dt = jnp.dtype(q_dtype if autocast_kernel_dtype is None else autocast_kernel_dtype)
+    if dt == jnp.float64:
+        dt = jnp.dtype(jnp.float32)
+    if dt not in KERNEL_DTYPES:
+        raise ValueError(
+            f"autocast_kernel_dtype must be one of float32, bfloat16, float16; got {autocast_kernel_dtype!r}"
+        )
+    return dt
+
+
+def dtype_name(dtype) -> str | None:
+    """The name of a dtype given as a name, a numpy/JAX dtype or scalar type; None if not a dtype."""
+    if isinstance(dtype, str):
+        return dtype
+    try:
+        return jnp.dtype(dtype).name
+    except TypeError:
+        return None
+
+
+def _pad_last(x: jax.Array, size: int) -> jax.Array:
+    if x.shape[-1] == size:
+        return x
+    pad = [(0, 0)] * x.ndim
+    pad[-1] = (0, size - x.shape[-1])
+    return jnp.pad(x, pad)
+
+
+def prepare(
+    matQ, matK, matV, vecI, vecF, c_initial, n_initial, m_initial, *,
+    qk_scale, eps, norm_val, grad_mode, chunk_size, autocast_kernel_dtype, tile_params: dict,
+) -> Prepared:
+    """Validate, pick the kernel dtype and parameters, cast, flatten and pad (differentiable)."""
+    vecI, vecF, state0 = validate_inputs(matQ, matK, matV, vecI, vecF, c_initial, n_initial, m_initial)
+    B, NH, S, DHQK = matQ.shape
+    DHV = matV.shape[-1]
+    qk_scale = validate_options(eps=eps, norm_val=norm_val, grad_mode=grad_mode, qk_scale=qk_scale, DHQK=DHQK)
+    kd = kernel_dtype_of(autocast_kernel_dtype, matQ.dtype)
+    params = chunkwise_kernel_params(S=S, DHQK=DHQK, DHV=DHV, dtype=kd, chunk_size=chunk_size, **tile_params)
+    L = params.chunk_size_intra
+    S_pad = -(-S // L) * L
+    DHQKp, DHVp = padded_head_dim(DHQK), padded_head_dim(DHV)
+    BH = B * NH
+
+    def seq(x, D, Dp):
+        x = x.astype(kd).reshape(BH, S, D)
+        return _pad_last(gates.pad_time(x, S_pad, 0.0), Dp)
+
+    q, k = seq(matQ, DHQK, DHQKp), seq(matK, DHQK, DHQKp)
+    v = seq(matV, DHV, DHVp)
+    i = gates.pad_time(vecI.astype(_F32).reshape(BH, S), S_pad, gates.CLOSED_INPUT_GATE)
+    logf = gates.pad_time(gates.log_forget_gate(vecF).astype(_F32).reshape(BH, S), S_pad, 0.0)
+    if state0 is None:
+        C0 = jnp.zeros((BH, DHQKp, DHVp), _F32)
+        n0 = jnp.zeros((BH, DHQKp), _F32)
+        m0 = jnp.zeros((BH,), _F32)
+    else:
+        C0 = state0.matC.astype(_F32).reshape(BH, DHQK, DHV)
+        C0 = _pad_last(jnp.pad(C0, ((0, 0), (0, DHQKp - DHQK), (0, 0))), DHVp)
+        n0 = _pad_last(state0.vecN.astype(_F32).reshape(BH, DHQK), DHQKp)
+        m0 = state0.scaM.astype(_F32).reshape(BH)
+    return Prepared((q, k, v, i, logf, C0, n0, m0), B, NH, S, DHQK, DHV, kd, params, qk_scale)
+
+
+def resolve_interpret(interpret: bool | None) -> bool:
+    """``None``: compile on an NVIDIA GPU, interpret elsewhere."""
+    return _triton.default_interpret(interpret)
+
+
+def h_kernel_dtype(output_dtype, q_dtype) -> jnp.dtype:
+    """The dtype the kernel writes h in (the requested output dtype if the kernel can write it)."""
+    dt = jnp.dtype(q_dtype if output_dtype is None else output_dtype)
+    return dt if dt in KERNEL_DTYPES else jnp.dtype(_F32)
+
+
+def mlstm_chunkwise_pallas(
+    matQ: jax.Array,  # (B, NH, S, DHQK)
+    matK: jax.Array,  # (B, NH, S, DHQK)
+    matV: jax.Array,  # (B, NH, S, DHV)
+    vecI: jax.Array,  # (B, NH, S) or (B, NH, S, 1)
+    vecF: jax.Array,  # (B, NH, S) or (B, NH, S, 1)
+    c_initial: jax.Array | None = None,  # (B, NH, DHQK, DHV)
+    n_initial: jax.Array | None = None,  # (B, NH, DHQK)
+    m_initial: jax.Array | None = None,  # (B, NH)
+    *,
+    return_last_states: bool = False,
+    qk_scale: float | None = None,
+    eps: float = 1e-6,
+    norm_val: float = 1.0,
+    stabilize_correctly: bool = True,
+    grad_mode: str = "exact",
+    chunk_size: int | None = None,
+    chunk_size_inter: int | None = None,
+    chunk_size_intra: int | None = None,
+    siz_b_L_parallel: int | None = None,
+    siz_b_L_loop: int | None = None,
+    siz_b_DH_parallel: int | None = None,
+    siz_b_DH_loop: int | None = None,
+    siz_b_DHQK_inter: int | None = None,
+    siz_b_DHV_inter: int | None = None,
+    num_warps_intra: int | None = None,
+    num_warps_inter: int | None = None,
+    num_stages_intra: int | None = None,
+    num_stages_inter: int | None = None,
+    autocast_kernel_dtype=None,
+    output_dtype=None,
+    recompute_states_in_bw: bool = True,
+    interpret: bool | None = None,
+):
+    """Chunkwise mLSTM with the Pallas TFLA kernels, differentiable (``jax.custom_vjp``).
+
+    Any S (padded internally), DHQK != DHV, head dims padded to powers of two >= 16. Returns ``h``
+    (B, NH, S, DHV) in ``output_dtype`` (default: the dtype of q); with ``return_last_states`` also
+    ``MLSTMState(matC, vecN, scaM)`` in float32 (m0 = 0 convention without initial states).
+    Gradients flow to q, k, v, i, f and the initial states: exact by default, the TFLA convention
+    (denominator and m constant) with ``grad_mode="tfla"``. ``chunk_size`` is the target intra
+    chunk (``chunk_size_intra`` wins if both are given); tile and launch parameters default to
+    ``heuristics.chunkwise_kernel_params``. ``recompute_states_in_bw`` recomputes the chunk-border
+    states in the backward pass instead of keeping them from the forward pass. ``interpret``:
+    None compiles on an NVIDIA GPU and interprets elsewhere.
+    """
+    tile_params = dict(
+        chunk_size_inter=chunk_size_inter, chunk_size_intra=chunk_size_intra,
+        siz_b_L_parallel=siz_b_L_parallel, siz_b_L_loop=siz_b_L_loop,
+        siz_b_DH_parallel=siz_b_DH_parallel, siz_b_DH_loop=siz_b_DH_loop,
+        siz_b_DHQK_inter=siz_b_DHQK_inter, siz_b_DHV_inter=siz_b_DHV_inter,
+        num_warps_intra=num_warps_intra, num_warps_inter=num_warps_inter,
+        num_stages_intra=num_stages_intra, num_stages_inter=num_stages_inter,
+    )
+    prep = prepare(
+        matQ, matK, matV, vecI, vecF, c_initial, n_initial, m_initial,
+        qk_scale=qk_scale, eps=eps, norm_val=norm_val, grad_mode=grad_mode, chunk_size=chunk_size,
+        autocast_kernel_dtype=autocast_kernel_dtype, tile_params=tile_params,
+    )
+    out_dtype = jnp.dtype(matQ.dtype if output_dtype is None else output_dtype)
+    cfg = CoreConfig(
+        params=prep.params, qk_scale=float(prep.qk_scale), eps=float(eps), norm_val=float(norm_val),
+        stabilize_correctly=bool(stabilize_correctly), grad_mode=grad_mode,
+        h_dtype=h_kernel_dtype(output_dtype, matQ.dtype),
+        recompute_states_in_bw=bool(recompute_states_in_bw), interpret=resolve_interpret(interpret),
+    )
+    matH, matC_last, vecN_last, scaM_last = _core(*prep.arrays, cfg)
+    B, NH, S, DHQK, DHV = prep.B, prep.NH, prep.S, prep.DHQK, prep.DHV
+    h = matH[:, :S, :DHV].reshape(B, NH, S, DHV).astype(out_dtype)
+    if not return_last_states:
+        return h
+    state = MLSTMState(
+        matC_last[:, :DHQK, :DHV].reshape(B, NH, DHQK, DHV),
+        vecN_last[:, :DHQK].reshape(B, NH, DHQK),
+        scaM_last.reshape(B, NH),
+    )
+    return h, state

@@ -1,0 +1,111 @@
+"""Forward recurrent (inter-chunk) kernel: the states (C, n) at every chunk border.
+
+Notation (see ``gates.py``): BH = B * NH, L = chunk_size_intra, Li = chunk_size_inter, NC = S / L,
+bK x bV the state tile one program owns (siz_b_DHQK_inter x siz_b_DHV_inter).
+
+    C_k = vecDecay_k * C_{k-1} + sum_{s in chunk k} vecWstate_s k_s v_s^T      (n_k likewise with 1)
+
+Grid (DHQK / bK, DHV / bV, BH); each program walks the NC chunks in order, keeps its fp32 state tile
+in registers, stores it at every chunk border (index 0: the initial state), and folds each chunk in
+with L / Li matrix products of (bK, Li) x (Li, bV) (bf16/fp16 operands, fp32 accumulation).
+The stabilizers m are not computed here: they come from ``gates.max_state_scan``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from ._kernel_utils import dot_tn, launch
+from .heuristics import ChunkwiseKernelParams
+
+_F32 = jnp.float32
+
+
+def recurrent_fw_kernel(
+    matK_ref,  # (S, bK)
+    matV_ref,  # (S, bV)
+    vecWstate_ref,  # (S,)
+    vecDecay_ref,  # (NC,)
+    matC0_ref,  # (bK, bV)
+    vecN0_ref,  # (bK,)
+    matC_states_ref,  # out (NC+1, bK, bV)
+    vecN_states_ref,  # out (NC+1, bK)
+    *,
+    NC: int,
+    L: int,
+    L_inter: int,
+):
+    """Kernel body of one (DHQK tile, DHV tile, batch*head) program."""
+    dtype = matK_ref.dtype
+
+    def chunk(k, carry):
+        matC, vecN = carry
+        matC_states_ref[k, :, :] = matC
+        vecN_states_ref[k, :] = vecN
+        scaDecay = vecDecay_ref[k]
+        matC = matC * scaDecay
+        vecN = vecN * scaDecay
+        for j in range(L // L_inter):  # static: sub-chunks of chunk_size_inter steps
+            s0 = pl.multiple_of(k * L + j * L_inter, L_inter)
+            matKc = matK_ref[pl.ds(s0, L_inter), :]
+            matVc = matV_ref[pl.ds(s0, L_inter), :]
+            vecW = vecWstate_ref[pl.ds(s0, L_inter)]
+            matKw = matKc.astype(_F32) * vecW[:, None]
+            matC = matC + dot_tn(matKw.astype(dtype), matVc)
+            vecN = vecN + jnp.sum(matKw, axis=0)
+        return matC, vecN
+
+    init = (matC0_ref[...].astype(_F32), vecN0_ref[...].astype(_F32))
+    matC, vecN = jax.lax.fori_loop(jnp.int32(0), jnp.int32(NC), chunk, init)
+    matC_states_ref[NC, :, :] = matC
+    vecN_states_ref[NC, :] = vecN
+
+
+def recurrent_fw_states(
+    matK: jax.Array,  # (BH, S, DHQK)
+    matV: jax.Array,  # (BH, S, DHV)
+    vecWstate: jax.Array,  # (BH, S)
+    vecDecay: jax.Array,  # (BH, NC)
+    matC0: jax.Array,  # (BH, DHQK, DHV)
+    vecN0: jax.Array,  # (BH, DHQK)
+    *,
+    params: ChunkwiseKernelParams,
+    interpret: bool,
+) -> tuple[jax.Array, jax.Array]:
+    """Launch ``recurrent_fw_kernel``: states (BH, NC+1, DHQK, DHV) and (BH, NC+1, DHQK), fp32."""
+    BH, S, DHQK = matK.shape
+    DHV = matV.shape[-1]
+    L, L_inter = params.chunk_size_intra, params.chunk_size_inter
+    NC = S // L
+    bK = params.tile("siz_b_DHQK_inter", DHQK)
+    bV = params.tile("siz_b_DHV_inter", DHV)
+    grid = (DHQK // bK, DHV // bV, BH)
+    kernel = functools.partial(recurrent_fw_kernel, NC=NC, L=L, L_inter=L_inter)
+    return launch(
+        kernel,
+        grid=grid,
+        in_specs=[
+            pl.BlockSpec((None, S, bK), lambda ik, iv, b: (b, 0, ik)),
+            pl.BlockSpec((None, S, bV), lambda ik, iv, b: (b, 0, iv)),
+            pl.BlockSpec((None, S), lambda ik, iv, b: (b, 0)),
+            pl.BlockSpec((None, NC), lambda ik, iv, b: (b, 0)),
+            pl.BlockSpec((None, bK, bV), lambda ik, iv, b: (b, ik, iv)),
+            pl.BlockSpec((None, bK), lambda ik, iv, b: (b, ik)),
+        ],
+        out_specs=[
+            pl.BlockSpec((None, NC + 1, bK, bV), lambda ik, iv, b: (b, 0, ik, iv)),
+            pl.BlockSpec((None, NC + 1, bK), lambda ik, iv, b: (b, 0, ik)),
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct((BH, NC + 1, DHQK, DHV), _F32),
+            jax.ShapeDtypeStruct((BH, NC + 1, DHQK), _F32),
+        ],
+        num_warps=params.num_warps_inter,
+        num_stages=params.num_stages_inter,
+        interpret=interpret,
+        name="mlstm_chunkwise_recurrent_fw",
+    )(matK, matV, vecWstate, vecDecay, matC0, vecN0)

@@ -1,0 +1,109 @@
+"""Seed 002: the ``triton_kernels`` backend, one parametrised Pallas chunkwise kernel behind four names.
+
+Every ``backend_name`` calls the registry kernel ``chunkwise_pallas`` (the Pallas TFLA kernels of
+``xlstm_jax.kernels.mlstm_chunkwise.pallas``, compiled through Pallas' Triton lowering on NVIDIA
+GPUs, interpreted elsewhere) with different defaults:
+
+    triton_stablef, max_triton, max_triton_noslice   limit-chunk layout: intra chunk = recurrent
+                                                      step = chunk_size
+    max_triton_xlchunksize                           TFLA xl chunks: recurrent step chunk_size,
+                                                      intra chunk max(chunk_size, 128)
+
+All give exact gradients and honour eps, norm_val and stabilize_correctly. Shapes (the seeds'):
+q, k (B, NH, S, DHQK); v (B, NH, S, DHV); i, f (B, NH, S) or (B, NH, S, 1); initial states
+(B, NH, DHQK, DHV), (B, NH, DHQK), (B, NH).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal, get_args
+
+from .config import mLSTMBackend, mLSTMBackendConfig
+
+BackendNameType = Literal["max_triton_xlchunksize", "max_triton_noslice", "max_triton", "triton_stablef"]
+
+_MIN_CHUNK = 16
+_XL_INTRA_CHUNK = 128
+
+
+@dataclasses.dataclass
+class mLSTMBackendTritonConfig(mLSTMBackendConfig):
+    """Config of the Triton-kernel backends (seed 002)."""
+
+    autocast_dtype: str | None = None
+    """Dtype to use for the kernel computation. If None, uses the query dtype."""
+    chunk_size: int = 64
+    """Chunk size for the kernel computation."""
+    reduce_slicing: bool = True
+    """Whether to reduce slicing operations before the kernel computation.
+    Speeds up computation during training, but may limit initial states and
+    forwarding states during inference.
+
+    Here: when S is not a multiple of the (intra) chunk size, use the largest power-of-two chunk
+    >= 16 below it that divides S, so no padding and slicing copies are made (results are equal up
+    to rounding). Initial and forwarded states work either way."""
+    backend_name: BackendNameType = "max_triton_noslice"
+    """Backend name for the kernel type used"""
+    eps: float = 1e-6
+    """Epsilon value used in the kernel"""
+    norm_val: float = 1.0
+    """Normalizer upper bound value - max(norm_val e^-m, |n q|)"""
+    stabilize_correctly: bool = True
+    """Whether to stabilize correctly, i.e. scale norm_val with the maximizer state - see above"""
+
+    def __post_init__(self):
+        names = get_args(BackendNameType)
+        if self.backend_name not in names:
+            raise ValueError(f"backend_name must be one of {names}; got {self.backend_name!r}")
+        c = self.chunk_size
+        if isinstance(c, bool) or not isinstance(c, int) or c < _MIN_CHUNK or c & (c - 1):
+            raise ValueError(f"chunk_size must be a power of two >= {_MIN_CHUNK}; got {c!r}")
+
+    def assign_model_config_params(self, model_config: Any) -> None:
+        """Nothing to take from the model config (the seed's behaviour)."""
+        del model_config
+
+
+def _dividing_chunk(chunk: int, seq_len: int) -> int:
+    """The largest power of two in [16, chunk] dividing ``seq_len``; ``chunk`` if there is none."""
+    c = chunk
+    while c >= _MIN_CHUNK:
+        if seq_len % c == 0:
+            return c
+        c //= 2
+    return chunk
+
+
+class mLSTMBackendTriton(mLSTMBackend):
+    """mLSTM backend on the Pallas chunkwise (TFLA) kernels; see the module doc for the names."""
+
+    config: mLSTMBackendTritonConfig
+    config_class = mLSTMBackendTritonConfig
+
+    def kernel_call(self, seq_len: int) -> tuple[str, dict[str, Any], dict[str, Any]]:
+        """("chunkwise_pallas", kernel options, call options) for this config and ``seq_len``."""
+        c = self.config
+        if c.backend_name == "max_triton_xlchunksize":
+            inter, intra = c.chunk_size, max(c.chunk_size, _XL_INTRA_CHUNK)
+        else:
+            inter = intra = c.chunk_size
+        if c.reduce_slicing and seq_len % intra:
+            intra = _dividing_chunk(intra, seq_len)
+            inter = min(inter, intra)
+        options = dict(
+            autocast_kernel_dtype=c.autocast_dtype, chunk_size_intra=intra, chunk_size_inter=inter
+        )
+        call_options = dict(eps=c.eps, norm_val=c.norm_val, stabilize_correctly=c.stabilize_correctly)
+        return "chunkwise_pallas", options, call_options
+
+    @property
+    def can_vmap_over_heads(self) -> bool:
+        """Whether the backend can be vmaped over the heads dimension.
+
+        Triton kernels already handle the head dimension, hence not to be vmaped over.
+
+        Returns:
+            bool: False
+        """
+        return False
