@@ -53,6 +53,11 @@ def get_mlstm_backend_class(name: str) -> type[mLSTMBackend]:
     return _REGISTRY[name]
 
 
+def backend_supports_training(name: str) -> bool:
+    """Whether gradients flow through backend ``name`` (forward-only backends are for inference)."""
+    return bool(get_mlstm_backend_class(name).supports_training)
+
+
 def create_mlstm_backend_config(name: str, **kwargs: Any) -> mLSTMBackendConfig:
     """The config of backend ``name`` with ``kwargs`` set; unknown keywords raise ``ValueError``."""
     config_class = get_mlstm_backend_class(name).config_class
@@ -73,6 +78,7 @@ def create_mlstm_backend(name: str, model_config: Any = None, **kwargs: Any) -> 
 
 __all__ = [
     "available_mlstm_backends",
+    "backend_supports_training",
     "create_mlstm_backend",
     "create_mlstm_backend_config",
     "get_mlstm_backend_class",

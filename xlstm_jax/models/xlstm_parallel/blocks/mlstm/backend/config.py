@@ -40,6 +40,8 @@ class mLSTMBackend(nn.Module):
 
     config: Any
     config_class: ClassVar[type] = mLSTMBackendConfig
+    supports_training: ClassVar[bool] = True
+    """Whether gradients flow through this backend (False: forward only, inference)."""
 
     def kernel_call(self, seq_len: int) -> tuple[str, dict[str, Any], dict[str, Any]]:
         """(kernel name, kernel options, call options) for this config and sequence length."""

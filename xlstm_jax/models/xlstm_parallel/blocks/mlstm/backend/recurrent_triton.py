@@ -51,6 +51,7 @@ class mLSTMBackendRecurrentTriton(mLSTMBackend):
 
     config: mLSTMBackendRecurrentTritonConfig
     config_class = mLSTMBackendRecurrentTritonConfig
+    supports_training = False  # the fused step kernel has no VJP
 
     def __call__(
         self,
