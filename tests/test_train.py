@@ -1,4 +1,5 @@
-"""Training: tokenizer, corpus and batches, interrupt-and-resume losing no step, the CLI commands."""
+"""Training: tokenizer, corpus and batches, the schedule, one-step training, the progress text,
+interrupt-and-resume losing no step, the CLI commands."""
 
 import dataclasses
 import json
@@ -22,8 +23,9 @@ from xlstm_jax.train.data import (
     split_corpus,
     unigram_entropy,
 )
+from xlstm_jax.train.run import RunLog, prepare_run_dir, progress_text, train
 from xlstm_jax.train.tokenizer import ByteTokenizer
-from xlstm_jax.train.trainer import TrainConfig, Trainer, prepare_run_dir, train
+from xlstm_jax.train.trainer import TrainConfig, Trainer, make_schedule
 
 
 def test_byte_tokenizer_round_trip():
@@ -56,6 +58,14 @@ def test_user_files(tmp_path):
     assert ByteTokenizer().decode(tokens) == "hello world\n\n\nsecond file\n" and "a.txt" in source
     with pytest.raises(ValueError, match="does not exist"):
         load_corpus([str(tmp_path / "missing.txt")])
+    (tmp_path / "latin1.txt").write_bytes("Größe\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1.txt' is not UTF-8 text \(invalid byte 0xf6 at byte offset 2\)"):
+        load_corpus([str(tmp_path / "latin1.txt")])
+    (tmp_path / "empty.txt").write_bytes(b"")
+    with pytest.raises(ValueError, match="is empty"):
+        load_corpus([str(tmp_path / "empty.txt")])
+    with pytest.raises(ValueError, match="not a regular file"):
+        load_corpus([str(tmp_path)])
 
 
 def test_batch_sampler_is_deterministic_and_resumable():
@@ -80,6 +90,11 @@ def test_batch_sampler_is_deterministic_and_resumable():
     assert not np.array_equal(seen[0], seen[per_epoch])
     assert not np.array_equal(BatchSampler(tokens, 4, 32, seed=4).batch(DataState())[0], seen[0])
     assert len(heldout_batches(tokens, 4, 32, 3)) == 3
+    # one process's rows of a batch: the same rows of the whole batch, the same next state
+    full, after = sampler.batch(DataState(0, 2))
+    rows, after_rows = sampler.batch(DataState(0, 2), slice(1, 3))
+    np.testing.assert_array_equal(rows, full[1:3])
+    assert after_rows == after
     with pytest.raises(ValueError, match="too short"):
         BatchSampler(tokens[:100], 4, 32)
 
@@ -103,6 +118,61 @@ def _final_params(model, tc):
     out = store.restore(store.latest_step(), params, rest)
     store.close()
     return out
+
+
+def test_schedule_trains_from_the_first_update():
+    """Warm-up counts updates from 1: the first update has a nonzero rate, also when the run is
+    shorter than the warm-up; the peak at the last warm-up update; the cosine ends at min_lr_ratio."""
+    tc = TrainConfig(steps=100, warmup_steps=10, learning_rate=1e-2, min_lr_ratio=0.1)
+    lr = make_schedule(tc)
+    rates = np.array([float(lr(c)) for c in range(100)])
+    np.testing.assert_allclose(rates[:10], 1e-2 * np.arange(1, 11) / 10, rtol=1e-6)
+    np.testing.assert_allclose(rates[99], 1e-3, rtol=1e-6)  # update 100 = steps
+    assert np.all(np.diff(rates[9:]) < 0) and rates[10] < 1e-2
+    short = make_schedule(TrainConfig(steps=1, warmup_steps=50, learning_rate=3e-3))
+    assert float(short(0)) == pytest.approx(3e-3 / 50, rel=1e-6)
+    no_warmup = make_schedule(TrainConfig(steps=4, warmup_steps=0, learning_rate=1e-2))
+    assert 0 < float(no_warmup(0)) < 1e-2 and float(no_warmup(3)) == pytest.approx(1e-3, rel=1e-6)
+
+
+def test_one_step_run_changes_every_parameter():
+    """A run of one step (shorter than the warm-up) trains: every parameter leaf moves."""
+    model = preset_config("tiny", context_length=16, mlstm_backend_kwargs={"chunk_size": 16})
+    trainer = Trainer(model, TrainConfig(steps=1, warmup_steps=50, batch_size=2))
+    state = trainer.init_state()
+    before = jax.device_get(state.params)
+    batch = np.random.default_rng(0).integers(0, 256, size=(2, 17)).astype(np.int32)
+    state, metrics = trainer.train_step(state, batch)
+    after = jax.device_get(state.params)
+    assert int(state.step) == 1 and np.isfinite(float(metrics["loss"]))
+    flat_before = jax.tree_util.tree_leaves_with_path(before)
+    flat_after = jax.tree.leaves(after)
+    unchanged = [jax.tree_util.keystr(path) for (path, a), b in zip(flat_before, flat_after) if np.array_equal(a, b)]
+    assert not unchanged, f"parameters not updated by the first step: {unchanged}"
+    for (path, a), b in zip(flat_before, flat_after):
+        assert np.all(np.isfinite(b)), jax.tree_util.keystr(path)
+
+
+def test_progress_text_shows_only_known_figures(tmp_path):
+    """Before the first logged loss the bar shows no loss (and never 'nan')."""
+    assert progress_text(None, None, None) == ""
+    assert progress_text(float("nan"), float("nan"), None) == ""
+    assert progress_text(None, 5.5, None) == "eval 5.500"
+    assert progress_text(1.25, None, 1234.0) == "loss 1.250  1,234 tok/s"
+    log = RunLog(str(tmp_path), progress=True, print_fn=lambda s: None)
+    log.start(total=3, initial=0, resumed_from=None)
+    try:
+        log.eval_row(0, 5.0)  # the evaluation at step 0 comes before any training loss
+        shown = str(log._bar.postfix)
+        assert "eval 5.000" in shown and "loss" not in shown and "nan" not in shown
+        log.train_rows([{"step": 1, "loss": 4.0, "grad_norm": 1.0, "lr": 0.1}], 100.0)
+        assert "loss 4.000" in str(log._bar.postfix)
+    finally:
+        log.close()
+    with open(os.path.join(tmp_path, "metrics.jsonl")) as fh:
+        rows = [json.loads(line) for line in fh]
+    assert rows == [{"step": 0, "kind": "eval", "loss": 5.0},
+                    {"step": 1, "kind": "train", "loss": 4.0, "grad_norm": 1.0, "lr": 0.1}]
 
 
 def test_interrupt_and_resume_lose_no_step(tmp_path):

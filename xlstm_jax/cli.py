@@ -1,42 +1,79 @@
 """Command-line entry point: ``xlstm-jax <command> [options]`` (also ``python -m xlstm_jax``).
 
-Each subcommand lives in its own module exposing ``add_arguments(parser)`` and ``run(args) -> int``;
-the module is imported only when its command runs.
+The commands are the modules of ``xlstm_jax.tools`` listed in ``COMMANDS`` below; each has
+``add_arguments(parser)`` (its options) and ``run(args) -> int`` (the exit status). Following a call:
+``main`` parses the command line with the parser of ``build_parser``, then calls
+``COMMANDS[name].module.run(args)``. The command modules import nothing heavy at module level or in
+``add_arguments`` (JAX is imported inside ``run``), so ``xlstm-jax --help`` stays fast.
+
+User errors: a command raises ``xlstm_jax.tools.errors.UsageError(message)`` (and argparse's own
+errors are turned into one too); ``main`` prints the one line ``xlstm-jax: error: <message>`` to
+stderr and returns 2, with no traceback.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
+from types import ModuleType
+from typing import NamedTuple
 
-# command -> (module, one-line help)
-COMMANDS: dict[str, tuple[str, str]] = {
-    "check": ("xlstm_jax.tools.check", "check every registered kernel against the float64 reference"),
-    "bench": ("xlstm_jax.tools.bench", "time the kernels at the standard workload (PERF.md)"),
-    "train": ("xlstm_jax.tools.train_cmd", "train the xLSTM language model (default: small model, embedded corpus)"),
-    "generate": ("xlstm_jax.tools.generate_cmd", "generate text from a trained run's checkpoint"),
+from xlstm_jax.tools import bench, bench_decode, check, generate_cmd, train_cmd
+from xlstm_jax.tools.errors import UsageError
+from xlstm_jax.tools.options import HelpFormatter
+
+
+class Command(NamedTuple):
+    """A subcommand: the module that implements it and its one-line help."""
+
+    module: ModuleType
+    help: str
+
+
+COMMANDS: dict[str, Command] = {
+    "train": Command(train_cmd, "train the xLSTM language model (default: small model, embedded corpus)"),
+    "generate": Command(generate_cmd, "generate text from a trained run's checkpoint"),
+    "check": Command(check, "check every registered sequence and step kernel against a float64 reference"),
+    "bench": Command(bench, "time the sequence kernels at the benchmark workload (docs/benchmarks.md)"),
+    "bench-decode": Command(bench_decode, "time one mLSTM decode step: the Pallas step against the pure-JAX step"),
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are ``UsageError``s (one line, exit status 2 in ``main``)."""
+
+    def error(self, message: str):  # noqa: D102 - argparse's hook
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="xlstm-jax", description="xLSTM in JAX: kernels, models, tools.")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (module, help_) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_, description=help_)
-        p.set_defaults(_module=module)
-        importlib.import_module(module).add_arguments(p)
+    """The parser of ``xlstm-jax`` with one subparser per entry of ``COMMANDS``."""
+    parser = _Parser(prog="xlstm-jax", description="xLSTM in JAX: kernels, models, tools.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name, command in COMMANDS.items():
+        p = sub.add_parser(name, help=command.help, description=command.help, formatter_class=HelpFormatter)
+        command.module.add_arguments(p)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    """Run one command; returns its exit status (2 for a user error, after one ``xlstm-jax: error:``
+    line on stderr)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if not args.command:
-        parser.print_help()
+    try:
+        args, extra = parser.parse_known_args(argv)
+        if extra:
+            where = f"xlstm-jax {args.command}" if args.command else "xlstm-jax"
+            raise UsageError(f"unrecognized arguments: {' '.join(extra)} (see `{where} --help`)")
+        if not args.command:
+            parser.print_help(sys.stderr)
+            return 2
+        return int(COMMANDS[args.command].module.run(args) or 0)
+    except UsageError as err:
+        message = " ".join(str(err).split())  # one line
+        print(f"xlstm-jax: error: {message}", file=sys.stderr)
         return 2
-    return int(importlib.import_module(args._module).run(args) or 0)
 
 
 if __name__ == "__main__":

@@ -1,50 +1,88 @@
-"""``xlstm-jax bench``: time mLSTM kernels at PERF.md's standard workload, through the registry.
+"""``xlstm-jax bench``: time mLSTM sequence kernels at the benchmark workload, through the registry.
 
-Standard workload: bf16 inputs, NH=16, DHQK=128, DHV=256, 65,536 tokens as (B, S) = (32, 2048),
-(8, 8192), (2, 32768). For each kernel and shape: "fw" (h only) and "fwbw" (gradients of
-sum(h * dh) for q, k, v, i, f), median milliseconds over timed runs after compile and warm-up,
-achieved TFLOP/s on the nominal chunkwise FLOP count (PERF.md: 2*(L*DHQK + L*DHV + 2*DHQK*DHV) per
-token and head at L=64 for fw, three times that for fwbw), the fraction of the roofline floor
-(max(FLOP / matmul peak, bytes / copy bandwidth), both ceilings measured in the same run on GPU),
-and the compiled program's memory (arguments + outputs + temporaries).
+The workload (its definition in words: the opening section of ``docs/benchmarks.md``; the numbers:
+``xlstm_jax.tools.workload``): bf16 inputs; head shapes ``standard`` (16, 128, 256), ``7b``
+(8, 256, 512) and ``small`` (8, 64, 128) as (NH, DHQK, DHV); 65,536 tokens as (B, S) = (32, 2048),
+(8, 8192), (2, 32768) for the first two and (16, 2048) for ``small``. For each kernel, head shape,
+(B, S) and gradient convention: ``fw`` (h only) and ``fwbw`` (the gradients of sum(h * dh) for
+q, k, v, i, f), timed by ``xlstm_jax.tools.timing.time_calls`` (median over timed calls after
+compilation and warm-up, inputs rotated between two sets); the achieved TFLOP/s on the nominal
+FLOP count, the fraction of the roofline floor (max(FLOP / bf16 matmul rate, bytes / copy bandwidth),
+both ceilings measured in the same run on a GPU), the compiled program's memory and, with
+``--check``, the relative errors of h and the five gradients against ``chunkwise_native`` in
+float32 with full-precision matrix products (``--check-precision``) on the same inputs.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 
-STANDARD_SHAPES = ((32, 2048), (8, 8192), (2, 32768))
-# kernels that cannot run the standard workload (quadratic memory, one step at a time)
-NOT_FOR_STANDARD = ("parallel_native", "recurrent_native")
+from .errors import UsageError
+from .options import float_range, int_at_least
+from .workload import HEAD_PRESETS, NOMINAL_CHUNK, nominal_bytes, nominal_flops, parse_heads, parse_shapes
+
+# kernels that cannot run the workload (quadratic memory, one step at a time)
+NOT_FOR_WORKLOAD = ("parallel_native", "recurrent_native")
+CHECK_TOLERANCE = {"float32": 1e-3, "bfloat16": 2e-2, "float16": 2e-2}
+GRADS = ("q", "k", "v", "i", "f")
+
+
+def _heads_type(text: str):
+    try:
+        return parse_heads(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _shapes_type(text: str):
+    try:
+        return parse_shapes(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--kernels", nargs="*", default=None,
-                   help="kernel names, optionally NAME:key=value,key=value for kernel options "
+    """Options of ``xlstm-jax bench``."""
+    p.add_argument("--kernels", nargs="+", default=None, metavar="NAME[:KEY=VALUE,...]",
+                   help="kernels, each optionally with kernel options, e.g. chunkwise_native:chunk_size=128 "
                         "(default: every registered kernel that can run the workload)")
-    p.add_argument("--shapes", default=None,
-                   help="B,S pairs separated by ';' (default: the standard 32,2048;8,8192;2,32768)")
-    p.add_argument("--heads", default="16,128,256", help="NH,DHQK,DHV (default: %(default)s)")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    p.add_argument("--grad-mode", nargs="*", default=["exact"], choices=["exact", "tfla"])
-    p.add_argument("--modes", nargs="*", default=["fw", "fwbw"], choices=["fw", "fwbw"])
-    p.add_argument("--reps", type=int, default=20, help="timed runs per measurement")
-    p.add_argument("--warmup", type=int, default=3, help="untimed runs after compilation")
-    p.add_argument("--no-ceilings", action="store_true", help="skip measuring matmul/copy ceilings")
-    p.add_argument("--json", default=None, help="write all results to this JSON file")
+    p.add_argument("--heads", action="append", type=_heads_type, default=None, metavar="PRESET|NH,DHQK,DHV",
+                   help=f"head shape, a preset ({', '.join(f'{k} = {v[0]},{v[1]},{v[2]}' for k, v in HEAD_PRESETS.items())}) "
+                        "or explicit sizes; repeatable (default: all three presets)")
+    p.add_argument("--shapes", type=_shapes_type, default=None, metavar="B,S;B,S",
+                   help="(B, S) shapes for every head shape, e.g. '8,8192' (default: each preset's own: "
+                        "32,2048;8,8192;2,32768, and 16,2048 for small)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"], help="input dtype")
+    p.add_argument("--grad-mode", nargs="+", default=["exact"], choices=["exact", "tfla"],
+                   help="gradient conventions (default: exact)")
+    p.add_argument("--modes", nargs="+", default=["fw", "fwbw"], choices=["fw", "fwbw"],
+                   help="what to time (default: fw fwbw)")
+    p.add_argument("--reps", type=int_at_least(1), default=20, help="timed calls per measurement")
+    p.add_argument("--warmup", type=int_at_least(0), default=3, help="untimed calls after compilation")
+    p.add_argument("--floor-chunk", type=int_at_least(1), default=NOMINAL_CHUNK,
+                   help="chunk length L of the nominal FLOP and byte counts")
+    p.add_argument("--no-ceilings", action="store_true",
+                   help="do not measure the matmul / copy ceilings (they are measured on a GPU only)")
+    p.add_argument("--check", action="store_true",
+                   help="also compare h and the gradients with chunkwise_native in float32 (off by default)")
+    p.add_argument("--check-precision", default="highest", choices=["highest", "high", "default"],
+                   help="matmul precision of the --check reference (XLA:GPU's default for float32 is TF32)")
+    p.add_argument("--check-tol", type=float_range(0.0, low_open=True), default=None,
+                   help="--check fails a case above this relative error (default: 1e-3 for float32, 2e-2 for bf16/fp16)")
+    p.add_argument("--label", default="", help="a label stored with the results")
+    p.add_argument("--json", default=None, help="write all results to this JSON file (default: none)")
 
 
 def parse_kernel_arg(text: str) -> tuple[str, dict]:
-    """``name`` or ``name:key=value,key=value`` (values parsed as int, float, bool or str)."""
+    """``name`` or ``name:key=value,key=value`` (values parsed as int, float, bool, None or str)."""
     name, _, rest = text.partition(":")
     opts = {}
     for item in filter(None, rest.split(",")):
         key, sep, val = item.partition("=")
-        if not sep:
-            raise SystemExit(f"kernel option {item!r} is not key=value (in {text!r})")
+        if not sep or not key:
+            raise UsageError(f"--kernels: kernel option {item!r} is not key=value (in {text!r})")
         for conv in (int, float):
             try:
                 opts[key] = conv(val)
@@ -56,52 +94,6 @@ def parse_kernel_arg(text: str) -> tuple[str, dict]:
     return name, opts
 
 
-def nominal_flops(B: int, NH: int, S: int, DHQK: int, DHV: int, mode: str, L: int = 64) -> float:
-    """PERF.md's nominal chunkwise FLOP count (fw), three times that for fw+bw."""
-    fw = 2.0 * (L * DHQK + L * DHV + 2 * DHQK * DHV) * B * NH * S
-    return fw if mode == "fw" else 3.0 * fw
-
-
-def nominal_bytes(B: int, NH: int, S: int, DHQK: int, DHV: int, mode: str, itemsize: int, L: int = 64) -> float:
-    """Fewest bytes: q, k, v, h (and for fwbw dh, dq, dk, dv) once, plus the chunk states in fp32."""
-    tokens = B * NH * S
-    io = tokens * (2 * DHQK + 2 * DHV) * itemsize
-    states = B * NH * (S // L) * DHQK * DHV * 4
-    if mode == "fw":
-        return io + states
-    return io + tokens * (2 * DHQK + 2 * DHV) * itemsize + 3 * states
-
-
-def time_fn(fn, args, reps: int, warmup: int) -> float:
-    """Median milliseconds of ``fn(*args)`` over ``reps`` runs (compiled and warmed up first)."""
-    import jax
-
-    for _ in range(max(1, warmup)):
-        jax.block_until_ready(fn(*args))
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        ts.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(ts)
-
-
-def measure_ceilings(reps: int = 10) -> dict:
-    """bf16 matmul TFLOP/s (8192^3) and device copy bandwidth (bytes read + written) on this device."""
-    import jax
-    import jax.numpy as jnp
-
-    n = 8192
-    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.bfloat16)
-    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.bfloat16)
-    mm = jax.jit(lambda a, b: a @ b)
-    t_mm = time_fn(mm, (a, b), reps, 3)
-    x = jax.random.normal(jax.random.PRNGKey(2), (256 * 1024 * 1024,), jnp.float32)  # 1 GiB
-    cp = jax.jit(lambda x: x * 1.0001)
-    t_cp = time_fn(cp, (x,), reps, 3)
-    return {"matmul_tflops": 2 * n**3 / t_mm / 1e9, "copy_tbps": 2 * x.nbytes / t_cp / 1e9}
-
-
 def compiled_memory_bytes(jitted, args) -> int | None:
     """Arguments + outputs + temporaries of the compiled program (None if XLA does not say)."""
     try:
@@ -111,75 +103,169 @@ def compiled_memory_bytes(jitted, args) -> int | None:
         return None
 
 
+def _peak_bytes() -> int | None:
+    import jax
+
+    try:
+        stats = jax.devices()[0].memory_stats()
+    except Exception:  # not every backend has memory statistics
+        return None
+    return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
+
+
+def _resolve_kernels(args) -> list[tuple[str, dict, object]]:
+    """(name, options, kernel) for every --kernels entry; ``UsageError`` for unknown ones."""
+    from xlstm_jax.kernels import available_mlstm_kernels, get_mlstm_kernel
+
+    texts = args.kernels or [k for k in available_mlstm_kernels() if k not in NOT_FOR_WORKLOAD]
+    out = []
+    for text in texts:
+        name, opts = parse_kernel_arg(text)
+        try:
+            out.append((name, opts, get_mlstm_kernel(name, **opts)))
+        except ValueError as err:
+            raise UsageError(f"--kernels: {err}") from None
+    return out
+
+
+def _inputs(seed: int, B: int, NH: int, S: int, DHQK: int, DHV: int, dtype):
+    """(q, k, v, i, f) and dh of one input set (forget gates around +3, as in training)."""
+    import jax
+    import jax.numpy as jnp
+
+    from xlstm_jax.testing import mlstm_inputs
+
+    q, k, v, i, f, *_ = mlstm_inputs(jax.random.PRNGKey(seed), B, NH, S, DHQK, DHV, dtype=dtype)
+    dh = jax.random.normal(jax.random.fold_in(jax.random.PRNGKey(seed), 7), (B, NH, S, DHV), jnp.float32).astype(dtype)
+    return (q, k, v, i, f), dh
+
+
+def _fw_fwbw(kernel, grad_mode):
+    import jax
+    import jax.numpy as jnp
+
+    fw = jax.jit(lambda q, k, v, i, f: kernel(q, k, v, i, f, grad_mode=grad_mode))
+
+    def loss(q, k, v, i, f, dh):
+        h = kernel(q, k, v, i, f, grad_mode=grad_mode)
+        return jnp.sum(h.astype(jnp.float32) * dh.astype(jnp.float32))
+
+    return fw, jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))
+
+
+def _reference(x, dh, grad_mode, precision):
+    """h and the five gradients of ``chunkwise_native`` (chunk 64) in float32 at ``precision``."""
+    import jax
+    import jax.numpy as jnp
+
+    from xlstm_jax.kernels import get_mlstm_kernel
+
+    fw, fwbw = _fw_fwbw(get_mlstm_kernel("chunkwise_native", chunk_size=64), grad_mode)
+    x32 = tuple(a.astype(jnp.float32) for a in x)
+    with jax.default_matmul_precision(precision):
+        return fw(*x32), fwbw(*x32, dh.astype(jnp.float32))
+
+
 def run(args) -> int:
+    """Run the benchmark; print a table; write JSON if asked. Exit status 1 if a case failed, had a
+    NaN or (with --check) exceeded the tolerance."""
+    kernels = _resolve_kernels(args)  # user errors first, before any work
+    heads_list = args.heads or [parse_heads(name) for name in HEAD_PRESETS]
+
     import jax
     import jax.numpy as jnp
     from tqdm import tqdm
 
-    from xlstm_jax.kernels import available_mlstm_kernels, get_mlstm_kernel
-    from xlstm_jax.testing import mlstm_inputs
+    from xlstm_jax.testing import relative_error
 
-    NH, DHQK, DHV = (int(x) for x in args.heads.split(","))
-    shapes = STANDARD_SHAPES if args.shapes is None else tuple(
-        tuple(int(x) for x in pair.split(",")) for pair in args.shapes.split(";")
-    )
-    kernel_args = args.kernels or [k for k in available_mlstm_kernels() if k not in NOT_FOR_STANDARD]
-    kernels = [parse_kernel_arg(k) for k in kernel_args]
+    from .timing import copy_bandwidths, matmul_tflops, time_calls
+
     dtype = jnp.dtype(args.dtype)
-    on_gpu = jax.default_backend() == "gpu"
+    tol = args.check_tol if args.check_tol is not None else CHECK_TOLERANCE[args.dtype]
     device = jax.devices()[0]
     print(f"xlstm-jax bench on {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}, "
-          f"NH={NH} DHQK={DHQK} DHV={DHV} {args.dtype}")
-    ceilings = measure_ceilings() if (on_gpu and not args.no_ceilings) else None
-    if ceilings:
-        print(f"ceilings: bf16 matmul {ceilings['matmul_tflops']:.0f} TFLOP/s, "
-              f"copy {ceilings['copy_tbps']:.2f} TB/s")
+          f"{args.dtype}, heads {', '.join(f'{h.name} ({h.NH},{h.DHQK},{h.DHV})' for h in heads_list)}")
+    ceilings = None
+    if jax.default_backend() == "gpu" and not args.no_ceilings:
+        bws = copy_bandwidths()
+        ceilings = {"matmul_tflops": matmul_tflops(), "copy_tbps": max(bws.values()) / 1e12,
+                    "copy_tbps_all": {k: v / 1e12 for k, v in bws.items()}}
+        print(f"ceilings: bf16 matmul {ceilings['matmul_tflops']:.0f} TFLOP/s, copy {ceilings['copy_tbps']:.2f} TB/s "
+              f"(best of {', '.join(f'{k} {v:.2f}' for k, v in ceilings['copy_tbps_all'].items())})")
 
+    groups = [(h, B, S) for h in heads_list for B, S in (args.shapes or h.shapes)]
+    total = len(groups) * len(args.grad_mode) * len(kernels)
+    bar = tqdm(total=total, desc="bench", unit="case")
     results = []
-    jobs = [(n, o, B, S, gm) for B, S in shapes for n, o in kernels for gm in args.grad_mode]
-    for name, opts, B, S, gm in tqdm(jobs, desc="bench", unit="case"):
-        kernel = get_mlstm_kernel(name, **opts)
-        q, k, v, i, f, *_ = mlstm_inputs(jax.random.PRNGKey(B * S), B, NH, S, DHQK, DHV, dtype=dtype)
-        dh = jax.random.normal(jax.random.PRNGKey(7), (B, NH, S, DHV), jnp.float32).astype(dtype)
-        fw = jax.jit(lambda q, k, v, i, f, _k=kernel, _gm=gm: _k(q, k, v, i, f, grad_mode=_gm))
+    for heads, B, S in groups:
+        NH, DHQK, DHV = heads.NH, heads.DHQK, heads.DHV
+        sets = [_inputs(seed, B, NH, S, DHQK, DHV, dtype) for seed in (B * S, B * S + 1)]
+        fw_sets = [x for x, _ in sets]
+        bw_sets = [x + (dh,) for x, dh in sets]
+        for gm in args.grad_mode:
+            ref = _reference(*sets[0], gm, args.check_precision) if args.check else None
+            for name, opts, kernel in kernels:
+                fw, fwbw = _fw_fwbw(kernel, gm)
+                for mode in args.modes:
+                    fn, arg_sets = (fw, fw_sets) if mode == "fw" else (fwbw, bw_sets)
+                    row = {"kernel": name, "options": opts, "heads": heads.name, "NH": NH, "DHQK": DHQK,
+                           "DHV": DHV, "grad_mode": gm, "B": B, "S": S, "mode": mode}
+                    try:
+                        t0 = time.perf_counter()
+                        out = jax.block_until_ready(fn(*arg_sets[0]))
+                        row["compile_s"] = time.perf_counter() - t0
+                        leaves = jax.tree_util.tree_leaves(out)
+                        row["nan"] = any(bool(jnp.isnan(x.astype(jnp.float32)).any()) for x in leaves)
+                        t = time_calls(fn, arg_sets, reps=args.reps, warmup=args.warmup)
+                        row["ms"], row["min_ms"] = 1e3 * t.median_s, 1e3 * t.min_s
+                        row["memory_gb"] = (compiled_memory_bytes(fn, arg_sets[0]) or 0) / 1e9 or None
+                        row["peak_bytes_in_use"] = _peak_bytes()
+                        flops = nominal_flops(B, NH, S, DHQK, DHV, mode, args.floor_chunk)
+                        nbytes = nominal_bytes(B, NH, S, DHQK, DHV, mode, dtype.itemsize, args.floor_chunk)
+                        row["tflops"] = flops / row["ms"] / 1e9
+                        if ceilings:
+                            floor_ms = 1e3 * max(flops / (ceilings["matmul_tflops"] * 1e12),
+                                                 nbytes / (ceilings["copy_tbps"] * 1e12))
+                            row["floor_ms"], row["floor_fraction"] = floor_ms, floor_ms / row["ms"]
+                        if ref is not None:
+                            ref_h, ref_grads = ref
+                            if mode == "fw":
+                                row["err"] = {"h": relative_error(out, ref_h)}
+                            else:
+                                row["err"] = {"d" + g: relative_error(a, b) for g, a, b in zip(GRADS, out, ref_grads)}
+                            row["check_failed"] = not all(e <= tol for e in row["err"].values())  # NaN fails
+                        del out
+                    except Exception as e:  # report and go on with the other cases
+                        row["error"] = f"{type(e).__name__}: {e}"[:300]
+                    results.append(row)
+                bar.update(1)
+            del ref
+    bar.close()
 
-        def loss(q, k, v, i, f, dh, _k=kernel, _gm=gm):
-            h = _k(q, k, v, i, f, grad_mode=_gm)
-            return jnp.sum(h.astype(jnp.float32) * dh.astype(jnp.float32))
-
-        fwbw = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))
-        for mode in args.modes:
-            fn, fargs = (fw, (q, k, v, i, f)) if mode == "fw" else (fwbw, (q, k, v, i, f, dh))
-            row = {"kernel": name, "options": opts, "grad_mode": gm, "B": B, "S": S, "mode": mode}
-            try:
-                out = jax.block_until_ready(fn(*fargs))
-                leaves = jax.tree_util.tree_leaves(out)
-                row["nan"] = bool(any(bool(jnp.isnan(x.astype(jnp.float32)).any()) for x in leaves))
-                row["ms"] = time_fn(fn, fargs, args.reps, args.warmup)
-                row["memory_gb"] = (compiled_memory_bytes(fn, fargs) or 0) / 1e9 or None
-                flops = nominal_flops(B, NH, S, DHQK, DHV, mode)
-                nbytes = nominal_bytes(B, NH, S, DHQK, DHV, mode, dtype.itemsize)
-                row["tflops"] = flops / row["ms"] / 1e9
-                if ceilings:
-                    floor_ms = max(flops / (ceilings["matmul_tflops"] * 1e9), nbytes / (ceilings["copy_tbps"] * 1e9))
-                    row["floor_ms"] = floor_ms
-                    row["floor_fraction"] = floor_ms / row["ms"]
-            except Exception as e:  # report and go on with the other cases
-                row["error"] = f"{type(e).__name__}: {e}"[:300]
-            results.append(row)
-
-    print(f"\n{'kernel':<40}{'grad':>6}{'B':>4}{'S':>7}{'mode':>6}{'ms':>10}{'TFLOP/s':>9}{'floor%':>8}{'mem GB':>8}")
+    print(f"\n{'kernel':<36}{'heads':>10}{'grad':>6}{'B':>4}{'S':>7}{'mode':>6}{'ms':>10}{'TFLOP/s':>9}"
+          f"{'floor%':>8}{'mem GB':>8}" + ("  max rel. error" if args.check else ""))
     for r in results:
         label = r["kernel"] + ("" if not r["options"] else ":" + ",".join(f"{k}={v}" for k, v in r["options"].items()))
-        head = f"{label[:39]:<40}{r['grad_mode']:>6}{r['B']:>4}{r['S']:>7}{r['mode']:>6}"
+        head = f"{label[:35]:<36}{r['heads'][:9]:>10}{r['grad_mode']:>6}{r['B']:>4}{r['S']:>7}{r['mode']:>6}"
         if "error" in r:
             print(head + "  ERROR " + r["error"][:120])
             continue
         floor = f"{100 * r['floor_fraction']:7.1f}%" if "floor_fraction" in r else f"{'-':>8}"
         mem = f"{r['memory_gb']:8.2f}" if r.get("memory_gb") else f"{'-':>8}"
-        print(head + f"{r['ms']:10.3f}{r['tflops']:9.1f}{floor}{mem}" + ("  NaN!" if r["nan"] else ""))
+        err = ""
+        if "err" in r:
+            worst = max(r["err"], key=lambda k: float("inf") if r["err"][k] != r["err"][k] else r["err"][k])
+            err = f"  {worst} {r['err'][worst]:.1e}" + ("  FAIL" if r["check_failed"] else "")
+        print(head + f"{r['ms']:10.3f}{r['tflops']:9.1f}{floor}{mem}" + err + ("  NaN!" if r["nan"] else ""))
+    if args.check:
+        print(f"--check: relative errors vs chunkwise_native in float32 (matmul precision {args.check_precision}); "
+              f"tolerance {tol:g}")
+    print(f"TFLOP/s and floor on the nominal counts at L = {args.floor_chunk} (docs/benchmarks.md)")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"device": device.device_kind, "jax": jax.__version__, "ceilings": ceilings,
-                       "NH": NH, "DHQK": DHQK, "DHV": DHV, "dtype": args.dtype, "results": results}, fh, indent=1)
-    return 1 if any("error" in r or r.get("nan") for r in results) else 0
+                       "dtype": args.dtype, "floor_chunk": args.floor_chunk, "label": args.label,
+                       "check_precision": args.check_precision if args.check else None,
+                       "date": time.strftime("%Y-%m-%d"), "results": results}, fh, indent=1)
+    failed = any("error" in r or r.get("nan") or r.get("check_failed") for r in results)
+    return 1 if failed else 0

@@ -3,45 +3,39 @@
 With no arguments it trains the ``demo`` preset on CPython's own English documentation text with the
 byte tokenizer, shows a progress bar with loss and tokens/s, evaluates on a held-out split, writes
 checkpoints to ``runs/default`` and resumes from there when run again (Ctrl-C saves and stops).
+
+Every user error (a bad number, an unknown backend or step kernel, a forward-only backend, a backend
+option the backend does not have, a sequence longer than the context, a mesh that does not fit, an
+unreadable or non-UTF-8 data file, a run directory holding another run) is reported as a
+``UsageError`` before the run directory is created or anything is compiled.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any
 
-import jax
+from .errors import UsageError
+from .options import float_range, int_at_least, int_triple, name_value
 
-from xlstm_jax.models.xlstm_lm.config import PRESETS, preset_config
+# The model presets of ``xlstm_jax.models.xlstm_lm.config.PRESETS``, named here so that building the
+# parser imports no JAX (tests/test_tools_cli.py checks that the two agree).
+PRESET_NAMES = ("350m", "demo", "tiny")
 
-
-def parse_kv(items: list[str]) -> dict[str, Any]:
-    """``["chunk_size=32", "eps=1e-6"]`` -> ``{"chunk_size": 32, "eps": 1e-6}`` (JSON values, else str)."""
-    out: dict[str, Any] = {}
-    for item in items:
-        if "=" not in item:
-            raise ValueError(f"backend option {item!r} must look like NAME=VALUE")
-        key, value = item.split("=", 1)
-        try:
-            out[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key.strip()] = value
-    return out
-
-
-def parse_mesh(text: str | None) -> tuple[int, int, int] | None:
-    """``"2,2,2"`` -> (2, 2, 2); None stays None."""
-    if text is None:
-        return None
-    parts = text.split(",")
-    if len(parts) != 3 or not all(p.strip().isdigit() for p in parts):
-        raise ValueError(f"--mesh takes DATA,FSDP,TENSOR (three ints); got {text!r}")
-    return tuple(int(p) for p in parts)
+# The option of ``xlstm-jax train`` behind each setting that ``check_run_settings`` can refuse.
+_OPTION_OF_SETTING = {
+    "mlstm_backend": "--backend",
+    "mlstm_backend_kwargs": "--backend-option",
+    "mlstm_step_kernel": "--step-kernel",
+    "seq_len": "--seq-len",
+    "mesh": "--mesh",
+}
 
 
 def default_backend() -> str:
     """``triton_kernels`` (Pallas chunkwise) on a GPU when it is registered, else ``fwbw_stabilized``."""
+    import jax
+
     from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend import available_mlstm_backends
 
     if jax.default_backend() == "gpu" and "triton_kernels" in available_mlstm_backends():
@@ -51,47 +45,62 @@ def default_backend() -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``xlstm-jax train``."""
+    positive = int_at_least(1)
+    nonneg = int_at_least(0)
     m = parser.add_argument_group("model")
-    m.add_argument("--preset", default="demo", choices=sorted(PRESETS), help="model size (default: demo)")
-    m.add_argument("--embedding-dim", type=int, help="override E")
-    m.add_argument("--num-blocks", type=int, help="override the number of blocks")
-    m.add_argument("--num-heads", type=int, help="override the number of heads")
-    m.add_argument("--context-length", type=int, help="override the context (= training sequence) length")
+    m.add_argument("--preset", default="demo", choices=PRESET_NAMES, help="model size")
+    m.add_argument("--embedding-dim", type=positive, help="override E (default: the preset's)")
+    m.add_argument("--num-blocks", type=positive, help="override the number of blocks (default: the preset's)")
+    m.add_argument("--num-heads", type=positive, help="override the number of heads (default: the preset's)")
+    m.add_argument("--context-length", type=positive,
+                   help="override the context length, the longest training sequence (default: the preset's)")
     m.add_argument("--backend", default="auto",
-                   help="mLSTM backend for the sequence (default auto: triton_kernels on GPU if present, else fwbw_stabilized)")
-    m.add_argument("--backend-option", action="append", default=[], metavar="NAME=VALUE",
-                   help="a config field of the backend, e.g. chunk_size=64 (repeatable)")
-    m.add_argument("--step-kernel", default="recurrent_native", help="step kernel used when generating")
+                   help="mLSTM backend of the sequence; auto: triton_kernels on a GPU if registered, else "
+                        "fwbw_stabilized (an unknown name lists the valid ones)")
+    m.add_argument("--backend-option", action="append", default=[], type=name_value, metavar="NAME=VALUE",
+                   help="a config field of the backend, e.g. chunk_size=64 (repeatable; default: none)")
+    m.add_argument("--step-kernel", default="recurrent_native",
+                   help="step kernel used when generating from the run (checked now)")
     m.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="compute dtype (auto: bfloat16 on GPU, float32 on CPU)")
+                   help="compute dtype; auto: bfloat16 on a GPU, float32 on a CPU")
     m.add_argument("--remat", action=argparse.BooleanOptionalAction, default=None,
                    help="recompute block activations in the backward pass (default: the preset's)")
     t = parser.add_argument_group("training")
-    t.add_argument("--data", nargs="+", default=[], metavar="FILE", help="UTF-8 text files (default: embedded corpus)")
+    t.add_argument("--data", nargs="+", default=[], metavar="FILE",
+                   help="UTF-8 text files to train on (default: the embedded CPython documentation corpus)")
     t.add_argument("--out-dir", default="runs/default", help="run directory (checkpoints, metrics)")
-    t.add_argument("--steps", type=int, default=None, help="total optimizer steps of the run (default: 600)")
-    t.add_argument("--batch-size", type=int, default=16)
-    t.add_argument("--seq-len", type=int, default=0, help="training sequence length (default: context length)")
-    t.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
-    t.add_argument("--warmup-steps", type=int, default=50)
-    t.add_argument("--weight-decay", type=float, default=0.1)
-    t.add_argument("--eval-every", type=int, default=50, help="held-out evaluation interval (steps)")
-    t.add_argument("--eval-batches", type=int, default=8, help="held-out batches per evaluation (0: none)")
-    t.add_argument("--heldout-fraction", type=float, default=0.05, help="share of the text held out (its end)")
-    t.add_argument("--checkpoint-every", type=int, default=200, help="checkpoint interval (steps)")
-    t.add_argument("--log-every", type=int, default=10)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--mesh", default=None, metavar="DATA,FSDP,TENSOR",
-                   help="shard over a device mesh, e.g. 1,2,1 (default: one device)")
+    t.add_argument("--steps", type=positive, default=600, help="total optimizer steps of the run")
+    t.add_argument("--batch-size", type=positive, default=16, help="global batch size (sequences per step)")
+    t.add_argument("--seq-len", type=nonneg, default=0,
+                   help="training sequence length, at most the context length (default: 0, the context length)")
+    t.add_argument("--lr", type=float_range(0.0, low_open=True), default=3e-3, help="peak learning rate")
+    t.add_argument("--warmup-steps", type=nonneg, default=50,
+                   help="linear warm-up steps (update n of them uses n/W of the peak rate)")
+    t.add_argument("--weight-decay", type=float_range(0.0), default=0.1, help="AdamW decoupled weight decay")
+    t.add_argument("--eval-every", type=nonneg, default=50,
+                   help="held-out evaluation interval in steps (0: only at the end)")
+    t.add_argument("--eval-batches", type=nonneg, default=8, help="held-out batches per evaluation (0: none)")
+    t.add_argument("--heldout-fraction", type=float_range(0.0, 1.0, low_open=True), default=0.05,
+                   help="share of the text held out for evaluation (its end)")
+    t.add_argument("--checkpoint-every", type=nonneg, default=200,
+                   help="checkpoint interval in steps (0: only at the end and on Ctrl-C)")
+    t.add_argument("--log-every", type=positive, default=10, help="progress / metrics flush interval in steps")
+    t.add_argument("--seed", type=nonneg, default=0, help="seed of parameters, data order and training RNG")
+    t.add_argument("--mesh", type=int_triple, default=None, metavar="DATA,FSDP,TENSOR",
+                   help="shard over a device mesh of the first DATA*FSDP*TENSOR devices, e.g. 1,2,1 "
+                        "(default: one device, no mesh)")
     t.add_argument("--overwrite", action="store_true", help="delete an existing run in --out-dir first")
     t.add_argument("--no-checkpoint", action="store_true", help="write no checkpoints (throughput runs)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
-    t.add_argument("--summary-json", default=None, help="also write the run summary to this file")
+    t.add_argument("--summary-json", default=None, help="also write the run summary to this file (default: no)")
 
 
 def build_configs(args: argparse.Namespace):
-    """(xLSTMLMConfig, TrainConfig) from parsed arguments."""
-    from xlstm_jax.train.trainer import TrainConfig
+    """(xLSTMLMConfig, TrainConfig) from parsed arguments; ``UsageError`` if they do not make one."""
+    import jax
+
+    from xlstm_jax.models.xlstm_lm.config import preset_config
+    from xlstm_jax.train.config import TrainConfig
 
     overrides: dict[str, Any] = {}
     for name in ("embedding_dim", "num_blocks", "num_heads", "context_length"):
@@ -101,29 +110,60 @@ def build_configs(args: argparse.Namespace):
         overrides["remat"] = args.remat
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if jax.default_backend() == "gpu" else "float32")
     backend = default_backend() if args.backend == "auto" else args.backend
-    model_config = preset_config(
-        args.preset, mlstm_backend=backend, mlstm_backend_kwargs=parse_kv(args.backend_option),
-        mlstm_step_kernel=args.step_kernel, dtype=dtype, **overrides,
-    )
-    steps = args.steps if args.steps is not None else 600
-    tc = TrainConfig(
-        out_dir=args.out_dir, data=tuple(args.data), steps=steps, batch_size=args.batch_size,
-        seq_len=args.seq_len, learning_rate=args.lr, warmup_steps=args.warmup_steps,
-        weight_decay=args.weight_decay, eval_every=args.eval_every, eval_batches=args.eval_batches,
-        checkpoint_every=args.checkpoint_every, log_every=args.log_every, seed=args.seed,
-        mesh=parse_mesh(args.mesh), checkpoints=not args.no_checkpoint, heldout_fraction=args.heldout_fraction,
-    )
+    backend_kwargs = dict(args.backend_option)
+    try:
+        model_config = preset_config(
+            args.preset, mlstm_backend=backend, mlstm_backend_kwargs=backend_kwargs,
+            mlstm_step_kernel=args.step_kernel, dtype=dtype, **overrides,
+        )
+    except ValueError as err:
+        raise UsageError(f"the model options do not make a model: {err}") from None
+    try:
+        tc = TrainConfig(
+            out_dir=args.out_dir, data=tuple(args.data), steps=args.steps, batch_size=args.batch_size,
+            seq_len=args.seq_len, learning_rate=args.lr, warmup_steps=args.warmup_steps,
+            weight_decay=args.weight_decay, eval_every=args.eval_every, eval_batches=args.eval_batches,
+            checkpoint_every=args.checkpoint_every, log_every=args.log_every, seed=args.seed,
+            mesh=args.mesh, checkpoints=not args.no_checkpoint, heldout_fraction=args.heldout_fraction,
+        )
+    except ValueError as err:
+        raise UsageError(str(err)) from None
     return model_config, tc
+
+
+def check_inputs(model_config, tc, overwrite: bool):
+    """Everything a user can get wrong, checked before anything is written; returns the run's data
+    (``RunData``). Raises ``UsageError`` naming the option."""
+    from xlstm_jax.train.config import RunSettingError
+    from xlstm_jax.train.run import check_run_dir, prepare_run_data
+
+    try:
+        data = prepare_run_data(model_config, tc)
+    except RunSettingError as err:
+        raise UsageError(f"{_OPTION_OF_SETTING.get(err.setting, err.setting)}: {err}") from None
+    except ValueError as err:  # data files, text too short for a batch
+        raise UsageError(str(err)) from None
+    try:
+        check_run_dir(model_config, tc, overwrite)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    return data
 
 
 def run(args: argparse.Namespace) -> int:
     """Train; print the summary. Returns 0 (also after a Ctrl-C stop, which saved a checkpoint)."""
+    model_config, tc = build_configs(args)
+    data = check_inputs(model_config, tc, args.overwrite)
+
     from xlstm_jax.train.checkpoint import write_json
     from xlstm_jax.train.data import bits_per_byte
-    from xlstm_jax.train.trainer import train
+    from xlstm_jax.train.run import prepare_run_dir, train
 
-    model_config, tc = build_configs(args)
-    summary = train(model_config, tc, overwrite=args.overwrite, progress=not args.no_progress, print_fn=print)
+    try:  # every check passed: the run directory is the first thing written
+        prepare_run_dir(model_config, tc, args.overwrite)
+    except OSError as err:
+        raise UsageError(f"--out-dir {tc.out_dir!r} cannot be created: {err.strerror or err}") from None
+    summary = train(model_config, tc, progress=not args.no_progress, print_fn=print, data=data)
     if args.summary_json:
         write_json(args.summary_json, summary)
     h = summary["unigram_entropy_nats"]

@@ -37,17 +37,35 @@ def embedded_corpus_text() -> str:
 
 
 def load_corpus(paths: Sequence[str] = ()) -> tuple[np.ndarray, str]:
-    """Token ids (N,) uint8 of the given UTF-8 text files (concatenated), or of the embedded corpus
-    when ``paths`` is empty; and a short description of the source."""
+    """Token ids (N,) uint8 of the given UTF-8 text files (concatenated, separated by a blank line),
+    or of the embedded corpus when ``paths`` is empty; and a short description of the source.
+
+    A missing, unreadable, empty or non-UTF-8 file raises ``ValueError`` naming the file (and for
+    bad UTF-8 the byte offset).
+    """
     tok = ByteTokenizer()
     if not paths:
         return tok.encode(embedded_corpus_text()), EMBEDDED_CORPUS_NAME
     parts = []
     for path in paths:
-        if not os.path.isfile(path):
+        if not os.path.exists(path):
             raise ValueError(f"text file {path!r} does not exist")
-        with open(path, encoding="utf-8", errors="replace") as fh:
-            parts.append(fh.read())
+        if not os.path.isfile(path):
+            raise ValueError(f"text file {path!r} is not a regular file")
+        try:
+            with open(path, "rb") as fh:
+                raw = fh.read()
+        except OSError as err:
+            raise ValueError(f"text file {path!r} cannot be read: {err.strerror or err}") from None
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise ValueError(
+                f"text file {path!r} is not UTF-8 text (invalid byte 0x{raw[err.start]:02x} at byte offset {err.start})"
+            ) from None
+        if not text:
+            raise ValueError(f"text file {path!r} is empty")
+        parts.append(text)
     return tok.encode("\n\n".join(parts)), "files: " + ", ".join(os.path.basename(p) for p in paths)
 
 
@@ -120,12 +138,18 @@ class BatchSampler:
         n = (len(self.tokens) - (self.seq_len - 1) - 1) // self.seq_len  # the worst offset
         return n // self.batch_size
 
-    def batch(self, state: DataState) -> tuple[np.ndarray, DataState]:
-        """The batch (B, seq_len + 1) int32 at ``state``, and the next state."""
+    def batch(self, state: DataState, rows: slice | None = None) -> tuple[np.ndarray, DataState]:
+        """The batch (B, seq_len + 1) int32 at ``state``, and the next state.
+
+        ``rows`` (a slice of 0..B) returns only those rows of the batch (one process's share in a
+        multi-process run); the next state is the same either way.
+        """
         epoch, pos = state.epoch, state.position
         if pos >= self.batches_per_epoch(epoch):
             epoch, pos = epoch + 1, 0
         starts = self._epoch_starts(epoch)[pos * self.batch_size : (pos + 1) * self.batch_size]
+        if rows is not None:
+            starts = starts[rows]
         windows = np.stack([self.tokens[s : s + self.seq_len + 1] for s in starts]).astype(np.int32)
         return windows, DataState(epoch, pos + 1)
 
@@ -150,3 +174,43 @@ def heldout_batches(tokens: np.ndarray, batch_size: int, seq_len: int, max_batch
 def bits_per_byte(nats: float) -> float:
     """Convert a loss in nats per byte token to bits per byte."""
     return nats / math.log(2.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunData:
+    """The data of a run, prepared before it starts: the corpus, its split, the resumable training
+    batches and the fixed evaluation batches."""
+
+    source: str
+    """Short description of the corpus."""
+    num_tokens: int
+    """Tokens of the whole corpus."""
+    train_tokens: np.ndarray
+    """(N_train,) uint8 token ids of the training part."""
+    heldout_tokens: np.ndarray
+    """(N_heldout,) uint8 token ids of the held-out part (the end of the text)."""
+    unigram_entropy: float
+    """Entropy of the training part's byte frequencies, nats per byte."""
+    sampler: BatchSampler
+    """Training batches (B, S + 1) as a function of ``DataState``."""
+    eval_batches: list[np.ndarray]
+    """Held-out batches (B, S + 1) int32 (empty: no evaluation)."""
+
+
+def prepare_data(
+    paths: Sequence[str], *, batch_size: int, seq_len: int, seed: int, heldout_fraction: float,
+    eval_batches: int, vocab_size: int = 256,
+) -> RunData:
+    """Load the corpus (``paths`` or the embedded one), split it, and build the batches of a run.
+
+    Raises ``ValueError`` for unreadable files and for text too short for one training or one
+    evaluation batch (naming the sizes).
+    """
+    tokens, source = load_corpus(paths)
+    train_tokens, heldout_tokens = split_corpus(tokens, heldout_fraction)
+    sampler = BatchSampler(train_tokens, batch_size, seq_len, seed)
+    evals = heldout_batches(heldout_tokens, batch_size, seq_len, eval_batches) if eval_batches else []
+    return RunData(
+        source=source, num_tokens=len(tokens), train_tokens=train_tokens, heldout_tokens=heldout_tokens,
+        unigram_entropy=unigram_entropy(train_tokens, vocab_size), sampler=sampler, eval_batches=evals,
+    )
