@@ -48,7 +48,7 @@ fi
 # run NAME VISIBLE_GPUS BATCH MESH|- : one training run, summary in $OUT/NAME.json, log in $OUT/NAME.log
 run() {
   local name=$1 gpus=$2 batch=$3 mesh=$4
-  local args=(train --preset "$SIZE" --steps "$STEPS" --batch-size "$batch" --seq-len "$SEQ"
+  local args=(train --preset "$SIZE" --steps "$STEPS" --batch-size "$batch" --seq-len "$SEQ" --context-length "$SEQ"
               --backend "$BACKEND" --lr 1e-3 --warmup-steps 2 --log-every 1 --eval-every 0
               --eval-batches 0 --no-checkpoint --no-progress --overwrite
               --out-dir "$OUT/run_$name" --summary-json "$OUT/$name.json")

@@ -166,11 +166,19 @@ def _reference(x, dh, grad_mode, precision):
         return fw(*x32), fwbw(*x32, dh.astype(jnp.float32))
 
 
+def workload_cases(heads_list, shapes) -> list[tuple]:
+    """(Heads, B, S) of every measured case: each head shape (default: the three presets) at
+    ``shapes`` (default: the head shape's own, see ``workload.Heads.shapes``)."""
+    heads_list = heads_list or [parse_heads(name) for name in HEAD_PRESETS]
+    return [(h, B, S) for h in heads_list for B, S in (shapes or h.shapes)]
+
+
 def run(args) -> int:
     """Run the benchmark; print a table; write JSON if asked. Exit status 1 if a case failed, had a
     NaN or (with --check) exceeded the tolerance."""
     kernels = _resolve_kernels(args)  # user errors first, before any work
-    heads_list = args.heads or [parse_heads(name) for name in HEAD_PRESETS]
+    groups = workload_cases(args.heads, args.shapes)
+    heads_list = list(dict.fromkeys(h for h, _, _ in groups))
 
     import jax
     import jax.numpy as jnp
@@ -193,7 +201,6 @@ def run(args) -> int:
         print(f"ceilings: bf16 matmul {ceilings['matmul_tflops']:.0f} TFLOP/s, copy {ceilings['copy_tbps']:.2f} TB/s "
               f"(best of {', '.join(f'{k} {v:.2f}' for k, v in ceilings['copy_tbps_all'].items())})")
 
-    groups = [(h, B, S) for h in heads_list for B, S in (args.shapes or h.shapes)]
     total = len(groups) * len(args.grad_mode) * len(kernels)
     bar = tqdm(total=total, desc="bench", unit="case")
     results = []
