@@ -51,7 +51,6 @@ from typing import Any, Iterable
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -333,7 +332,7 @@ def _plan(config: xLSTMLMConfig, weight_mode: str) -> list[_Entry]:
 # ------------------------------------------------------------------------------------ safetensors
 _ST_DTYPES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
-    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "BF16": np.dtype(jnp.bfloat16),
 }
 _ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 
