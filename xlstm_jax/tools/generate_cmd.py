@@ -77,6 +77,15 @@ def load_run(run_dir: str, step: int | None = None, backend: str | None = None, 
     return xLSTMLMModel(config), params, config, step
 
 
+def _run_tokenizer(run_dir: str) -> str:
+    """The tokenizer a run trained with: its config.json's "tokenizer" ("bytes", or the path of a
+    tokenizer.json / directory that `train --tokenizer` recorded); "bytes" when absent."""
+    from xlstm_jax.train.checkpoint import CONFIG_FILE, read_json
+
+    spec = read_json(os.path.join(run_dir, CONFIG_FILE)).get("tokenizer", "bytes")
+    return spec if isinstance(spec, str) and spec else "bytes"
+
+
 def _check_args(args: argparse.Namespace) -> None:
     from xlstm_jax.kernels import available_mlstm_step_kernels
     from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend import available_mlstm_backends
@@ -123,8 +132,11 @@ def run(args: argparse.Namespace) -> int:
         run_dir = args.run_dir or "runs/default"
         model, params, config, step = load_run(run_dir, args.step, args.backend, args.step_kernel)
         source, tok_default_dir = f"# {run_dir} step {step}", None
+    tok_spec = args.tokenizer
+    if tok_spec is None and args.model is None:
+        tok_spec = _run_tokenizer(run_dir)
     try:
-        tok = load_tokenizer(args.tokenizer, model_dir=tok_default_dir, add_bos=False if args.no_bos else None)
+        tok = load_tokenizer(tok_spec, model_dir=tok_default_dir, add_bos=False if args.no_bos else None)
     except (ValueError, ImportError) as err:
         raise UsageError(f"--tokenizer: {err}") from err
     if tok.vocab_size > config.vocab_size:
