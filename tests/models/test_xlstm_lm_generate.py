@@ -98,18 +98,21 @@ def test_padded_prefill_equals_each_row_alone_float64(backend, x64):
 
 
 def test_padded_prefill_pallas_backend():
-    """The same with the Pallas chunkwise kernels (interpret mode on CPU), float32."""
+    """The same with the Pallas chunkwise kernels (interpret mode on CPU, compiled on a GPU), float32."""
     model, params = _setup("float32", "triton_kernels")
     prompts = _prompts(lengths=(5, 19))
     tokens = np.zeros((2, 32), np.int32)
     for b, p in enumerate(prompts):
         tokens[b, : len(p)] = p
     logits, states = prefill(model, params, jnp.asarray(tokens), jnp.asarray([5, 19]))
-    # row 0: 5 tokens, then padding to the end of its chunk and one whole chunk of padding
+    # row 0: 5 tokens, then padding to the end of its chunk and one whole chunk of padding.
+    # Interpret mode (CPU) is exact float32; compiled on a GPU each run is within the kernels'
+    # float32 tolerance (2e-4, tests/kernels/test_chunkwise_pallas.py) of the truth, so 4e-4 apart.
+    tol = 4e-4 if jax.default_backend() == "gpu" else 1e-5
     ref_logits, ref_states = prefill(model, params, jnp.asarray(prompts[0])[None])
-    assert relative_error(logits[0], ref_logits[0, -1]) < 1e-5
+    assert relative_error(logits[0], ref_logits[0, -1]) < tol
     for got, want in zip(states, ref_states):
-        assert relative_error(got[:, 0], want[:, 0]) < 1e-5
+        assert relative_error(got[:, 0], want[:, 0]) < tol
 
 
 def test_mixed_length_batch_equals_each_row_alone(served):
