@@ -1,11 +1,13 @@
 """Inference API: prefill + decode equals the chunkwise kernel over the whole sequence.
 
 Single layers and a small stack, with the pure-JAX and the Pallas step kernels (interpret mode on CPU,
-compiled on an NVIDIA GPU), against the float64 recurrent reference too.
+compiled on an NVIDIA GPU), against the float64 recurrent reference too; and the model-agnostic
+serving helpers (pass-through gates, per-row sampling, buckets, the streaming loop).
 """
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from xlstm_jax.inference import (
@@ -190,3 +192,101 @@ def test_helpers_and_errors():
         stack_decode_step(layers, jnp.ones((1, 1, 8)), (st,))
     with pytest.raises(ValueError, match=r"\(B, NH, 1, DHQK\)"):
         stack_decode_step(layers, jnp.ones((1, 2, 8)), (st, st))
+
+
+# ------------------------------------------------------------------ serving helpers (generation.py)
+from xlstm_jax.inference import (  # noqa: E402
+    PASS_THROUGH_GATES,
+    bucket,
+    mask_gates,
+    pad_prompts,
+    sample_rows,
+    stream_tokens,
+)
+
+
+@pytest.mark.parametrize("kernel", ["chunkwise_native", "recurrent_native"])
+def test_masked_positions_leave_the_state_untouched(x64, kernel):
+    """Gates set to PASS_THROUGH_GATES anywhere in a sequence: h at the other positions and the
+    last states equal the sequence with those positions removed (float64)."""
+    B, NH, S, DHQK, DHV = 2, 2, 24, 8, 16
+    q, k, v, i, f, *_ = to_float64(mlstm_inputs(jax.random.PRNGKey(21), B, NH, S, DHQK, DHV))
+    rng = np.random.default_rng(0)  # 14 of 24 positions per row (one reference shape), the first kept
+    keep = np.zeros((B, S), bool)
+    for b in range(B):
+        keep[b, np.concatenate([[0], 1 + rng.permutation(S - 1)[:13]])] = True
+    keep = jnp.asarray(keep)
+    im, fm = mask_gates(i, f, keep)
+    opts = dict(chunk_size=8) if kernel == "chunkwise_native" else {}
+    fn = get_mlstm_kernel(kernel, **opts)
+    h, last = fn(q, k, v, im, fm, return_last_states=True)
+    for b in range(B):
+        idx = np.flatnonzero(np.asarray(keep[b]))
+        sub = [x[b:b + 1, :, idx] for x in (q, k, v, i, f)]
+        h_ref, last_ref = fn(*sub, return_last_states=True)
+        assert relative_error(h[b:b + 1, :, idx], h_ref) < 1e-12
+        for a, r in zip(last, last_ref):
+            assert relative_error(a[b:b + 1], r) < 1e-12
+    assert PASS_THROUGH_GATES == (-1e30, 1e30)
+    with pytest.raises(ValueError, match="mask must be bool"):
+        mask_gates(i, f, keep.astype(jnp.int32))
+    # float16 gates cannot hold 1e30: the largest finite value is used
+    i16, f16 = mask_gates(i.astype(jnp.float16), f.astype(jnp.float16), keep)
+    assert bool(jnp.isfinite(i16).all() and jnp.isfinite(f16).all())
+
+
+def test_sample_rows_draws_per_row():
+    logits = jax.random.normal(jax.random.PRNGKey(5), (4, 50)) * 2
+    seeds = jnp.asarray([7, 8, 9, 10], jnp.uint32)
+    full = np.asarray(sample_rows(logits, seeds, 3, 1.0, 10))
+    for b in range(4):  # the row alone, or in another position of another batch: the same draw
+        alone = sample_rows(logits[b:b + 1], seeds[b:b + 1], 3, 1.0, 10)
+        assert int(alone[0]) == full[b]
+    swapped = np.asarray(sample_rows(logits[::-1], seeds[::-1], 3, 1.0, 10))
+    np.testing.assert_array_equal(swapped[::-1], full)
+    top = np.asarray(jax.lax.top_k(logits, 10)[1])
+    draws = np.stack([np.asarray(sample_rows(logits, seeds, t, 1.0, 10)) for t in range(60)])
+    for b in range(4):
+        assert set(draws[:, b]) <= set(top[b]) and len(set(draws[:, b])) > 1
+    np.testing.assert_array_equal(np.asarray(sample_rows(logits, seeds, 0, 0.0, 0)), np.asarray(jnp.argmax(logits, -1)))
+
+
+def test_buckets_and_padding():
+    assert [bucket(n, 16) for n in (1, 16, 17, 1000)] == [16, 16, 32, 1024]
+    assert [bucket(n) for n in (1, 3, 4, 5)] == [1, 4, 4, 8]
+    with pytest.raises(ValueError, match="positive int"):
+        bucket(0)
+    tokens, lengths = pad_prompts([[5, 6, 7], [8]], length=4, batch=3, pad_token_id=1)
+    np.testing.assert_array_equal(tokens, [[5, 6, 7, 1], [8, 1, 1, 1], [1, 1, 1, 1]])
+    np.testing.assert_array_equal(lengths, [3, 1, 1])
+    with pytest.raises(ValueError, match="do not fit"):
+        pad_prompts([[1]] * 3, length=4, batch=2)
+    with pytest.raises(ValueError, match="tokens > length"):
+        pad_prompts([[1] * 5], length=4, batch=1)
+
+
+def test_stream_tokens_bookkeeping():
+    """A fake model whose row b emits b*100 + t at step t: blocks, EOS per row, max_new_tokens."""
+    calls = []
+
+    def prefill_fn(tokens, lengths, seeds):
+        calls.append(("prefill", tokens.shape))
+        B = tokens.shape[0]
+        return 1, jnp.arange(B, dtype=jnp.int32) * 100
+
+    def decode_fn(t):
+        calls.append(("decode", t))
+        return t + 3, jnp.asarray([[b * 100 + t + j for j in range(3)] for b in range(4)], jnp.int32)
+
+    prompts = [np.arange(n) for n in (2, 20, 5)]
+    got = {}
+    for row, toks in stream_tokens(prefill_fn, decode_fn, prompts, max_new_tokens=8, block_size=3, eos_token_id=204):
+        got.setdefault(row, []).extend(toks.tolist())
+    assert calls[0] == ("prefill", (4, 32))  # batch bucket 4, length bucket 32
+    assert got[0] == list(range(8)) and got[1] == list(range(100, 108))
+    assert got[2] == [200, 201, 202, 203, 204]  # stopped at EOS, included
+    assert sum(1 for c in calls if c[0] == "decode") == 3  # ceil(7 / 3) blocks
+    got1 = list(stream_tokens(prefill_fn, decode_fn, prompts[:1], max_new_tokens=1, block_size=3))
+    assert len(got1) == 1 and got1[0][1].tolist() == [0]
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        list(stream_tokens(prefill_fn, decode_fn, prompts, max_new_tokens=0, block_size=3))

@@ -10,18 +10,22 @@ Notation (as in ``xlstm_jax.kernels._common``):
 
 ``qk_dim = round(E * qk_dim_factor)`` and ``v_dim = round(E * v_dim_factor)`` are split evenly over
 the NH heads (DHQK = qk_dim / NH, DHV = v_dim / NH); ``F = ffn_proj_factor * E`` rounded up to a
-multiple of ``ffn_round_up_to_multiple_of``.
+multiple of ``ffn_round_up_to_multiple_of`` (transformers' rule ``((x + m - 1) // m) * m``).
+
+The defaults follow the released xLSTM-7B (transformers' ``xLSTMConfig``): RMS pre-norms, a per-head
+layer norm on the cell output, soft-capped gates and logits. ``xlstm_jax.models.xlstm_lm.hf`` maps
+this config to and from a transformers checkpoint directory.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import jax.numpy as jnp
 
 _DTYPES = ("float32", "bfloat16", "float16", "float64")
+MULTIHEAD_NORMS = ("layernorm", "rms")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,9 +61,17 @@ class xLSTMLMConfig:
     ffn_round_up_to_multiple_of: int = 64
     """Rounding multiple of F."""
     norm_eps: float = 1e-6
-    """Epsilon of the RMS norms (pre-norms, multi-head norm, final norm)."""
+    """Epsilon of the norms (pre-norms, multi-head norm, final norm)."""
+    norm_reduction_force_float32: bool = True
+    """Reduce the pre-norms and the multi-head norm in float32 (False: in ``dtype``; the final norm
+    always reduces in float32, as transformers' xLSTM does)."""
+    multihead_norm: str = "layernorm"
+    """Norm of the cell output h, per head: ``"layernorm"`` (subtract the head's mean, divide by its
+    standard deviation: xLSTM-7B) or ``"rms"`` (divide by the root mean square). Configs written
+    before this field existed used "rms" (``from_dict`` keeps them so)."""
     use_bias: bool = False
-    """Biases on the q/k/v/output-gate/out projections and the feed-forward projections."""
+    """Biases on the q/k/v/output-gate/out projections, the feed-forward projections and the block
+    norms (pre-norms and multi-head norm; never the final norm), as transformers' ``use_bias``."""
     igate_bias_init: float = -10.0
     """Initial bias of the input gate pre-activation (all heads)."""
     fgate_bias_init_range: tuple[float, float] = (3.0, 6.0)
@@ -78,6 +90,12 @@ class xLSTMLMConfig:
     """Dtype of the parameters (and optimizer state)."""
     remat: bool = False
     """Recompute each block's activations in the backward pass (saves memory on large models)."""
+    bos_token_id: int | None = None
+    """Token id that starts a document (tokenizer metadata; None: none, as for the byte tokenizer)."""
+    eos_token_id: int | None = None
+    """Token id that ends a document: generation stops a row there (None: never stops early)."""
+    pad_token_id: int | None = None
+    """Token id used for padding (metadata only: padding never changes results here)."""
 
     def __post_init__(self):
         kw = self.mlstm_backend_kwargs
@@ -95,6 +113,18 @@ class xLSTMLMConfig:
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in _DTYPES:
                 raise ValueError(f"{name} must be one of {_DTYPES}; got {getattr(self, name)!r}")
+        if self.multihead_norm not in MULTIHEAD_NORMS:
+            raise ValueError(f"multihead_norm must be one of {MULTIHEAD_NORMS}; got {self.multihead_norm!r}")
+        for name in ("use_bias", "tie_embeddings", "remat", "norm_reduction_force_float32"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool; got {getattr(self, name)!r}")
+        if not (isinstance(self.norm_eps, (int, float)) and self.norm_eps >= 0):
+            raise ValueError(f"norm_eps must be a number >= 0; got {self.norm_eps!r}")
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or not 0 <= value < self.vocab_size):
+                raise ValueError(f"{name} must be None or an int in [0, vocab_size={self.vocab_size}); got {value!r}")
         if len(self.fgate_bias_init_range) != 2:
             raise ValueError(f"fgate_bias_init_range must be (low, high); got {self.fgate_bias_init_range}")
         for name in ("gate_soft_cap", "output_logit_soft_cap"):
@@ -134,7 +164,7 @@ class xLSTMLMConfig:
     def ffn_dim(self) -> int:
         """F: the feed-forward inner width."""
         m = self.ffn_round_up_to_multiple_of
-        return int(math.ceil(self.embedding_dim * self.ffn_proj_factor / m) * m)
+        return int(((self.embedding_dim * self.ffn_proj_factor + m - 1) // m) * m)
 
     @property
     def compute_dtype(self) -> jnp.dtype:
@@ -156,9 +186,9 @@ class xLSTMLMConfig:
         E, V, F = self.embedding_dim, self.vocab_size, self.ffn_dim
         NH, QK, VD = self.num_heads, self.qk_dim, self.v_dim
         b = int(self.use_bias)
-        mlstm = 2 * (E * QK + b * QK) + 2 * (E * VD + b * VD) + 2 * (E * NH + NH) + VD + (VD * E + b * E)
+        mlstm = 2 * (E * QK + b * QK) + 2 * (E * VD + b * VD) + 2 * (E * NH + NH) + (1 + b) * VD + (VD * E + b * E)
         ffn = 2 * (E * F + b * F) + (F * E + b * E)
-        block = mlstm + ffn + 2 * E  # two pre-norms
+        block = mlstm + ffn + 2 * (1 + b) * E  # two pre-norms (with biases when use_bias)
         head = 0 if self.tie_embeddings else E * V
         return V * E + self.num_blocks * block + E + head
 
@@ -172,11 +202,18 @@ class xLSTMLMConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "xLSTMLMConfig":
-        """Build a config from ``to_dict`` output; unknown keys raise ``ValueError``."""
+        """Build a config from ``to_dict`` output; unknown keys raise ``ValueError``.
+
+        A dict without ``multihead_norm`` was written before that field existed, when the multi-head
+        norm was an RMS norm: it gets ``multihead_norm="rms"``, so old run directories restore the
+        model they trained.
+        """
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - fields)
         if unknown:
             raise ValueError(f"unknown xLSTMLMConfig field(s) {unknown}; fields are {sorted(fields)}")
+        d = dict(d)
+        d.setdefault("multihead_norm", "rms")
         return cls(**d)
 
     def replace(self, **changes: Any) -> "xLSTMLMConfig":
@@ -185,11 +222,19 @@ class xLSTMLMConfig:
 
 
 # Named sizes. "demo" is the default of `xlstm-jax train` (a few minutes on a CPU); "tiny" is for
-# tests; "350m" is the multi-GPU check (~354M parameters with the byte vocabulary).
+# tests; "350m" is the multi-GPU check (~354M parameters with the byte vocabulary); "7b" is the
+# architecture of the released xLSTM-7B (NX-AI/xLSTM-7b: GPT-NeoX vocabulary of 50304, 6.9B
+# parameters; trained at context 8192), for benchmarks and as the shape of loaded checkpoints.
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(embedding_dim=32, num_heads=2, num_blocks=2, context_length=32, ffn_round_up_to_multiple_of=16),
     "demo": dict(embedding_dim=128, num_heads=4, num_blocks=4, context_length=128),
     "350m": dict(embedding_dim=1024, num_heads=8, num_blocks=28, context_length=2048, remat=True),
+    "7b": dict(
+        vocab_size=50304, embedding_dim=4096, num_heads=8, num_blocks=32, context_length=8192,
+        qk_dim_factor=0.5, v_dim_factor=1.0, ffn_proj_factor=2.667, ffn_round_up_to_multiple_of=64,
+        gate_soft_cap=15.0, output_logit_soft_cap=30.0, norm_eps=1e-6, remat=True,
+        bos_token_id=0, eos_token_id=2, pad_token_id=1,
+    ),
 }
 
 

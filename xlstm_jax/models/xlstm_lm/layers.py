@@ -4,19 +4,23 @@ Notation (see ``config.py``): x (B, S, E) residual stream; per layer q, k (B, NH
 v (B, NH, S, DHV), gate pre-activations i, f (B, NH, S), hidden h (B, NH, S, DHV); the cell state
 ``MLSTMState(matC (B, NH, DHQK, DHV), vecN (B, NH, DHQK), scaM (B, NH))``.
 
-The mLSTM layer (xLSTM-7B style):
+The mLSTM layer (xLSTM-7B, as transformers' ``xLSTMLayer`` computes it):
 
     q, k, v  = W_q x, W_k x, W_v x                         (no up-projection)
     i, f     = softcap(W_i x + b_i), softcap(W_f x + b_f)  (one value per head, float32)
     h        = mLSTM cell(q, k, v, i, f)                   (backend or step kernel)
-    y        = W_out (sigmoid(W_o x) * MultiHeadRMSNorm(h))
+    y        = W_out (sigmoid(W_o x) * MultiHeadNorm(h))   (per-head layer norm, or RMS norm)
 
 and a block is ``x + mLSTMLayer(RMSNorm(x))`` followed by ``x + SwiGLU(RMSNorm(x))``.
 
 Two modes: ``"sequence"`` runs the cell over S tokens with the configured backend (training,
-prompt prefill; optionally from and to a state), ``"step"`` runs one token (S = 1) with the configured
-step kernel from a given state (decoding). With a ``mesh`` the cell runs per device under
-``jax.shard_map``: batch over (data, fsdp), heads over tensor.
+prompt prefill; optionally from and to a state), ``"step"`` runs one token (S = 1) through
+``xlstm_jax.inference.decode_step`` with the configured step kernel from a given state (decoding).
+In sequence mode an optional ``mask`` (B, S) marks the real tokens: at a masked-out position the
+gates are set to ``xlstm_jax.inference.PASS_THROUGH_GATES`` (input gate closed, forget gate fully
+open), so the cell state passes through unchanged and a right-padded row ends in exactly the state
+of its real tokens. With a ``mesh`` the cell runs per device under ``jax.shard_map``: batch over
+(data, fsdp), heads over tensor.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
-from xlstm_jax.kernels import get_mlstm_step_kernel
+from xlstm_jax.inference import CellOptions, decode_step, mask_gates
 from xlstm_jax.kernels._common import MLSTMState
 from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend import create_mlstm_backend
 
@@ -71,36 +75,68 @@ def _float_dtype(dtype) -> jnp.dtype:
     return jnp.promote_types(jnp.dtype(dtype), jnp.float32)
 
 
+def _reduction_dtype(dtype, force_float32: bool) -> jnp.dtype:
+    """The dtype a norm reduces in: float32 or wider when forced, else ``dtype`` itself."""
+    return _float_dtype(dtype) if force_float32 else jnp.dtype(dtype)
+
+
 class RMSNorm(nn.Module):
-    """RMS normalisation over the last dimension with a learned scale; computes in float32+."""
+    """RMS normalisation over the last dimension with a learned scale (and bias).
+
+    As transformers' ``xLSTMRMSNorm``: ``x / sqrt(mean(x^2) + eps)`` reduced in float32 (or in
+    ``dtype`` when ``force_float32`` is False), cast to ``dtype``, then ``* scale (+ bias)``.
+    """
 
     eps: float = 1e-6
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    use_bias: bool = False
+    force_float32: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:  # (..., D) -> (..., D) in dtype
-        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
-        xf = x.astype(_float_dtype(self.dtype))
-        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-        return (y * scale.astype(y.dtype)).astype(self.dtype)
+        D = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (D,), self.param_dtype)
+        xf = x.astype(_reduction_dtype(self.dtype, self.force_float32))
+        y = (xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)).astype(self.dtype)
+        y = y * scale.astype(self.dtype)
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, (D,), self.param_dtype).astype(self.dtype)
+        return y
 
 
-class MultiHeadRMSNorm(nn.Module):
-    """RMS normalisation of each head separately, with one learned scale per channel (NH * DHV)."""
+class MultiHeadNorm(nn.Module):
+    """Normalisation of each head of h separately, then one learned scale (and bias) per channel.
+
+    ``kind="layernorm"`` (xLSTM-7B, transformers' ``xLSTMMultiHeadLayerNorm``):
+    ``(h - mean(h)) / sqrt(var(h) + eps)`` over each head's DHV channels; ``kind="rms"``:
+    ``h / sqrt(mean(h^2) + eps)``. Reduced in float32 unless ``force_float32`` is False.
+    """
 
     eps: float = 1e-6
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    kind: str = "layernorm"
+    use_bias: bool = False
+    force_float32: bool = True
 
     @nn.compact
     def __call__(self, h: jax.Array) -> jax.Array:  # (B, S, NH, DHV) -> (B, S, NH * DHV)
         B, S, NH, DHV = h.shape
         scale = self.param("scale", nn.initializers.ones, (NH * DHV,), self.param_dtype)
-        hf = h.astype(_float_dtype(self.dtype))
-        y = hf * jax.lax.rsqrt(jnp.mean(hf * hf, axis=-1, keepdims=True) + self.eps)
-        y = y.reshape(B, S, NH * DHV) * scale.astype(y.dtype)
-        return y.astype(self.dtype)
+        hf = h.astype(_reduction_dtype(self.dtype, self.force_float32))
+        if self.kind == "layernorm":
+            mean = jnp.mean(hf, axis=-1, keepdims=True)
+            var = jnp.mean(jnp.square(hf - mean), axis=-1, keepdims=True)
+            y = (hf - mean) * jax.lax.rsqrt(var + self.eps)
+        elif self.kind == "rms":
+            y = hf * jax.lax.rsqrt(jnp.mean(hf * hf, axis=-1, keepdims=True) + self.eps)
+        else:
+            raise ValueError(f"MultiHeadNorm kind must be 'layernorm' or 'rms'; got {self.kind!r}")
+        y = y.astype(self.dtype).reshape(B, S, NH * DHV) * scale.astype(self.dtype)
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, (NH * DHV,), self.param_dtype).astype(self.dtype)
+        return y
 
 
 def _per_device(fn, mesh: Mesh | None, in_specs, out_specs):
@@ -173,12 +209,12 @@ def mlstm_step(
     scaF: jax.Array,  # (B, NH)
     state: MLSTMState,  # the state before this token
 ) -> tuple[jax.Array, MLSTMState]:
-    """One token of the mLSTM cell with the configured step kernel: h (B, NH, DHV), new state."""
-    kernel = functools.partial(get_mlstm_step_kernel(config.mlstm_step_kernel), **step_kernel_options(config))
+    """One token of the mLSTM cell: ``xlstm_jax.inference.decode_step`` with the configured step
+    kernel and the backend's cell options. Returns h (B, NH, DHV) and the new state."""
+    options = CellOptions(**step_kernel_options(config))
 
     def run(q, k, v, i, f, C, n, m):
-        h, new = kernel(C, n, m, q, k, v, i, f)
-        return h, MLSTMState(*new)
+        return decode_step(MLSTMState(C, n, m), q, k, v, i, f, step_kernel=config.mlstm_step_kernel, options=options)
 
     in_specs = (_SPEC_STEP_VEC,) * 3 + (_SPEC_STEP_GATE,) * 2 + tuple(_SPEC_STATE)
     return _per_device(run, mesh, in_specs, (_SPEC_STEP_VEC, _SPEC_STATE))(
@@ -207,6 +243,7 @@ class mLSTMLayer(nn.Module):
         self,
         x: jax.Array,  # (B, S, E), already normalised
         state: MLSTMState | None = None,  # per-layer state or None
+        mask: jax.Array | None = None,  # (B, S) bool: real tokens (sequence mode); None: all
     ) -> tuple[jax.Array, MLSTMState | None]:
         cfg = self.config
         if self.mode not in MODES:
@@ -231,6 +268,10 @@ class mLSTMLayer(nn.Module):
         heads = lambda t, D: t.reshape(B, S, NH, D).transpose(0, 2, 1, 3)  # noqa: E731  (B, NH, S, D)
         matQ, matK, matV = heads(matQ, DHQK), heads(matK, DHQK), heads(matV, DHV)
         vecI, vecF = vecI.transpose(0, 2, 1), vecF.transpose(0, 2, 1)  # (B, NH, S)
+        if mask is not None:
+            if self.mode == "step":
+                raise ValueError("mask applies to sequence mode only (every decoded token is real)")
+            vecI, vecF = mask_gates(vecI, vecF, mask)
 
         new_state = None
         if self.mode == "step":
@@ -247,7 +288,10 @@ class mLSTMLayer(nn.Module):
         else:
             h = mlstm_sequence(cfg, self.mesh, matQ, matK, matV, vecI, vecF, state, False)
         h = h.transpose(0, 2, 1, 3)  # (B, S, NH, DHV)
-        h = MultiHeadRMSNorm(eps=cfg.norm_eps, dtype=dt, param_dtype=pdt, name="mh_norm")(h)
+        h = MultiHeadNorm(
+            eps=cfg.norm_eps, dtype=dt, param_dtype=pdt, kind=cfg.multihead_norm, use_bias=cfg.use_bias,
+            force_float32=cfg.norm_reduction_force_float32, name="mh_norm",
+        )(h)
         h = nn.sigmoid(vecO) * h
         y = dense(E, name="out_proj", kernel_init=wang_init(E, cfg.num_blocks))(h)
         return y, new_state
@@ -273,7 +317,8 @@ class FeedForward(nn.Module):
 class mLSTMBlock(nn.Module):
     """Pre-norm residual block: x + mLSTMLayer(norm(x)), then x + FeedForward(norm(x)).
 
-    Called as ``(x, state) -> (x, new_state)`` so that ``nn.scan`` can stack the blocks.
+    Called as ``(x, state) -> (x, new_state)`` (with ``mask`` (B, S) as an optional third argument, the
+    same for every block) so that ``nn.scan`` can stack the blocks.
     """
 
     config: xLSTMLMConfig
@@ -282,12 +327,16 @@ class mLSTMBlock(nn.Module):
     return_last_states: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array, state: MLSTMState | None):  # x (B, S, E) in the residual dtype
+    def __call__(self, x: jax.Array, state: MLSTMState | None, mask: jax.Array | None = None):
+        # x (B, S, E) in the residual dtype; mask (B, S) bool or None
         cfg = self.config
-        norm = functools.partial(RMSNorm, eps=cfg.norm_eps, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype)
+        norm = functools.partial(
+            RMSNorm, eps=cfg.norm_eps, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
+            use_bias=cfg.use_bias, force_float32=cfg.norm_reduction_force_float32,
+        )
         h, new_state = mLSTMLayer(
             cfg, self.mesh, self.mode, self.return_last_states, name="mlstm"
-        )(norm(name="norm_mlstm")(x), state)
+        )(norm(name="norm_mlstm")(x), state, mask)
         x = x + h.astype(x.dtype)
         x = x + FeedForward(cfg, name="ffn")(norm(name="norm_ffn")(x)).astype(x.dtype)
         return x, new_state

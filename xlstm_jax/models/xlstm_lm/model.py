@@ -11,9 +11,18 @@ Calls:
     model.apply(v, tokens, states, return_last_states=True)  -> (logits, states)   (prefill / chunks)
     model.apply(v, token, states, mode="step")               -> (logits, states)   (token (B, 1))
 
-The block stack is one ``nn.scan`` (compile time independent of depth; ``config.remat`` recomputes
-each block in the backward pass). With a ``mesh`` (axes data, fsdp, tensor; see ``sharding.py``) the
-batch is constrained to (data, fsdp) and every mLSTM cell runs per device under ``jax.shard_map``.
+Serving options of the sequence mode: ``mask`` (B, S) bool marks the real tokens of right-padded
+rows (padded positions leave every cell state untouched, see ``layers.py``), and ``logits_at`` (B,)
+int computes the LM head at one position per row only (logits (B, 1, V): a prefill needs the last
+real position's logits, not B * S * V of them).
+
+The block stack is one ``nn.scan`` by default (``unrolled=False``: parameters of the blocks stacked
+along a leading NB axis under ``"blocks"``; compile time independent of depth; ``config.remat``
+recomputes each block in the backward pass). ``unrolled=True`` runs the same blocks in a Python loop
+over per-block parameters ``"blocks_0"``, ``"blocks_1"``, ... (``unstack_block_params`` /
+``stack_block_params`` convert): no per-step slicing of stacked weights, for decoding. With a
+``mesh`` (axes data, fsdp, tensor; see ``sharding.py``) the batch is constrained to (data, fsdp) and
+every mLSTM cell runs per device under ``jax.shard_map``.
 """
 
 from __future__ import annotations
@@ -62,10 +71,15 @@ class Embedding(nn.Module):
 
 
 class xLSTMLMModel(nn.Module):
-    """xLSTM language model (xLSTM-7B-style blocks) over a vocabulary of ``config.vocab_size``."""
+    """xLSTM language model (xLSTM-7B blocks) over a vocabulary of ``config.vocab_size``.
+
+    ``unrolled`` selects the parameter layout of the blocks (see the module docstring); both
+    layouts compute the same function.
+    """
 
     config: xLSTMLMConfig
     mesh: Mesh | None = None
+    unrolled: bool = False
 
     def _constrain(self, x: jax.Array) -> jax.Array:
         if self.mesh is None:
@@ -80,6 +94,9 @@ class xLSTMLMModel(nn.Module):
         states: MLSTMState | None = None,  # stacked per-block states, or None (zeros)
         return_last_states: bool = False,
         mode: str = "sequence",
+        *,
+        mask: jax.Array | None = None,  # (B, S) bool: real tokens (sequence mode); None: all real
+        logits_at: jax.Array | None = None,  # (B,) int: the one position per row to compute logits at
     ):
         cfg = self.config
         if mode not in MODES:
@@ -89,6 +106,14 @@ class xLSTMLMModel(nn.Module):
         B, S = tokens.shape
         if mode == "step" and S != 1:
             raise ValueError(f"mode='step' takes tokens of shape (B, 1); got {tokens.shape}")
+        if mask is not None:
+            if mode == "step":
+                raise ValueError("mask applies to mode='sequence' only")
+            if tuple(mask.shape) != (B, S) or mask.dtype != jnp.bool_:
+                raise ValueError(f"mask must be a bool array of shape (B, S) = {(B, S)}; got {mask.dtype} {mask.shape}")
+        if logits_at is not None:
+            if tuple(logits_at.shape) != (B,) or not jnp.issubdtype(logits_at.dtype, jnp.integer):
+                raise ValueError(f"logits_at must be an int array of shape (B,) = {(B,)}; got {logits_at.dtype} {logits_at.shape}")
         if self.mesh is not None:
             validate_mesh(self.mesh, num_heads=cfg.num_heads, batch_size=B)
         resid_dtype = jnp.promote_types(cfg.compute_dtype, cfg.params_dtype)
@@ -112,17 +137,28 @@ class xLSTMLMModel(nn.Module):
         if cfg.remat:
             block = nn.remat(block, prevent_cse=False)
         keep_states = return_last_states or mode == "step"
-        stack = nn.scan(
-            block,
-            variable_axes={"params": 0},
-            split_rngs={"params": True},
-            in_axes=0,
-            out_axes=0,
-            length=cfg.num_blocks,
-        )(cfg, self.mesh, mode, keep_states, name="blocks")
-        x, new_states = stack(x, states)
+        if self.unrolled:
+            outs = []
+            for idx in range(cfg.num_blocks):
+                st = None if states is None else jax.tree.map(lambda a, idx=idx: a[idx], states)
+                x, new = block(cfg, self.mesh, mode, keep_states, name=f"blocks_{idx}")(x, st, mask)
+                outs.append(new)
+            new_states = jax.tree.map(lambda *a: jnp.stack(a), *outs) if keep_states else None
+        else:
+            stack = nn.scan(
+                block,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=(0, nn.broadcast),
+                out_axes=0,
+                length=cfg.num_blocks,
+            )(cfg, self.mesh, mode, keep_states, name="blocks")
+            x, new_states = stack(x, states, mask)
         x = self._constrain(x)
 
+        if logits_at is not None:
+            x = jnp.take_along_axis(x, logits_at.astype(jnp.int32)[:, None, None], axis=1)  # (B, 1, E)
+        # transformers' final norm: float32 reduction, no bias, whatever the config says
         x = RMSNorm(eps=cfg.norm_eps, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype, name="out_norm")(x)
         if cfg.tie_embeddings:
             logits = embed.attend(x.astype(resid_dtype))
@@ -142,3 +178,29 @@ def init_params(config: xLSTMLMConfig, key: jax.Array, batch_size: int = 1, seq_
     S = seq_len or min(config.context_length, 8)
     tokens = jnp.zeros((batch_size, S), jnp.int32)
     return xLSTMLMModel(config).init(key, tokens)["params"]
+
+
+def unstack_block_params(params: Any) -> Any:
+    """Parameters of the stacked layout (``"blocks"`` with a leading NB axis) in the unrolled layout
+    (``"blocks_0"`` ... ``"blocks_{NB-1}"``) of ``xLSTMLMModel(..., unrolled=True)``.
+
+    The slices are new arrays: delete the stacked ones afterwards to free their memory.
+    """
+    if "blocks" not in params:
+        raise ValueError(f"params have no stacked 'blocks' entry; keys: {sorted(params)}")
+    blocks = params["blocks"]
+    NB = jax.tree.leaves(blocks)[0].shape[0]
+    out = {k: v for k, v in params.items() if k != "blocks"}
+    for idx in range(NB):
+        out[f"blocks_{idx}"] = jax.tree.map(lambda a, idx=idx: a[idx], blocks)
+    return out
+
+
+def stack_block_params(params: Any) -> Any:
+    """The inverse of ``unstack_block_params``: per-block parameters stacked under ``"blocks"``."""
+    names = sorted((k for k in params if k.startswith("blocks_")), key=lambda k: int(k.split("_")[1]))
+    if not names or [int(k.split("_")[1]) for k in names] != list(range(len(names))):
+        raise ValueError(f"params need entries blocks_0 ... blocks_{{NB-1}}; keys: {sorted(params)}")
+    out = {k: v for k, v in params.items() if not k.startswith("blocks_")}
+    out["blocks"] = jax.tree.map(lambda *a: jnp.stack(a), *(params[k] for k in names))
+    return out

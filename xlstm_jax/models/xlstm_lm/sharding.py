@@ -47,6 +47,7 @@ _RULES: dict[tuple[str, str], tuple[Any, ...]] = {
     ("igate", "bias"): (TENSOR,),
     ("fgate", "bias"): (TENSOR,),
     ("mh_norm", "scale"): (TENSOR,),
+    ("mh_norm", "bias"): (TENSOR,),
     ("out_proj", "kernel"): (TENSOR, FSDP),
     ("out_proj", "bias"): (None,),
     # feed-forward: inner width split over tensor
@@ -59,6 +60,8 @@ _RULES: dict[tuple[str, str], tuple[Any, ...]] = {
     # norms: small, replicated
     ("norm_mlstm", "scale"): (None,),
     ("norm_ffn", "scale"): (None,),
+    ("norm_mlstm", "bias"): (None,),
+    ("norm_ffn", "bias"): (None,),
     ("out_norm", "scale"): (None,),
     # embedding (V, E) and head (E, V)
     ("embedding", "embedding"): (None, FSDP),
