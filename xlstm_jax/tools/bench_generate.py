@@ -78,7 +78,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--copy-mib", type=int, default=2048, help="MiB of float32 for the bandwidth ceiling")
     parser.add_argument("--matmul-n", type=int, default=8192, help="n of the n x n x n bf16 matmul ceiling")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", default=None, help="write every figure to this JSON file")
+    parser.add_argument("--json", default=None, help="write every figure to this JSON file (default: none)")
 
 
 def _median_time(fn: Callable[[], Any], reps: int) -> float:

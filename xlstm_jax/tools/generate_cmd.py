@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     src = parser.add_mutually_exclusive_group()
     src.add_argument("--run-dir", default=None, help="run directory written by `xlstm-jax train` (default: runs/default)")
     src.add_argument("--model", default=None, metavar="DIR",
-                     help="a transformers xLSTMForCausalLM checkpoint directory (config.json + safetensors)")
+                     help="a transformers xLSTMForCausalLM checkpoint directory (config.json + safetensors) (default: none, use --run-dir)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step of --run-dir (default: the newest)")
     parser.add_argument("--tokenizer", default=None,
                         help="'bytes', or a tokenizer.json / directory with one (default: the model's own)")
