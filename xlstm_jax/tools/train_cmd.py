@@ -20,7 +20,7 @@ from .options import float_range, int_at_least, int_triple, name_value
 
 # The model presets of ``xlstm_jax.models.xlstm_lm.config.PRESETS``, named here so that building the
 # parser imports no JAX (tests/test_tools_cli.py checks that the two agree).
-PRESET_NAMES = ("350m", "demo", "tiny")
+PRESET_NAMES = ("350m", "7b", "demo", "tiny")
 
 # The option of ``xlstm-jax train`` behind each setting that ``check_run_settings`` can refuse.
 _OPTION_OF_SETTING = {
