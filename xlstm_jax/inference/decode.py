@@ -40,8 +40,8 @@ from xlstm_jax.kernels import (
     available_mlstm_kernels,
     get_mlstm_kernel,
     get_mlstm_step_kernel,
+    squeeze_gate,
 )
-from xlstm_jax.kernels._common import squeeze_gate
 
 StackState = tuple[MLSTMState, ...]
 """The states of a stack of mLSTM layers: one ``MLSTMState`` per layer."""

@@ -24,7 +24,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from xlstm_jax.kernels._common import MLSTMState
+from xlstm_jax.kernels import MLSTMState
 
 from .model import xLSTMLMModel
 

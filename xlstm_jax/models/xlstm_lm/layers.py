@@ -29,8 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
-from xlstm_jax.kernels import get_mlstm_step_kernel
-from xlstm_jax.kernels._common import MLSTMState
+from xlstm_jax.kernels import MLSTMState, get_mlstm_step_kernel
 from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend import create_mlstm_backend
 
 from .config import xLSTMLMConfig
@@ -151,16 +150,11 @@ def mlstm_sequence(
 
 
 def step_kernel_options(config: xLSTMLMConfig) -> dict[str, Any]:
-    """The cell options (eps, norm_val, stabilize_correctly) of the configured backend, for the step
-    kernel, so that decoding computes the same cell as the backend."""
+    """The cell options of the configured backend (its ``cell_options``, as the step kernels' flat
+    keywords), so that decoding computes the same cell as the backend."""
     from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend import create_mlstm_backend_config
 
-    backend_config = create_mlstm_backend_config(config.mlstm_backend, **config.backend_kwargs)
-    return {
-        name: getattr(backend_config, name)
-        for name in ("eps", "norm_val", "stabilize_correctly")
-        if hasattr(backend_config, name)
-    }
+    return create_mlstm_backend_config(config.mlstm_backend, **config.backend_kwargs).cell_options.as_kwargs()
 
 
 def mlstm_step(

@@ -1,13 +1,13 @@
 """The whole backward pass of the chunkwise (TFLA) mLSTM: gradients of every input.
 
-Thin over ``xlstm_jax.kernels.mlstm_chunkwise.pallas`` (notation: ``pallas.staged``).
+Thin over ``xlstm_jax.kernels.mlstm_chunkwise.seed_compat`` (notation there).
 """
 
 from __future__ import annotations
 
 import jax
 
-from ..pallas.staged import chunkwise_backward_outputs
+from ..seed_compat import backward_outputs
 
 
 def mlstm_chunkwise_bw(
@@ -52,21 +52,14 @@ def mlstm_chunkwise_bw(
     cell (through the normalizer and its lower bound), ``"tfla"`` the TFLA convention (denominator
     and m held constant). The forward quantities this needs (states, h, the signed normalizer, m)
     are recomputed by the kernels, so ``matC_all``, ``vecN_all``, ``scaM_all``, ``vecN_out`` and
-    ``vecM_out`` are accepted for the seed's signature but not used (the shapes of ``vecN_out`` and
-    ``vecM_out`` are checked). ``chunk_size`` is the intra chunk unless ``chunk_size_intra`` is given.
+    ``vecM_out`` are accepted for the seed's signature but not used (their shapes are checked). ``chunk_size`` is the intra chunk unless ``chunk_size_intra`` is given.
     """
-    if matDeltaH is None:
-        raise ValueError("matDeltaH (the cotangent of h, shape (B, NH, S, DHV)) is required")
-    if matDeltaH.shape != matV.shape:
-        raise ValueError(f"matDeltaH must have the shape of matV {tuple(matV.shape)}; got {tuple(matDeltaH.shape)}")
-    for name, x in (("vecN_out", vecN_out), ("vecM_out", vecM_out)):
-        if x is not None and tuple(x.shape) != tuple(matQ.shape[:3]):
-            raise ValueError(f"{name} must have shape (B, NH, S) = {tuple(matQ.shape[:3])}; got {tuple(x.shape)}")
-    del matC_all, vecN_all, scaM_all, vecN_out, vecM_out
-    return chunkwise_backward_outputs(
+    return backward_outputs(
         matQ, matK, matV, vecI, vecF, matC_initial, vecN_initial, scaM_initial,
         matDeltaH=matDeltaH, matDeltaC_last=matDeltaC_last, vecDeltaN_last=vecDeltaN_last,
         scaDeltaM_last=scaDeltaM_last, qk_scale=qk_scale,
+        unused_forward=dict(matC_all=matC_all, vecN_all=vecN_all, scaM_all=scaM_all, vecN_out=vecN_out,
+                            vecM_out=vecM_out),
         tile_params=dict(
             chunk_size_inter=chunk_size_inter,
             chunk_size_intra=chunk_size if chunk_size_intra is None else chunk_size_intra,

@@ -1,6 +1,6 @@
 """The whole forward pass of the chunkwise (TFLA) mLSTM: recurrent kernel, then parallel kernel.
 
-Thin over ``xlstm_jax.kernels.mlstm_chunkwise.pallas`` (notation: ``pallas.staged``).
+Thin over ``xlstm_jax.kernels.mlstm_chunkwise.seed_compat`` (notation there).
 """
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ..pallas.staged import chunkwise_forward_outputs
+from ..seed_compat import forward_outputs
 
 
 def mlstm_chunkwise_fw(
@@ -73,7 +73,7 @@ def mlstm_chunkwise_fw(
         scaM (B, NH)) or None, all states (matC_states (B, NH, (NC+1)*DHQK, DHV), vecN_states
         (B, NH, (NC+1)*DHQK), scaMinter_states (B, NH, NC+1)) or None).
     """
-    return chunkwise_forward_outputs(
+    return forward_outputs(
         matQ, matK, matV, vecI, vecF, matC_initial, vecN_initial, scaM_initial,
         qk_scale=qk_scale, return_last_states=return_last_states, return_all_states=return_all_states,
         tile_params=dict(

@@ -1,11 +1,12 @@
-"""Forward parallel kernel stage: h from the chunk-border states (thin over ``pallas.fw_parallel``)."""
+"""Forward parallel kernel stage: h from the chunk-border states (thin over ``..seed_compat``, which
+calls ``pallas.fw_parallel``)."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
-from ..pallas.staged import parallel_fw_H
+from ..seed_compat import parallel_fw_H
 
 
 def mlstm_chunkwise__parallel_fw_Hintra(

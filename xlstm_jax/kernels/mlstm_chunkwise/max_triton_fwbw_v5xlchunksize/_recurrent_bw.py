@@ -1,11 +1,11 @@
 """Backward recurrent kernel stage: cotangents of the chunk-border states (thin over
-``pallas.bw_recurrent``)."""
+``..seed_compat``, which calls ``pallas.bw_recurrent``)."""
 
 from __future__ import annotations
 
 import jax
 
-from ..pallas.staged import recurrent_bw_dC
+from ..seed_compat import recurrent_bw_dC
 
 
 def mlstm_chunkwise__recurrent_bw_dC(

@@ -1,10 +1,11 @@
-"""Forward recurrent kernel stage: the chunk-border states (thin over ``pallas.fw_recurrent``)."""
+"""Forward recurrent kernel stage: the chunk-border states (thin over ``..seed_compat``, which calls
+``pallas.fw_recurrent``)."""
 
 from __future__ import annotations
 
 import jax
 
-from ..pallas.staged import recurrent_fw_C
+from ..seed_compat import recurrent_fw_C
 
 
 def mlstm_chunkwise__recurrent_fw_C(
