@@ -6,7 +6,7 @@ Notation: see ``xlstm_jax.kernels._common``. One step takes
     vecQ, vecK (B, NH, DHQK), vecV (B, NH, DHV)                   the step's inputs
     scaI, scaF (B, NH)                                            gate pre-activations
 
-and computes (DESIGN.md section 1)
+and computes (docs/design.md, section 1)
 
     m_t  = max(logf_t + m_{t-1}, i_t)
     C_t  = exp(logf_t + m_{t-1} - m_t) C_{t-1} + exp(i_t - m_t) k_t v_t^T      (n_t likewise)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import jax
 
+from ...chunking import validate_chunk_size
 from ..seed_compat import backward_outputs
 
 
@@ -54,6 +55,8 @@ def mlstm_chunkwise_bw(
     are recomputed by the kernels, so ``matC_all``, ``vecN_all``, ``scaM_all``, ``vecN_out`` and
     ``vecM_out`` are accepted for the seed's signature but not used (their shapes are checked). ``chunk_size`` is the intra chunk unless ``chunk_size_intra`` is given.
     """
+    if chunk_size_intra is None:
+        validate_chunk_size("chunk_size", chunk_size, pallas=True)
     return backward_outputs(
         matQ, matK, matV, vecI, vecF, matC_initial, vecN_initial, scaM_initial,
         matDeltaH=matDeltaH, matDeltaC_last=matDeltaC_last, vecDeltaN_last=vecDeltaN_last,

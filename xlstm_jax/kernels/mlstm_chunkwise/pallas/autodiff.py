@@ -12,7 +12,7 @@ Backward (``chunkwise_backward``): dh -> (1/den, dnq, dm) in XLA; the recurrent 
 (state cotangents); the dQ, dK, dV kernels; gate gradients from <dq, q>, <dk, k> and the state
 decays by chunk-local sums (``gates.gate_gradients``). ``grad_mode="exact"`` (default) carries the normalizer as an extra value column
 (dnq) and pulls dm back through the m scan (``jax.vjp``); ``grad_mode="tfla"`` treats the
-denominator and m as constants, the convention of the TFLA kernels (DESIGN.md section 1).
+denominator and m as constants, the convention of the TFLA kernels (docs/design.md, section 1).
 
 Inputs may be float32, bfloat16, float16 (float64 inputs run in float32); q, k, v are cast to the
 kernel dtype (``autocast_kernel_dtype``, default: the dtype of q), gates, states and all

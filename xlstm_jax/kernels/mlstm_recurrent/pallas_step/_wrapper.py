@@ -70,7 +70,7 @@ def mlstm_recurrent_step_pallas(
     num_stages: int | None = None,
     interpret: bool | None = None,
 ) -> tuple[jax.Array, MLSTMState]:
-    """One mLSTM step as one fused Pallas kernel (DESIGN.md section 1).
+    """One mLSTM step as one fused Pallas kernel (docs/design.md, section 1).
 
     The states keep their dtypes (float32 by default, bfloat16 to halve the bytes per step; C and n
     share one dtype, m may differ); all arithmetic runs in float32 (float64 for float64 states). The
