@@ -164,20 +164,22 @@ def validate_sequence_call(
 
 
 def empty_sequence_outputs(
-    call: SequenceCall, *, h_dtype, state_dtype, return_last_states: bool
+    call: SequenceCall, *, h_dtype, state_dtype, return_last_states: bool, return_normalizer: bool = False
 ):
-    """The outputs of a call with B == 0 or NH == 0: h (B, NH, S, DHV) and, if asked, the last
-    ``MLSTMState`` (B, NH, DHQK, DHV), (B, NH, DHQK), (B, NH), all empty."""
+    """The outputs of a call with B == 0 or NH == 0, all empty: h (B, NH, S, DHV), then (if asked)
+    the normalizer pair (vecN, vecM) (B, NH, S) each, then the last ``MLSTMState`` (B, NH, DHQK, DHV),
+    (B, NH, DHQK), (B, NH); a single h when nothing else is asked for."""
     B, NH, S, DHQK, DHV = call.B, call.NH, call.S, call.DHQK, call.DHV
-    h = jnp.zeros((B, NH, S, DHV), h_dtype)
-    if not return_last_states:
-        return h
-    state = MLSTMState(
-        jnp.zeros((B, NH, DHQK, DHV), state_dtype),
-        jnp.zeros((B, NH, DHQK), state_dtype),
-        jnp.zeros((B, NH), state_dtype),
-    )
-    return h, state
+    out = [jnp.zeros((B, NH, S, DHV), h_dtype)]
+    if return_normalizer:
+        out.append((jnp.zeros((B, NH, S), state_dtype), jnp.zeros((B, NH, S), state_dtype)))
+    if return_last_states:
+        out.append(MLSTMState(
+            jnp.zeros((B, NH, DHQK, DHV), state_dtype),
+            jnp.zeros((B, NH, DHQK), state_dtype),
+            jnp.zeros((B, NH), state_dtype),
+        ))
+    return out[0] if len(out) == 1 else tuple(out)
 
 
 class StepCall(NamedTuple):

@@ -228,12 +228,8 @@ def mlstm_chunkwise(
     L = fit_chunk_size(validate_chunk_size("chunk_size", chunk_size, S=S), S)
     dt = compute_dtype(matQ, matK, matV, vecI, vecF, *(state0 or ()))
     if call.empty:
-        out = [empty_sequence_outputs(call, h_dtype=matQ.dtype, state_dtype=dt, return_last_states=False)]
-        if return_normalizer:
-            out.append((jnp.zeros((B, NH, S), dt), jnp.zeros((B, NH, S), dt)))
-        if return_last_states:
-            out.append(empty_sequence_outputs(call, h_dtype=dt, state_dtype=dt, return_last_states=True)[1])
-        return out[0] if len(out) == 1 else tuple(out)
+        return empty_sequence_outputs(call, h_dtype=matQ.dtype, state_dtype=dt,
+                                      return_last_states=return_last_states, return_normalizer=return_normalizer)
     if state0 is None:
         state0 = MLSTMState(
             jnp.zeros((B, NH, DHQK, DHV), dt), jnp.zeros((B, NH, DHQK), dt), jnp.zeros((B, NH), dt)

@@ -1,16 +1,17 @@
 """What the seed entry points call: the one seed-compatibility layer over the Pallas chunkwise kernels.
 
 The seed modules (``triton_stablef.triton_fwbw`` (seed 000) and ``max_triton_fwbw_v5xlchunksize.*``
-(seeds 001 and 003)) only fix the seeds' names, signatures and defaults and call this module; the
-math lives in ``pallas`` (kernels, gates, autodiff). Here:
+(seeds 001 and 003)) fix the seeds' names, signatures and defaults; the math lives in ``pallas``
+(kernels, gates, autodiff). Shared by them, here:
 
 * ``make_fwbw`` / ``get_fwbw_kernel`` / ``sequence_fwbw``: the one factory of the differentiable
   chunkwise function behind both seed families' generators ("limit" and "xl" chunk layouts,
   ``xlstm_jax.kernels.chunking``);
-* the stage functions of seed family v5 on (B, NH, ...) arrays in the seeds' layouts:
-  ``recurrent_fw_C``, ``parallel_fw_H``, ``recurrent_bw_dC``, ``parallel_bw_stage`` (dQ, dK and dV:
-  one implementation), ``chunk_log_gates``, and the combined ``forward_outputs`` /
-  ``backward_outputs``.
+* ``parallel_bw_stage``: the one implementation of the dQ, dK and dV stages;
+* ``chunk_log_gates`` and ``gates_with_borders``: the chunk gates in the seed layout and the kernel
+  gates from border stabilizers;
+* the layout conversions (``flat_seq``, ``states_in``, ``states_out``, ...) and the argument checks
+  (``seq_dims``, ``array_arg``, ``gate_arg``, ``check_unused_forward``) of the stage functions.
 
 Notation (see ``xlstm_jax.kernels._common`` and ``pallas.gates``). The seeds keep the chunk-border
 states stacked along the head dim:
@@ -26,12 +27,12 @@ states stacked along the head dim:
     vecN_out (B, NH, S)  the normalizer max(|qs.n|, lam) (the denominator without eps)
     vecM_out (B, NH, S)  the per-step max state m
 
-Every array argument is checked against the others (``ValueError`` naming the argument and both
-shapes, ``xlstm_jax.kernels.validation.check_shape``), dtypes must be floating, chunk sizes follow
-``xlstm_jax.kernels.chunking``, and B == 0 or NH == 0 gives empty outputs. The per-kernel backward
-stages compute the TFLA-convention terms (denominator and m held fixed) unless the cotangent of the
-normalizer (``vecDeltaNq``) and of the n states are passed; the exact gradient of the whole cell is
-assembled by ``backward_outputs`` (and by ``mlstm_chunkwise_pallas``).
+Every array argument of a stage is checked against the others (``ValueError`` naming the argument
+and both shapes, ``xlstm_jax.kernels.validation.check_shape``), dtypes must be floating, chunk sizes
+follow ``xlstm_jax.kernels.chunking``, and B == 0 or NH == 0 gives empty outputs. The per-kernel
+backward stages compute the TFLA-convention terms (denominator and m held fixed) unless the
+cotangent of the normalizer (``vecDeltaNq``) and of the n states are passed; the exact gradient of
+the whole cell is assembled by ``_combined_bw.mlstm_chunkwise_bw`` (and by ``mlstm_chunkwise_pallas``).
 """
 
 from __future__ import annotations
@@ -44,32 +45,12 @@ import jax.numpy as jnp
 
 from ..chunking import chunk_layout, validate_chunk_size
 from ..options import CellOptions
-from ..validation import (
-    check_floating,
-    check_shape,
-    floating_dtype,
-    shape_str,
-    squeeze_gate,
-    validate_sequence_call,
-)
+from ..validation import check_floating, check_shape, floating_dtype, shape_str, squeeze_gate
 from .pallas import gates
-from .pallas.autodiff import (
-    chunkwise_backward,
-    chunkwise_forward,
-    core_config,
-    dtype_name,
-    h_kernel_dtype,
-    kernel_dtype_of,
-    mlstm_chunkwise_pallas,
-    prepare,
-    resolve_interpret,
-)
+from .pallas.autodiff import dtype_name, h_kernel_dtype, kernel_dtype_of, mlstm_chunkwise_pallas, resolve_interpret
 from .pallas.bw_parallel_dk import parallel_bw_dk
 from .pallas.bw_parallel_dq import parallel_bw_dq
 from .pallas.bw_parallel_dv import parallel_bw_dv
-from .pallas.bw_recurrent import recurrent_bw_states
-from .pallas.fw_parallel import parallel_fw_h
-from .pallas.fw_recurrent import recurrent_fw_states
 from .pallas.heuristics import chunkwise_kernel_params, padded_head_dim
 
 _F32 = jnp.float32
@@ -148,7 +129,7 @@ def sequence_fwbw(fwbw: Callable, return_last_states: bool, q, k, v, i, f, c_ini
 
 
 # ----------------------------------------------------------------------------- layout helpers
-def _pad_to(x: jax.Array, axis: int, size: int, value: float = 0.0) -> jax.Array:
+def pad_to(x: jax.Array, axis: int, size: int, value: float = 0.0) -> jax.Array:
     if x.shape[axis] == size:
         return x
     pad = [(0, 0)] * x.ndim
@@ -156,34 +137,34 @@ def _pad_to(x: jax.Array, axis: int, size: int, value: float = 0.0) -> jax.Array
     return jnp.pad(x, pad, constant_values=value)
 
 
-def _flat_seq(x: jax.Array, S_pad: int, D_pad: int, dtype=None) -> jax.Array:
+def flat_seq(x: jax.Array, S_pad: int, D_pad: int, dtype=None) -> jax.Array:
     """(B, NH, S, D) -> (BH, S_pad, D_pad), zero padded."""
     B, NH, S, D = x.shape
     x = x.reshape(B * NH, S, D)
     if dtype is not None:
         x = x.astype(dtype)
-    return _pad_to(_pad_to(x, 1, S_pad), 2, D_pad)
+    return pad_to(pad_to(x, 1, S_pad), 2, D_pad)
 
 
-def _flat_vec(x: jax.Array, S_pad: int | None = None, value: float = 0.0) -> jax.Array:
+def flat_vec(x: jax.Array, S_pad: int | None = None, value: float = 0.0) -> jax.Array:
     """(B, NH, ...) -> (BH, prod(...)) float32, padded at the end to ``S_pad`` with ``value``."""
     x = x.reshape(x.shape[0] * x.shape[1], -1).astype(_F32)
-    return x if S_pad is None else _pad_to(x, 1, S_pad, value)
+    return x if S_pad is None else pad_to(x, 1, S_pad, value)
 
 
-def _states_in(matC_all, vecN_all, B, NH, DHQK, DHV):
+def states_in(matC_all, vecN_all, B, NH, DHQK, DHV):
     """Seed layout (shapes already checked) -> (BH, NC+1, DHQKp, DHVp), (BH, NC+1, DHQKp) float32."""
     NC1 = matC_all.shape[2] // DHQK
     Kp, Vp = padded_head_dim(DHQK), padded_head_dim(DHV)
     matC = matC_all.astype(_F32).reshape(B * NH, NC1, DHQK, DHV)
-    matC = _pad_to(_pad_to(matC, 2, Kp), 3, Vp)
+    matC = pad_to(pad_to(matC, 2, Kp), 3, Vp)
     vecN = None
     if vecN_all is not None:
-        vecN = _pad_to(vecN_all.astype(_F32).reshape(B * NH, NC1, DHQK), 2, Kp)
+        vecN = pad_to(vecN_all.astype(_F32).reshape(B * NH, NC1, DHQK), 2, Kp)
     return matC, vecN
 
 
-def _states_out(matC_states, vecN_states, B, NH, DHQK, DHV):
+def states_out(matC_states, vecN_states, B, NH, DHQK, DHV):
     """(BH, NC+1, DHQKp, DHVp) -> seed layout (B, NH, (NC+1)*DHQK, DHV)."""
     NC1 = matC_states.shape[1]
     matC = matC_states[:, :, :DHQK, :DHV].reshape(B, NH, NC1 * DHQK, DHV)
@@ -191,27 +172,27 @@ def _states_out(matC_states, vecN_states, B, NH, DHQK, DHV):
     return matC, vecN
 
 
-def _unflat_seq(x, B, NH, S, D):
+def unflat_seq(x, B, NH, S, D):
     return x[:, :S, :D].reshape(B, NH, S, D)
 
 
-def _unflat_vec(x, B, NH, S):
+def unflat_vec(x, B, NH, S):
     return x[:, :S].reshape(B, NH, S)
 
 
-def _state_in(x, BH, *dims):
+def state_in(x, BH, *dims):
     """An optional (B, NH, *dims) state as (BH, *padded dims) float32, zeros if None."""
     padded = tuple(padded_head_dim(d) for d in dims)
     if x is None:
         return jnp.zeros((BH,) + padded, _F32)
     x = x.astype(_F32).reshape((BH,) + tuple(dims))
     for axis, p in enumerate(padded, start=1):
-        x = _pad_to(x, axis, p)
+        x = pad_to(x, axis, p)
     return x
 
 
 # ----------------------------------------------------------------------------- argument checks
-class _Dims(NamedTuple):
+class Dims(NamedTuple):
     B: int
     NH: int
     S: int
@@ -219,7 +200,7 @@ class _Dims(NamedTuple):
     DHV: int
 
 
-def _seq_dims(kernel: str, qk_name: str, matQK, v_name: str | None, matV) -> _Dims:
+def seq_dims(kernel: str, qk_name: str, matQK, v_name: str | None, matV) -> Dims:
     """Dims from a (B, NH, S, DHQK) and a (B, NH, S, DHV) argument (checked against each other)."""
     if getattr(matQK, "ndim", None) != 4:
         raise ValueError(f"{kernel}: {qk_name} must have shape (B, NH, S, DHQK); got {shape_str(matQK)}")
@@ -233,10 +214,10 @@ def _seq_dims(kernel: str, qk_name: str, matQK, v_name: str | None, matV) -> _Di
     if S < 1 or DHQK < 1 or DHV < 1:
         raise ValueError(f"{kernel}: empty sequence or head dimension: {qk_name} {shape_str(matQK)}, "
                          f"{v_name} {shape_str(matV)}")
-    return _Dims(B, NH, S, DHQK, DHV)
+    return Dims(B, NH, S, DHQK, DHV)
 
 
-def _arg(kernel: str, name: str, x, shape: tuple[int, ...], because: str, *, optional: bool = False):
+def array_arg(kernel: str, name: str, x, shape: tuple[int, ...], because: str, *, optional: bool = False):
     """Check one array argument's shape and dtype (None allowed if ``optional``)."""
     if x is None and optional:
         return None
@@ -245,7 +226,7 @@ def _arg(kernel: str, name: str, x, shape: tuple[int, ...], because: str, *, opt
     return x
 
 
-def _gate(kernel: str, name: str, x, dims: _Dims, because: str) -> jax.Array:
+def gate_arg(kernel: str, name: str, x, dims: Dims, because: str) -> jax.Array:
     """A (B, NH, S) or (B, NH, S, 1) gate as (B, NH, S), floating."""
     try:
         x = squeeze_gate(name, x, (dims.B, dims.NH, dims.S))
@@ -257,13 +238,13 @@ def _gate(kernel: str, name: str, x, dims: _Dims, because: str) -> jax.Array:
     return x
 
 
-def _positive_int(name: str, value) -> int:
+def positive_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int; got {value!r}")
     return value
 
 
-def _empty(shape, dtype=_F32):
+def empty(shape, dtype=_F32):
     return jnp.zeros(shape, dtype)
 
 
@@ -285,14 +266,14 @@ def chunk_log_gates(
         raise ValueError(f"{kernel}: vecF must have shape (B, NH, S); got {shape_str(vecF)}")
     B, NH, S = vecF.shape
     check_floating("vecF", vecF, kernel=kernel)
-    _arg(kernel, "vecI", vecI, (B, NH, S), f"from vecF {shape_str(vecF)}")
+    array_arg(kernel, "vecI", vecI, (B, NH, S), f"from vecF {shape_str(vecF)}")
     L = validate_chunk_size("chunk_size", chunk_size, S=S)
     if S % L:
         raise ValueError(f"{kernel}: S={S} (vecF {shape_str(vecF)}) must be a multiple of chunk_size={L}")
-    _arg(kernel, "scaM_initial", scaM_initial, (B, NH), f"from vecF {shape_str(vecF)}", optional=True)
+    array_arg(kernel, "scaM_initial", scaM_initial, (B, NH), f"from vecF {shape_str(vecF)}", optional=True)
     NC, BH = S // L, B * NH
     if BH == 0:
-        return _empty((B, NH, NC, L)), _empty((B, NH, NC, L))
+        return empty((B, NH, NC, L)), empty((B, NH, NC, L))
     i = vecI.astype(_F32).reshape(BH, S)
     logf = gates.log_forget_gate(vecF).astype(_F32).reshape(BH, S)
     m0 = jnp.zeros((BH,), _F32) if scaM_initial is None else scaM_initial.astype(_F32).reshape(BH)
@@ -302,7 +283,7 @@ def chunk_log_gates(
     return vecB.reshape(B, NH, NC, L), vecA.reshape(B, NH, NC, L)
 
 
-def _gates_with_borders(i, logf, m_b, L):
+def gates_with_borders(i, logf, m_b, L):
     """Kernel gates from raw gates (BH, S_pad) and given border m's (BH, NC+1): per-step m by the
     per-chunk scan from each chunk's entering m, resets as in the kernels."""
     BH, S_pad = i.shape
@@ -316,136 +297,12 @@ def _gates_with_borders(i, logf, m_b, L):
 
 
 # ----------------------------------------------------------------------------- recurrent stages
-def recurrent_fw_C(
-    matK: jax.Array,  # (B, NH, S, DHQK)
-    matV: jax.Array,  # (B, NH, S, DHV)
-    vecF: jax.Array,  # (B, NH, S)
-    vecI: jax.Array,  # (B, NH, S)
-    matC_initial: jax.Array | None = None,  # (B, NH, DHQK, DHV)
-    vecN_initial: jax.Array | None = None,  # (B, NH, DHQK)
-    scaMinter_initial: jax.Array | None = None,  # (B, NH)
-    *,
-    chunk_size: int = 64,
-    save_states_every_nth_chunk: int = 1,
-    num_warps: int | None = None,
-    num_stages: int | None = None,
-    interpret: bool | None = None,
-    kernel: str = "mlstm_chunkwise__recurrent_fw_C",
-):
-    """Chunk-border states every ``chunk_size * save_states_every_nth_chunk`` steps (seed layout).
-
-    The recurrent kernel folds ``chunk_size`` steps per matrix product; S is padded to a multiple
-    of the kept-state spacing (open forget gates: the last state is the state after step S).
-    Returns (matC_states, vecN_states, scaMinter_states) with NC + 1 = ceil(S / L) + 1 entries each.
-    """
-    d = _seq_dims(kernel, "matK", matK, "matV", matV)
-    because = f"from matK {shape_str(matK)}"
-    vecF = _gate(kernel, "vecF", vecF, d, because)
-    vecI = _gate(kernel, "vecI", vecI, d, because)
-    _arg(kernel, "matC_initial", matC_initial, (d.B, d.NH, d.DHQK, d.DHV), because, optional=True)
-    _arg(kernel, "vecN_initial", vecN_initial, (d.B, d.NH, d.DHQK), because, optional=True)
-    _arg(kernel, "scaMinter_initial", scaMinter_initial, (d.B, d.NH), because, optional=True)
-    validate_chunk_size("chunk_size", chunk_size, pallas=True, S=d.S)
-    L = chunk_size * _positive_int("save_states_every_nth_chunk", save_states_every_nth_chunk)
-    NC, BH = -(-d.S // L), d.B * d.NH
-    if BH == 0:
-        return (_empty((d.B, d.NH, (NC + 1) * d.DHQK, d.DHV)), _empty((d.B, d.NH, (NC + 1) * d.DHQK)),
-                _empty((d.B, d.NH, NC + 1)))
-    params = chunkwise_kernel_params(
-        S=max(d.S, L), DHQK=d.DHQK, DHV=d.DHV, dtype=matK.dtype, chunk_size_intra=L,
-        chunk_size_inter=chunk_size, num_warps_inter=num_warps, num_stages_inter=num_stages,
-    )
-    S_pad = NC * L
-    Kp, Vp = padded_head_dim(d.DHQK), padded_head_dim(d.DHV)
-    k = _flat_seq(matK, S_pad, Kp)
-    v = _flat_seq(matV, S_pad, Vp, matK.dtype)
-    i = _flat_vec(vecI, S_pad, gates.CLOSED_INPUT_GATE)
-    logf = _flat_vec(gates.log_forget_gate(vecF), S_pad, 0.0)
-    C0 = _state_in(matC_initial, BH, d.DHQK, d.DHV)
-    n0 = _state_in(vecN_initial, BH, d.DHQK)
-    m0 = jnp.zeros((BH,), _F32) if scaMinter_initial is None else scaMinter_initial.astype(_F32).reshape(BH)
-    vecM = gates.max_state_scan(i, logf, m0)
-    g = gates.kernel_gates(i, logf, vecM, m0, L)
-    matC_states, vecN_states = recurrent_fw_states(
-        k, v, g.vecWstate, g.vecDecay, C0, n0, params=params, interpret=resolve_interpret(interpret)
-    )
-    matC, vecN = _states_out(matC_states, vecN_states, d.B, d.NH, d.DHQK, d.DHV)
-    return matC, vecN, g.scaM_borders.reshape(d.B, d.NH, NC + 1)
 
 
-def recurrent_bw_dC(
-    matQ: jax.Array,  # (B, NH, S, DHQK)
-    vecF: jax.Array,  # (B, NH, S)
-    scaM_inter: jax.Array,  # (B, NH, NC+1)
-    vecM_combine: jax.Array,  # (B, NH, S)
-    matDeltaH: jax.Array,  # (B, NH, S, DHV)
-    vecN_out: jax.Array,  # (B, NH, S)
-    matDeltaC_last: jax.Array | None = None,  # (B, NH, DHQK, DHV)
-    *,
-    qk_scale: float | None = None,
-    chunk_size: int = 64,
-    save_states_every_nth_chunk: int = 1,
-    num_warps: int | None = None,
-    num_stages: int | None = None,
-    eps: float = 0.0,
-    vecDeltaNq: jax.Array | None = None,  # (B, NH, S)
-    vecDeltaN_last: jax.Array | None = None,  # (B, NH, DHQK)
-    interpret: bool | None = None,
-    kernel: str = "mlstm_chunkwise__recurrent_bw_dC",
-):
-    """Cotangents of the chunk-border C states (seed layout (B, NH, (NC+1)*DHQK, DHV)).
-
-    dnum = dH / (vecN_out + eps). With ``vecDeltaNq`` (the cotangent of qs.n) or ``vecDeltaN_last``
-    the n-state cotangents are computed too and returned as a second array (B, NH, (NC+1)*DHQK).
-    """
-    d = _seq_dims(kernel, "matQ", matQ, "matDeltaH", matDeltaH)
-    because = f"from matQ {shape_str(matQ)}"
-    vecF = _gate(kernel, "vecF", vecF, d, because)
-    validate_chunk_size("chunk_size", chunk_size, pallas=True, S=d.S)
-    L = chunk_size * _positive_int("save_states_every_nth_chunk", save_states_every_nth_chunk)
-    NC, BH = -(-d.S // L), d.B * d.NH
-    _arg(kernel, "scaM_inter", scaM_inter, (d.B, d.NH, NC + 1), f"{because} and {L}-step chunks")
-    _arg(kernel, "vecM_combine", vecM_combine, (d.B, d.NH, d.S), because)
-    _arg(kernel, "vecN_out", vecN_out, (d.B, d.NH, d.S), because)
-    _arg(kernel, "matDeltaC_last", matDeltaC_last, (d.B, d.NH, d.DHQK, d.DHV),
-         f"{because} and matDeltaH {shape_str(matDeltaH)}", optional=True)
-    _arg(kernel, "vecDeltaNq", vecDeltaNq, (d.B, d.NH, d.S), because, optional=True)
-    _arg(kernel, "vecDeltaN_last", vecDeltaN_last, (d.B, d.NH, d.DHQK), because, optional=True)
-    cell = CellOptions(qk_scale=qk_scale, eps=eps)
-    with_n = vecDeltaNq is not None or vecDeltaN_last is not None
-    if BH == 0:
-        dC = _empty((d.B, d.NH, (NC + 1) * d.DHQK, d.DHV))
-        return (dC, _empty((d.B, d.NH, (NC + 1) * d.DHQK))) if with_n else dC
-    params = chunkwise_kernel_params(
-        S=NC * L, DHQK=d.DHQK, DHV=d.DHV, dtype=matQ.dtype, chunk_size_intra=L, chunk_size_inter=chunk_size,
-        num_warps_inter=num_warps, num_stages_inter=num_stages,
-    )
-    S_pad = NC * L
-    Kp, Vp = padded_head_dim(d.DHQK), padded_head_dim(d.DHV)
-    q = _flat_seq(matQ, S_pad, Kp)
-    dh = _flat_seq(matDeltaH, S_pad, Vp, matQ.dtype)
-    logf = _flat_vec(gates.log_forget_gate(vecF), S_pad, 0.0)
-    vecM = _flat_vec(vecM_combine)
-    vecM = jnp.concatenate([vecM, jnp.repeat(vecM[:, -1:], S_pad - d.S, axis=1)], axis=1)
-    m_b = scaM_inter.astype(_F32).reshape(BH, NC + 1)
-    # the entering-state weights and decays need no input gates: give zeros
-    reset = gates.reset_positions(logf, vecM, gates.previous_max_states(vecM, m_b[:, 0]))
-    zeros = jnp.zeros_like(logf)
-    cg = gates.chunk_gates(zeros, logf, reset, L)
-    g = gates.kernel_gates_from_chunk_gates(zeros.reshape(BH, NC, L), cg, vecM.reshape(BH, NC, L), m_b)
-    vecDenInv = 1.0 / (_flat_vec(vecN_out, S_pad, 1.0) + cell.eps)
-    vecDnq = jnp.zeros_like(vecDenInv) if vecDeltaNq is None else _flat_vec(vecDeltaNq, S_pad, 0.0)
-    matDC, vecDN = recurrent_bw_states(
-        q, dh, g.vecWinter, vecDenInv, vecDnq, g.vecDecay,
-        _state_in(matDeltaC_last, BH, d.DHQK, d.DHV), _state_in(vecDeltaN_last, BH, d.DHQK),
-        params=params, qk_scale=cell.effective_qk_scale(d.DHQK), interpret=resolve_interpret(interpret),
-    )
-    matDC, vecDN = _states_out(matDC, vecDN, d.B, d.NH, d.DHQK, d.DHV)
-    return (matDC, vecDN) if with_n else matDC
 
 
 # ----------------------------------------------------------------------------- parallel stages
-def _tile_params(S, DHQK, DHV, dtype, chunk_size, l_par, l_loop, dh_par, dh_loop, num_warps, num_stages):
+def stage_tile_params(S, DHQK, DHV, dtype, chunk_size, l_par, l_loop, dh_par, dh_loop, num_warps, num_stages):
     return chunkwise_kernel_params(
         S=S, DHQK=DHQK, DHV=DHV, dtype=dtype, chunk_size_intra=chunk_size,
         chunk_size_inter=min(chunk_size, 128), siz_b_L_parallel=l_par, siz_b_L_loop=l_loop,
@@ -454,74 +311,6 @@ def _tile_params(S, DHQK, DHV, dtype, chunk_size, l_par, l_loop, dh_par, dh_loop
     )
 
 
-def parallel_fw_H(
-    matQ: jax.Array,  # (B, NH, S, DHQK)
-    matK: jax.Array,  # (B, NH, S, DHQK)
-    matV: jax.Array,  # (B, NH, S, DHV)
-    vecI: jax.Array,  # (B, NH, S)
-    vecF: jax.Array,  # (B, NH, S)
-    matC_all: jax.Array,  # (B, NH, (NC+1) * DHQK, DHV)
-    vecN_all: jax.Array,  # (B, NH, (NC+1) * DHQK)
-    scaM_all: jax.Array,  # (B, NH, NC+1)
-    *,
-    qk_scale: float | None = None,
-    chunk_size: int = 64,
-    siz_b_LQ: int = 32,
-    siz_b_LKV: int = 32,
-    siz_b_DHQK: int | None = None,
-    siz_b_DHHV: int | None = None,
-    num_warps: int | None = None,
-    num_stages: int | None = None,
-    eps: float = 1e-6,
-    norm_val: float = 1.0,
-    stabilize_correctly: bool = True,
-    output_dtype=jnp.float32,
-    interpret: bool | None = None,
-    kernel: str = "mlstm_chunkwise__parallel_fw_Hintra",
-):
-    """h, vecN_out, vecM_out (B, NH, S, DHV), (B, NH, S), (B, NH, S) from the border states.
-
-    Tiles: siz_b_LQ query rows per program, siz_b_LKV key rows per loop step, siz_b_DHHV value
-    columns per program, siz_b_DHQK the q.k contraction tile.
-    """
-    d = _seq_dims(kernel, "matQ", matQ, "matV", matV)
-    because = f"from matQ {shape_str(matQ)}"
-    _arg(kernel, "matK", matK, (d.B, d.NH, d.S, d.DHQK), because)
-    vecI = _gate(kernel, "vecI", vecI, d, because)
-    vecF = _gate(kernel, "vecF", vecF, d, because)
-    L = validate_chunk_size("chunk_size", chunk_size, pallas=True, S=d.S)
-    NC, BH = -(-d.S // L), d.B * d.NH
-    because_states = f"{because}, matV {shape_str(matV)} and chunk_size={L}"
-    _arg(kernel, "matC_all", matC_all, (d.B, d.NH, (NC + 1) * d.DHQK, d.DHV), because_states)
-    _arg(kernel, "vecN_all", vecN_all, (d.B, d.NH, (NC + 1) * d.DHQK), because_states)
-    _arg(kernel, "scaM_all", scaM_all, (d.B, d.NH, NC + 1), because_states)
-    cell = CellOptions(qk_scale=qk_scale, eps=eps, norm_val=norm_val, stabilize_correctly=stabilize_correctly)
-    out_dtype = floating_dtype("output_dtype", output_dtype, allow_none=False)
-    if BH == 0:
-        return _empty((d.B, d.NH, d.S, d.DHV), out_dtype), _empty((d.B, d.NH, d.S)), _empty((d.B, d.NH, d.S))
-    S_pad = NC * L
-    params = _tile_params(S_pad, d.DHQK, d.DHV, matQ.dtype, L, siz_b_LQ, siz_b_LKV, siz_b_DHHV, siz_b_DHQK,
-                          num_warps, num_stages)
-    Kp, Vp = padded_head_dim(d.DHQK), padded_head_dim(d.DHV)
-    q, k = _flat_seq(matQ, S_pad, Kp), _flat_seq(matK, S_pad, Kp, matQ.dtype)
-    v = _flat_seq(matV, S_pad, Vp, matQ.dtype)
-    i = _flat_vec(vecI, S_pad, gates.CLOSED_INPUT_GATE)
-    logf = _flat_vec(gates.log_forget_gate(vecF), S_pad, 0.0)
-    matC, vecN = _states_in(matC_all, vecN_all, d.B, d.NH, d.DHQK, d.DHV)
-    g, vecM = _gates_with_borders(i, logf, scaM_all.astype(_F32).reshape(BH, NC + 1), L)
-    matH, vecNq = parallel_fw_h(
-        q, k, v, g.vecQlog, g.vecKlog, g.vecWinter, vecM, g.vecStart, matC, vecN, params=params,
-        qk_scale=cell.effective_qk_scale(d.DHQK), eps=cell.eps, norm_val=cell.norm_val,
-        stabilize_correctly=cell.stabilize_correctly,
-        output_dtype=h_kernel_dtype(out_dtype, matQ.dtype), interpret=resolve_interpret(interpret),
-    )
-    lam = gates.normalizer_lower_bound(vecM, norm_val=cell.norm_val, stabilize_correctly=cell.stabilize_correctly)
-    vecN_out = jnp.maximum(jnp.abs(vecNq), lam)
-    return (
-        _unflat_seq(matH, d.B, d.NH, d.S, d.DHV).astype(out_dtype),
-        _unflat_vec(vecN_out, d.B, d.NH, d.S),
-        _unflat_vec(vecM, d.B, d.NH, d.S),
-    )
 
 
 # which tile each seed block size sets, per stage: (siz_b_L_parallel, siz_b_L_loop,
@@ -576,9 +365,9 @@ def parallel_bw_stage(
     ``chunk_size`` (the chunk gates are (B, NH, NC, L)).
     """
     kernel = _STAGE_NAMES[which]
-    d = _seq_dims(kernel, "matQ", matQ, "matV", matV)
+    d = seq_dims(kernel, "matQ", matQ, "matV", matV)
     because = f"from matQ {shape_str(matQ)}"
-    _arg(kernel, "matK", matK, (d.B, d.NH, d.S, d.DHQK), because)
+    array_arg(kernel, "matK", matK, (d.B, d.NH, d.S, d.DHQK), because)
     L = validate_chunk_size("chunk_size", chunk_size, pallas=True, S=d.S)
     if d.S % L:
         raise ValueError(f"{kernel}: S={d.S} (matQ {shape_str(matQ)}) must be a multiple of chunk_size={L} "
@@ -586,199 +375,71 @@ def parallel_bw_stage(
     NC, BH = d.S // L, d.B * d.NH
     chunked = f"{because} and chunk_size={L}"
     for name, x in (("vecI", vecI), ("vecA", vecA), ("vecB", vecB)):
-        _arg(kernel, name, x, (d.B, d.NH, NC, L), chunked)
+        array_arg(kernel, name, x, (d.B, d.NH, NC, L), chunked)
     states = f"{because}, matV {shape_str(matV)} and chunk_size={L}"
-    _arg(kernel, "matC_all", matC_all, (d.B, d.NH, (NC + 1) * d.DHQK, d.DHV), states)
-    _arg(kernel, "vecN_all", vecN_all, (d.B, d.NH, (NC + 1) * d.DHQK), states)
-    _arg(kernel, "scaM_all", scaM_all, (d.B, d.NH, NC + 1), states)
+    array_arg(kernel, "matC_all", matC_all, (d.B, d.NH, (NC + 1) * d.DHQK, d.DHV), states)
+    array_arg(kernel, "vecN_all", vecN_all, (d.B, d.NH, (NC + 1) * d.DHQK), states)
+    array_arg(kernel, "scaM_all", scaM_all, (d.B, d.NH, NC + 1), states)
     for name, x in (("vecN_out", vecN_out), ("vecM_out", vecM_out)):
-        _arg(kernel, name, x, (d.B, d.NH, d.S), because)
-    _arg(kernel, "matDeltaH", matDeltaH, (d.B, d.NH, d.S, d.DHV), f"from matV {shape_str(matV)}")
-    _arg(kernel, "matDeltaC_states", matDeltaC_states, (d.B, d.NH, (NC + 1) * d.DHQK, d.DHV), states)
-    _arg(kernel, "vecDeltaNq", vecDeltaNq, (d.B, d.NH, d.S), because, optional=True)
-    _arg(kernel, "vecDeltaN_states", vecDeltaN_states, (d.B, d.NH, (NC + 1) * d.DHQK), states, optional=True)
+        array_arg(kernel, name, x, (d.B, d.NH, d.S), because)
+    array_arg(kernel, "matDeltaH", matDeltaH, (d.B, d.NH, d.S, d.DHV), f"from matV {shape_str(matV)}")
+    array_arg(kernel, "matDeltaC_states", matDeltaC_states, (d.B, d.NH, (NC + 1) * d.DHQK, d.DHV), states)
+    array_arg(kernel, "vecDeltaNq", vecDeltaNq, (d.B, d.NH, d.S), because, optional=True)
+    array_arg(kernel, "vecDeltaN_states", vecDeltaN_states, (d.B, d.NH, (NC + 1) * d.DHQK), states, optional=True)
     cell = CellOptions(qk_scale=qk_scale, eps=eps)
     out_dtype = floating_dtype("output_dtype", output_dtype, allow_none=False)
     D_out = d.DHV if which == "dV" else d.DHQK
     if BH == 0:
-        return _empty((d.B, d.NH, d.S, D_out), out_dtype)
+        return empty((d.B, d.NH, d.S, D_out), out_dtype)
     Kp, Vp = padded_head_dim(d.DHQK), padded_head_dim(d.DHV)
     dt = matQ.dtype
-    q, k = _flat_seq(matQ, d.S, Kp), _flat_seq(matK, d.S, Kp, dt)
-    v, dh = _flat_seq(matV, d.S, Vp, dt), _flat_seq(matDeltaH, d.S, Vp, dt)
+    q, k = flat_seq(matQ, d.S, Kp), flat_seq(matK, d.S, Kp, dt)
+    v, dh = flat_seq(matV, d.S, Vp, dt), flat_seq(matDeltaH, d.S, Vp, dt)
     cg = gates.chunk_gates_from_seed(vecB.astype(_F32).reshape(BH, NC, L), vecA.astype(_F32).reshape(BH, NC, L))
     g = gates.kernel_gates_from_chunk_gates(
         vecI.astype(_F32).reshape(BH, NC, L), cg, vecM_out.astype(_F32).reshape(BH, NC, L),
         scaM_all.astype(_F32).reshape(BH, NC + 1),
     )
-    vecDenInv = 1.0 / (_flat_vec(vecN_out) + cell.eps)
-    vecDnq = jnp.zeros_like(vecDenInv) if vecDeltaNq is None else _flat_vec(vecDeltaNq)
+    vecDenInv = 1.0 / (flat_vec(vecN_out) + cell.eps)
+    vecDnq = jnp.zeros_like(vecDenInv) if vecDeltaNq is None else flat_vec(vecDeltaNq)
     tiles = _STAGE_TILES[which](siz_b_LQ, siz_b_LKV, siz_b_DHQK, siz_b_DHHV)
-    params = _tile_params(d.S, d.DHQK, d.DHV, dt, L, *tiles, num_warps, num_stages)
+    params = stage_tile_params(d.S, d.DHQK, d.DHV, dt, L, *tiles, num_warps, num_stages)
     kw = dict(params=params, qk_scale=cell.effective_qk_scale(d.DHQK),
               output_dtype=h_kernel_dtype(out_dtype, dt), interpret=resolve_interpret(interpret))
     if which == "dQ":
-        matC, vecN = _states_in(matC_all, vecN_all, d.B, d.NH, d.DHQK, d.DHV)
+        matC, vecN = states_in(matC_all, vecN_all, d.B, d.NH, d.DHQK, d.DHV)
         out, _ = parallel_bw_dq(q, k, v, dh, g.vecQlog, g.vecKlog, g.vecWinter, vecDenInv, vecDnq, g.vecStart,
                                 matC, vecN, **kw)
     elif which == "dK":
-        matDC, vecDN = _states_in(matDeltaC_states, vecDeltaN_states, d.B, d.NH, d.DHQK, d.DHV)
+        matDC, vecDN = states_in(matDeltaC_states, vecDeltaN_states, d.B, d.NH, d.DHQK, d.DHV)
         if vecDN is None:
             vecDN = jnp.zeros(matDC.shape[:3], _F32)
         out, _, _ = parallel_bw_dk(q, k, v, dh, g.vecQlog, g.vecKlog, g.vecWstate, vecDenInv, vecDnq, g.vecStart,
                                    matDC, vecDN, **kw)
     else:
-        matDC, _ = _states_in(matDeltaC_states, None, d.B, d.NH, d.DHQK, d.DHV)
+        matDC, _ = states_in(matDeltaC_states, None, d.B, d.NH, d.DHQK, d.DHV)
         out = parallel_bw_dv(q, k, dh, g.vecQlog, g.vecKlog, g.vecWstate, vecDenInv, g.vecStart, matDC, **kw)
-    return _unflat_seq(out, d.B, d.NH, d.S, D_out).astype(out_dtype)
+    return unflat_seq(out, d.B, d.NH, d.S, D_out).astype(out_dtype)
 
 
 # ----------------------------------------------------------------------------- combined stages
-def forward_outputs(
-    matQ: jax.Array,  # (B, NH, S, DHQK)
-    matK: jax.Array,  # (B, NH, S, DHQK)
-    matV: jax.Array,  # (B, NH, S, DHV)
-    vecI: jax.Array,  # (B, NH, S)
-    vecF: jax.Array,  # (B, NH, S)
-    matC_initial: jax.Array | None = None,  # (B, NH, DHQK, DHV)
-    vecN_initial: jax.Array | None = None,  # (B, NH, DHQK)
-    scaM_initial: jax.Array | None = None,  # (B, NH)
-    *,
-    qk_scale=None, return_last_states=False, return_all_states=False, tile_params: dict,
-    output_dtype=jnp.float32, eps=0.0, norm_val=1.0, stabilize_correctly=True, interpret=None,
-    kernel: str = "mlstm_chunkwise_fw",
-):
-    """Forward only: (matH_out, vecN_out, vecM_out, last_states | None, all_states | None).
-
-    The kernel dtype is the dtype of q; any S. ``all_states`` are the chunk-border states in the
-    seed layout with NC = ceil(S / chunk_size_intra).
-    """
-    call = validate_sequence_call(
-        kernel, matQ, matK, matV, vecI, vecF, matC_initial, vecN_initial, scaM_initial,
-        qk_scale=qk_scale, eps=eps, norm_val=norm_val, stabilize_correctly=stabilize_correctly,
-    )
-    B, NH, S, DHQK, DHV = call.B, call.NH, call.S, call.DHQK, call.DHV
-    out_dtype = floating_dtype("output_dtype", output_dtype, allow_none=False)
-    h_dtype = h_kernel_dtype(out_dtype, matQ.dtype)
-    if call.empty:
-        L = chunkwise_kernel_params(S=S, DHQK=DHQK, DHV=DHV, dtype=kernel_dtype_of(None, matQ.dtype),
-                                    **tile_params).chunk_size_intra
-        NC = -(-S // L)
-        last = (_empty((B, NH, DHQK, DHV)), _empty((B, NH, DHQK)), _empty((B, NH)))
-        all_ = (_empty((B, NH, (NC + 1) * DHQK, DHV)), _empty((B, NH, (NC + 1) * DHQK)), _empty((B, NH, NC + 1)))
-        return (_empty((B, NH, S, DHV), out_dtype), _empty((B, NH, S)), _empty((B, NH, S)),
-                last if return_last_states else None, all_ if return_all_states else None)
-    prep = prepare(call, matQ, matK, matV, chunk_size=None, autocast_kernel_dtype=matQ.dtype,
-                   tile_params=tile_params)
-    cfg = core_config(prep, h_dtype=h_dtype, recompute_states_in_bw=True, interpret=interpret)
-    out = chunkwise_forward(*prep.arrays, cfg)
-    opts = call.options
-    lam = gates.normalizer_lower_bound(out.vecM, norm_val=opts.norm_val, stabilize_correctly=opts.stabilize_correctly)
-    vecN_out = jnp.maximum(jnp.abs(out.vecNq), lam)
-    matC_all, vecN_all = _states_out(out.matC_states, out.vecN_states, B, NH, DHQK, DHV)
-    scaM_all = out.scaM_borders.reshape(B, NH, -1)
-    last = None
-    if return_last_states:
-        last = (matC_all[:, :, -DHQK:, :], vecN_all[:, :, -DHQK:], scaM_all[:, :, -1])
-    return (
-        _unflat_seq(out.matH, B, NH, S, DHV).astype(out_dtype),
-        _unflat_vec(vecN_out, B, NH, S),
-        _unflat_vec(out.vecM, B, NH, S),
-        last,
-        (matC_all, vecN_all, scaM_all) if return_all_states else None,
-    )
 
 
-def backward_outputs(
-    matQ: jax.Array,  # (B, NH, S, DHQK)
-    matK: jax.Array,  # (B, NH, S, DHQK)
-    matV: jax.Array,  # (B, NH, S, DHV)
-    vecI: jax.Array,  # (B, NH, S)
-    vecF: jax.Array,  # (B, NH, S)
-    matC_initial: jax.Array | None = None,  # (B, NH, DHQK, DHV)
-    vecN_initial: jax.Array | None = None,  # (B, NH, DHQK)
-    scaM_initial: jax.Array | None = None,  # (B, NH)
-    *,
-    matDeltaH: jax.Array,  # (B, NH, S, DHV)
-    matDeltaC_last: jax.Array | None = None,  # (B, NH, DHQK, DHV)
-    vecDeltaN_last: jax.Array | None = None,  # (B, NH, DHQK)
-    scaDeltaM_last: jax.Array | None = None,  # (B, NH)
-    unused_forward: dict[str, Any] | None = None,
-    qk_scale=None,
-    tile_params: dict, eps=0.0, norm_val=1.0, stabilize_correctly=True, grad_mode="exact", interpret=None,
-    kernel: str = "mlstm_chunkwise_bw",
-):
-    """Backward of the whole cell: (dQ, dK, dV, dI, dF, dC0, dN0, dM0), dtypes of the inputs.
-
-    Recomputes the forward it needs (states, h, signed normalizer, m); the initial-state gradients
-    are None when no initial states are given. ``unused_forward`` are forward results the seed's
-    signature passes (matC_all, vecN_all, scaM_all, vecN_out, vecM_out): only their shapes are
-    checked (the states against any chunking: (B, NH, (NC+1) * DHQK, DHV) for some NC).
-    """
-    call = validate_sequence_call(
-        kernel, matQ, matK, matV, vecI, vecF, matC_initial, vecN_initial, scaM_initial,
-        qk_scale=qk_scale, eps=eps, norm_val=norm_val, stabilize_correctly=stabilize_correctly,
-        grad_mode=grad_mode,
-    )
-    B, NH, S, DHQK, DHV = call.B, call.NH, call.S, call.DHQK, call.DHV
-    because = f"from matQ {shape_str(matQ)} and matV {shape_str(matV)}"
-    if matDeltaH is None:
-        raise ValueError(f"{kernel}: matDeltaH (the cotangent of h, shape {(B, NH, S, DHV)}) is required")
-    _arg(kernel, "matDeltaH", matDeltaH, (B, NH, S, DHV), because)
-    _arg(kernel, "matDeltaC_last", matDeltaC_last, (B, NH, DHQK, DHV), because, optional=True)
-    _arg(kernel, "vecDeltaN_last", vecDeltaN_last, (B, NH, DHQK), because, optional=True)
-    _arg(kernel, "scaDeltaM_last", scaDeltaM_last, (B, NH), because, optional=True)
-    _check_unused_forward(kernel, unused_forward or {}, call, because)
-    state_grads = call.state is not None
-    if call.empty:
-        grads = [jnp.zeros(x.shape, x.dtype) for x in (matQ, matK, matV, vecI, vecF)]
-        grads += [jnp.zeros(x.shape, x.dtype) if state_grads else None
-                  for x in (matC_initial, vecN_initial, scaM_initial)]
-        return tuple(grads)
-    prep = prepare(call, matQ, matK, matV, chunk_size=None, autocast_kernel_dtype=matQ.dtype,
-                   tile_params=tile_params)
-    cfg = core_config(prep, h_dtype=_F32, recompute_states_in_bw=True, interpret=interpret)
-    BH = B * NH
-    S_pad, Vp = prep.arrays[0].shape[1], prep.arrays[2].shape[2]
-    out = chunkwise_forward(*prep.arrays, cfg)
-    dh = _flat_seq(matDeltaH, S_pad, Vp, _F32)
-    dm_last = jnp.zeros((BH,), _F32) if scaDeltaM_last is None else scaDeltaM_last.astype(_F32).reshape(BH)
-    dQ, dK, dV, dI, dLogF, dC0, dN0, dM0 = chunkwise_backward(
-        *prep.arrays, out.vecM, out.vecNq, out.matH, out.matC_states, out.vecN_states,
-        dh, _state_in(matDeltaC_last, BH, DHQK, DHV), _state_in(vecDeltaN_last, BH, DHQK), dm_last, cfg,
-    )
-    dF = _unflat_vec(dLogF, B, NH, S) * jax.nn.sigmoid(-call.vecF.astype(_F32))
-    grads = [
-        _unflat_seq(dQ, B, NH, S, DHQK).astype(matQ.dtype),
-        _unflat_seq(dK, B, NH, S, DHQK).astype(matK.dtype),
-        _unflat_seq(dV, B, NH, S, DHV).astype(matV.dtype),
-        _unflat_vec(dI, B, NH, S).reshape(vecI.shape).astype(vecI.dtype),
-        dF.reshape(vecF.shape).astype(vecF.dtype),
-    ]
-    if not state_grads:
-        grads += [None, None, None]
-    else:
-        grads += [
-            dC0[:, :DHQK, :DHV].reshape(B, NH, DHQK, DHV).astype(matC_initial.dtype),
-            dN0[:, :DHQK].reshape(B, NH, DHQK).astype(vecN_initial.dtype),
-            dM0.reshape(B, NH).astype(scaM_initial.dtype),
-        ]
-    return tuple(grads)
 
 
-def _check_unused_forward(kernel: str, arrays: dict[str, Any], call, because: str) -> None:
+def check_unused_forward(kernel: str, arrays: dict[str, Any], call, because: str) -> None:
     """Shapes of the forward results a backward signature passes but does not use."""
     B, NH, S, DHQK, DHV = call.B, call.NH, call.S, call.DHQK, call.DHV
     for name in ("vecN_out", "vecM_out"):
-        _arg(kernel, name, arrays.get(name), (B, NH, S), because, optional=True)
+        array_arg(kernel, name, arrays.get(name), (B, NH, S), because, optional=True)
     matC_all, vecN_all, scaM_all = (arrays.get(n) for n in ("matC_all", "vecN_all", "scaM_all"))
     if matC_all is not None:
         rows = getattr(matC_all, "shape", (None,) * 4)[2] if getattr(matC_all, "ndim", 0) == 4 else None
         NC1 = rows // DHQK if rows and rows % DHQK == 0 else 0
-        _arg(kernel, "matC_all", matC_all, (B, NH, max(NC1, 1) * DHQK, DHV), f"{because} ((NC+1) * DHQK rows)")
-        _arg(kernel, "vecN_all", vecN_all, (B, NH, max(NC1, 1) * DHQK), f"from matC_all {shape_str(matC_all)}",
+        array_arg(kernel, "matC_all", matC_all, (B, NH, max(NC1, 1) * DHQK, DHV), f"{because} ((NC+1) * DHQK rows)")
+        array_arg(kernel, "vecN_all", vecN_all, (B, NH, max(NC1, 1) * DHQK), f"from matC_all {shape_str(matC_all)}",
              optional=True)
-        _arg(kernel, "scaM_all", scaM_all, (B, NH, max(NC1, 1)), f"from matC_all {shape_str(matC_all)}",
+        array_arg(kernel, "scaM_all", scaM_all, (B, NH, max(NC1, 1)), f"from matC_all {shape_str(matC_all)}",
              optional=True)
     else:
         for name, x in (("vecN_all", vecN_all), ("scaM_all", scaM_all)):

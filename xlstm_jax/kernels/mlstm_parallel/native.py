@@ -84,12 +84,8 @@ def mlstm_parallel(
     stabilize_correctly, grad_mode = opts.stabilize_correctly, opts.grad_mode
     dt = compute_dtype(matQ, matK, matV, vecI, vecF, *(state0 or ()))
     if call.empty:
-        out = [empty_sequence_outputs(call, h_dtype=matQ.dtype, state_dtype=dt, return_last_states=False)]
-        if return_normalizer:
-            out.append((jnp.zeros((B, NH, S), dt), jnp.zeros((B, NH, S), dt)))
-        if return_last_states:
-            out.append(empty_sequence_outputs(call, h_dtype=dt, state_dtype=dt, return_last_states=True)[1])
-        return out[0] if len(out) == 1 else tuple(out)
+        return empty_sequence_outputs(call, h_dtype=matQ.dtype, state_dtype=dt,
+                                      return_last_states=return_last_states, return_normalizer=return_normalizer)
     q, k, v = (x.astype(dt) for x in (matQ, matK, matV))
     vecI, vecF = vecI.astype(dt), vecF.astype(dt)
     sg = jax.lax.stop_gradient if grad_mode == "tfla" else (lambda x: x)

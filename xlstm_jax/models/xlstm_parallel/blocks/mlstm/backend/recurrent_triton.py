@@ -13,7 +13,6 @@ import dataclasses
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
 from xlstm_jax.kernels import floating_dtype
 
