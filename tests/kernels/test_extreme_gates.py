@@ -35,7 +35,6 @@ from xlstm_jax.kernels.mlstm_chunkwise.max_triton_fwbw_v5xlchunksize import (
 )
 from xlstm_jax.kernels.mlstm_chunkwise.pallas import gates
 from xlstm_jax.kernels.mlstm_chunkwise.triton_stablef import triton_fwbw as stablef
-from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend import create_mlstm_backend
 from xlstm_jax.testing import assert_trees_close, mlstm_inputs, to_float64
 
 B, NH, S, DHQK, DHV, L = 1, 2, 40, 16, 16, 16
@@ -221,9 +220,6 @@ SEED_FNS = {
         *a, return_last_states=True, chunk_size=L),
     "v5-mlstm_chunkwise_max_triton": lambda *a: triton_fwbw.mlstm_chunkwise_max_triton(
         *a, return_last_states=True, chunk_size=L),
-    "seed002-backend-max_triton_xlchunksize": lambda *a: create_mlstm_backend(
-        "triton_kernels", backend_name="max_triton_xlchunksize", chunk_size=L, reduce_slicing=False,
-    ).apply({}, *a, return_last_states=True),
 }
 
 
