@@ -9,8 +9,8 @@ Rules (every kernel, backend and seed entry point uses these functions):
 * The Pallas kernels take powers of two >= ``MIN_PALLAS_CHUNK`` = 16 (Triton's dot needs every tile
   dimension >= 16) and use ``min(L, max(16, next_power_of_two(S)))``: never a chunk larger than the
   padded sequence needs. Without a chunk size they use ``default_intra_chunk(dtype)``: 128 for 16-bit
-  kernels (the TFLA choice: fewer materialised states), 64 for float32 (the heuristics' measured
-  default; ``pallas.heuristics``).
+  kernels (the TFLA choice: fewer materialised states), 64 for float32 (float32 tiles take twice the
+  shared memory; ``pallas.heuristics``).
 * Two layouts of the seed entry points: ``"limit"`` (limit-chunk: intra chunk = recurrent step =
   chunk_size; seed 000 and the ``triton_stablef``/``max_triton``/``max_triton_noslice`` backends) and
   ``"xl"`` (TFLA "xl chunk size": recurrent step chunk_size, intra chunk
