@@ -1,4 +1,9 @@
-"""Helpers shared by the tests, ``xlstm-jax check`` and the benchmark: inputs and error measures."""
+"""Helpers shared by the tests, ``xlstm-jax check`` and the benchmark: inputs and error measures.
+
+NaN never passes: ``relative_error`` returns +inf when either side has a NaN (or an infinity the
+other side does not have at the same place), so ``err < tol``, ``max(errors) < tol`` and
+``not err > tol`` all fail; ``assert_close`` / ``assert_trees_close`` compare every leaf.
+"""
 
 from __future__ import annotations
 
@@ -8,16 +13,57 @@ import numpy as np
 
 
 def relative_error(out, ref) -> float:
-    """||out - ref|| / ||ref|| in float64 on the host (NaN if either has a NaN; abs error if ref is 0)."""
+    """||out - ref|| / ||ref|| in float64 on the host (abs error if ref is 0).
+
+    +inf if either has a NaN, or an infinity that the other does not have (same place, same sign):
+    a non-finite result can never pass a comparison with a tolerance. Equal infinities are excluded
+    from the norms.
+    """
     out = np.asarray(jax.device_get(out), dtype=np.float64)
     ref = np.asarray(jax.device_get(ref), dtype=np.float64)
     if out.shape != ref.shape:
         raise ValueError(f"shape mismatch: out {out.shape} vs ref {ref.shape}")
     if np.isnan(out).any() or np.isnan(ref).any():
-        return float("nan")
-    den = np.linalg.norm(ref.ravel())
-    num = np.linalg.norm((out - ref).ravel())
+        return float("inf")
+    inf_out, inf_ref = np.isinf(out), np.isinf(ref)
+    if (inf_out != inf_ref).any() or (out[inf_out] != ref[inf_ref]).any():
+        return float("inf")
+    finite = ~inf_ref
+    den = np.linalg.norm(ref[finite])
+    num = np.linalg.norm(out[finite] - ref[finite])
     return float(num / den) if den > 0 else float(num)
+
+
+def assert_close(out, ref, tol: float, what: str = "value") -> float:
+    """Assert ``relative_error(out, ref) < tol`` (NaN fails); return the error."""
+    err = relative_error(out, ref)
+    if not err < tol:
+        raise AssertionError(f"{what}: relative error {err:.3e} (tolerance {tol:g})")
+    return err
+
+
+def assert_trees_close(outs, refs, tol: float, what: str = "tree") -> dict:
+    """``assert_close`` on every leaf of two pytrees of the same structure (None leaves must match).
+
+    Fails listing every leaf above ``tol`` (a NaN in any leaf fails); returns {path: error}.
+    """
+    flat_out, tree_out = jax.tree_util.tree_flatten_with_path(outs, is_leaf=lambda x: x is None)
+    flat_ref, tree_ref = jax.tree_util.tree_flatten_with_path(refs, is_leaf=lambda x: x is None)
+    if tree_out != tree_ref:
+        raise AssertionError(f"{what}: tree structures differ: {tree_out} vs {tree_ref}")
+    errors, bad = {}, {}
+    for (path, a), (_, b) in zip(flat_out, flat_ref):
+        name = jax.tree_util.keystr(path)
+        if a is None or b is None:
+            if (a is None) != (b is None):
+                bad[name] = "None vs array"
+            continue
+        errors[name] = relative_error(a, b)
+        if not errors[name] < tol:
+            bad[name] = errors[name]
+    if bad:
+        raise AssertionError(f"{what}: relative errors above {tol:g}: {bad}")
+    return errors
 
 
 def mlstm_inputs(

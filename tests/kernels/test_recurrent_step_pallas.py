@@ -11,13 +11,9 @@ import pytest
 
 from xlstm_jax.kernels import available_mlstm_step_kernels, get_mlstm_step_kernel
 from xlstm_jax.kernels.mlstm_recurrent.native import mlstm_recurrent_sequence
-from xlstm_jax.kernels.mlstm_recurrent.pallas_step import (
-    choose_tiling,
-    mlstm_recurrent_step_pallas,
-    recurrent_step_fw_pallas,
-)
+from xlstm_jax.kernels.mlstm_recurrent.pallas_step import choose_tiling, mlstm_recurrent_step_pallas
 from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend import create_mlstm_backend
-from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend.recurrent import recurrent_sequence_fw
+from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend.recurrent import recurrent_sequence_fw, seed_step_fn
 from xlstm_jax.testing import mlstm_inputs, relative_error, to_float64
 
 F32_TOL = 1e-5  # float32 arithmetic over a dozen steps lands near 1e-7
@@ -112,7 +108,7 @@ def test_seed_adapter_in_recurrent_sequence_fw(x64, use_scan):
     q, k, v, i, f, c0, n0, m0 = inputs
     h, last = recurrent_sequence_fw(
         q, k, v, i[..., None], f[..., None], c0, n0, m0, return_last_states=True, use_scan=use_scan,
-        mlstm_step_fn=recurrent_step_fw_pallas,
+        mlstm_step_fn=seed_step_fn("recurrent_pallas"),
     )
     _check((h, last), _reference(inputs, {}), F32_TOL)
 
@@ -207,4 +203,4 @@ def test_bad_dtypes_options_and_adapter_shapes_raise():
     with pytest.raises(ValueError, match="eps"):
         mlstm_recurrent_step_pallas(C, n, m, q, k, v, g, g, eps=-1.0, interpret=True)
     with pytest.raises(ValueError, match=r"\(1, 1, 1\)"):
-        recurrent_step_fw_pallas(C, n, m, q, k, v, g[..., None], g[..., None])  # m without trailing 1
+        seed_step_fn("recurrent_pallas")(C, n, m, q, k, v, g[..., None], g[..., None])  # m without trailing 1

@@ -1,11 +1,12 @@
 """The three pure-JAX references (parallel, recurrent, XLA chunkwise) agree in float64.
 
 Outputs h, last states (C, n, m) and the gradients of q, k, v, i, f and the initial states, in both
-gradient conventions, on the hard cases of DESIGN.md section 5. The recurrent form (the definition
+gradient conventions, on the hard cases of docs/design.md (testing). The recurrent form (the definition
 applied step by step) is the reference; the others must match it to float64 precision.
 """
 
 import dataclasses
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -95,14 +96,14 @@ GRAD_CASES = [(c, "exact") for c in CASES] + [(CASES[i], "tfla") for i in (0, 3,
 
 @pytest.mark.parametrize("case,grad_mode", GRAD_CASES, ids=lambda x: x if isinstance(x, str) else x.id)
 def test_references_agree(case, grad_mode):
-    key = jax.random.PRNGKey(hash(case.id) % 2**31)
+    key = jax.random.PRNGKey(zlib.crc32(case.id.encode()))  # stable across processes
     ref = _run("recurrent_native", case, grad_mode, key)
     for a in ref[0].values():
         assert bool(jnp.all(jnp.isfinite(a)))
     chunk = _run("chunkwise_native", case, grad_mode, key, chunk_size=case.chunk_size)
     _compare(chunk, ref, F64_TOL, "chunkwise_native vs recurrent")
     # the parallel form starts from m0 = -inf without initial states: it differs from m0 = 0 only
-    # through eps (DESIGN.md section 1), and with stabilize_correctly=False through the lower bound
+    # through eps (docs/design.md, section 1), and with stabilize_correctly=False through the lower bound
     same_m = case.initial_states or dict(case.options).get("stabilize_correctly", True)
     if same_m:
         parallel = _run("parallel_native", case, grad_mode, key)

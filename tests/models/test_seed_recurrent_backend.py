@@ -56,7 +56,7 @@ def test_step_matches_definition_in_float64():
         i, f = (jax.random.normal(kk, (B, NH, 1), jnp.float64) * 3 for kk in ks[6:8])
         h, (c1, n1, m1) = seed.recurrent_step_fw(c, n, m, q, k, v, i, f)
         assert h.shape == (B, NH, DHV) and m1.shape == (B, NH, 1)
-        # the definition, written out once more (DESIGN.md section 1)
+        # the definition, written out once more (docs/design.md, section 1)
         logf = jax.nn.log_sigmoid(f)
         m_ref = jnp.maximum(logf + m, i)
         fa, ia = jnp.exp(logf + m - m_ref), jnp.exp(i - m_ref)

@@ -23,52 +23,31 @@ input. The same pair serves prefill (S = prompt length) and decoding (S = 1):
 Prefill uses a registered sequence kernel (``default_prefill_kernel()``: ``chunkwise_pallas`` on an
 NVIDIA GPU when it is registered, else ``chunkwise_native``), decoding a registered step kernel
 (``recurrent_native`` by default, or ``recurrent_pallas``). Both compute the same cell
-(``CellOptions``), so prefill + decode equals the sequence kernel over the whole sequence up to
+(``xlstm_jax.kernels.CellOptions``), so prefill + decode equals the sequence kernel over the whole sequence up to
 float rounding.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 
 from xlstm_jax.kernels import (
+    CellOptions,
     MLSTMState,
     available_mlstm_kernels,
     get_mlstm_kernel,
     get_mlstm_step_kernel,
+    squeeze_gate,
 )
-from xlstm_jax.kernels._common import squeeze_gate
 
 StackState = tuple[MLSTMState, ...]
 """The states of a stack of mLSTM layers: one ``MLSTMState`` per layer."""
 
 Layer = tuple[Callable[[Any], tuple], Callable[[Any, jax.Array], Any]]
 """``(in_fn, out_fn)`` of one layer of a stack; see the module docstring."""
-
-
-@dataclasses.dataclass(frozen=True)
-class CellOptions:
-    """Options of the mLSTM cell, shared by prefill and decoding so that both compute one function."""
-
-    qk_scale: float | None = None
-    """Scale of the queries; None: DHQK ** -0.5."""
-    eps: float = 1e-6
-    """Added to the normalizer."""
-    norm_val: float = 1.0
-    """Lower bound of the normalizer: max(|q . n|, norm_val * exp(-m))."""
-    stabilize_correctly: bool = True
-    """Scale ``norm_val`` by exp(-m) (True) or use it as is (False)."""
-
-    def as_kwargs(self) -> dict[str, Any]:
-        """The options as keyword arguments of a registered kernel or step kernel."""
-        return dict(
-            qk_scale=self.qk_scale, eps=self.eps, norm_val=self.norm_val,
-            stabilize_correctly=self.stabilize_correctly,
-        )
 
 
 def default_prefill_kernel() -> str:
@@ -121,7 +100,7 @@ def prefill(
     name = default_prefill_kernel() if kernel is None else kernel
     fn = get_mlstm_kernel(name, **(kernel_options or {}))
     c0, n0, m0 = (None, None, None) if state is None else state
-    h, last = fn(q, k, v, i, f, c0, n0, m0, return_last_states=True, **options.as_kwargs())
+    h, last = fn(q, k, v, i, f, c0, n0, m0, return_last_states=True, cell_options=options)
     last = MLSTMState(*last)
     if state_dtype is not None:
         last = cast_state(last, state_dtype)
@@ -150,7 +129,7 @@ def decode_step(
     BH = tuple(q.shape[:2])
     i, f = squeeze_gate("i", i, BH), squeeze_gate("f", f, BH)
     fn = get_mlstm_step_kernel(step_kernel, **(step_options or {}))
-    h, new = fn(*state, q, k, v, i, f, **options.as_kwargs())
+    h, new = fn(*state, q, k, v, i, f, cell_options=options)
     return h.astype(q.dtype), MLSTMState(*new)
 
 

@@ -4,36 +4,40 @@ Every registered kernel is called as::
 
     kernel(q, k, v, i, f, c_initial=None, n_initial=None, m_initial=None, *,
            return_last_states=False, qk_scale=None, eps=1e-6, norm_val=1.0,
-           stabilize_correctly=True, grad_mode="exact")
+           stabilize_correctly=True, grad_mode="exact", cell_options=None)
       -> h                                  # (B, NH, S, DHV), dtype of q
       or (h, (matC, vecN, scaM))            # with return_last_states, states in float32
 
 with q, k (B, NH, S, DHQK), v (B, NH, S, DHV), i, f (B, NH, S) or (B, NH, S, 1), and the initial
-states (B, NH, DHQK, DHV), (B, NH, DHQK), (B, NH). Kernel-specific options (a chunk size, tile sizes,
+states (B, NH, DHQK, DHV), (B, NH, DHQK), (B, NH). The cell options come either as the flat keywords
+or as one ``cell_options=CellOptions(...)`` (``xlstm_jax.kernels.options``). Every kernel validates its
+call with ``xlstm_jax.kernels.validation.validate_sequence_call`` (shapes, floating dtypes, options;
+B == 0 or NH == 0 gives empty outputs). Kernel-specific options (a chunk size, tile sizes,
 ``interpret``) are bound once by ``get_mlstm_kernel(name, **options)``; unknown names and unknown
 options raise ``ValueError`` listing the valid ones.
 
-Kernel modules register themselves at import; the modules below are imported lazily on first use
-of the registry, so importing ``xlstm_jax`` stays cheap.
+Step (decode) kernels have their own registry with the signature documented at
+``register_mlstm_step_kernel``.
+
+Where the kernels come from: ``_load_builtin_kernels`` below imports, on first use of the registry
+(so that ``import xlstm_jax`` stays cheap), the modules that define and register them:
+
+    parallel_native     mlstm_parallel/native.py          mlstm_parallel
+    recurrent_native    mlstm_recurrent/native.py         mlstm_recurrent_sequence (+ step kernel)
+    chunkwise_native    mlstm_chunkwise/native.py         mlstm_chunkwise
+    chunkwise_pallas    mlstm_chunkwise/pallas/           mlstm_chunkwise_pallas
+    recurrent_pallas    mlstm_recurrent/pallas_step/      step kernel mlstm_recurrent_step_pallas
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib
 from typing import Any, Callable
 
-# Modules whose import registers kernels. Later kernel families add their module here.
-_KERNEL_MODULES = (
-    "xlstm_jax.kernels.mlstm_parallel.native",
-    "xlstm_jax.kernels.mlstm_recurrent.native",
-    "xlstm_jax.kernels.mlstm_chunkwise.native",
-    "xlstm_jax.kernels.mlstm_chunkwise.pallas",
-    "xlstm_jax.kernels.mlstm_recurrent.pallas_step",
+COMMON_OPTIONS = (
+    "return_last_states", "qk_scale", "eps", "norm_val", "stabilize_correctly", "grad_mode", "cell_options",
 )
-
-COMMON_OPTIONS = ("return_last_states", "qk_scale", "eps", "norm_val", "stabilize_correctly", "grad_mode")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,12 +73,20 @@ def register_mlstm_kernel(
     )
 
 
+def _load_builtin_kernels() -> None:
+    """Import the modules of the built-in kernels (each registers its kernels at import)."""
+    from .mlstm_chunkwise import native as _chunkwise_native  # noqa: F401
+    from .mlstm_chunkwise import pallas as _chunkwise_pallas  # noqa: F401
+    from .mlstm_parallel import native as _parallel_native  # noqa: F401
+    from .mlstm_recurrent import native as _recurrent_native  # noqa: F401
+    from .mlstm_recurrent import pallas_step as _recurrent_pallas  # noqa: F401
+
+
 def _load() -> None:
     global _loaded
     if _loaded:
         return
-    for mod in _KERNEL_MODULES:
-        importlib.import_module(mod)
+    _load_builtin_kernels()
     _loaded = True
 
 
@@ -87,10 +99,12 @@ def register_mlstm_step_kernel(
     """Register a single-step kernel (decode). Signature::
 
         step(matC, vecN, scaM, q, k, v, i, f, *, qk_scale=None, eps=1e-6, norm_val=1.0,
-             stabilize_correctly=True) -> (h, (matC, vecN, scaM))
+             stabilize_correctly=True, grad_mode="exact", cell_options=None)
+          -> (h, (matC, vecN, scaM))
 
     with matC (B, NH, DHQK, DHV), vecN (B, NH, DHQK), scaM (B, NH), q, k (B, NH, DHQK),
-    v (B, NH, DHV), i, f (B, NH); h (B, NH, DHV).
+    v (B, NH, DHV), i, f (B, NH); h (B, NH, DHV). Every step kernel validates its call with
+    ``xlstm_jax.kernels.validation.validate_step_call``.
     """
     if name in _STEP_REGISTRY and _STEP_REGISTRY[name].fn is not fn:
         raise ValueError(f"an mLSTM step kernel named {name!r} is already registered")

@@ -18,7 +18,12 @@ the scan's own reverse pass. The result is the exact gradient of the function (`
 or, with ``grad_mode="tfla"``, the gradient with the denominator and m held constant.
 
 A sequence length that is not a multiple of L is padded with open forget gates (log f = 0) and
-closed input gates (i = -1e30), which carry the state through unchanged.
+closed input gates (i = -1e30), which carry the state through unchanged. Chunk sizes follow
+``xlstm_jax.kernels.chunking`` (any positive int, at most S).
+
+Extreme gates are exact: every weight is the exponential of a sum of log gates over its own segment
+(masked cumulative sums, never a difference of two sums), so f = -inf or a very negative f gives
+weights exp(-inf) = 0 across it, and i = -inf gives zero weight to its step.
 """
 
 from __future__ import annotations
@@ -29,15 +34,11 @@ import jax
 import jax.numpy as jnp
 
 from ..registry import register_mlstm_kernel
-from .._common import (
-    MLSTMState,
-    compute_dtype,
-    normalizer_lower_bound,
-    validate_chunk_size,
-    validate_inputs,
-    validate_options,
-)
+from .._common import MLSTMState, compute_dtype, normalizer_lower_bound
+from ..chunking import fit_chunk_size, validate_chunk_size
 from ..mlstm_parallel.native import stablef_log_decay
+from ..options import CellOptions
+from ..validation import empty_sequence_outputs, validate_sequence_call
 
 _CLOSED_GATE = -1e30
 
@@ -206,6 +207,7 @@ def mlstm_chunkwise(
     norm_val: float = 1.0,
     stabilize_correctly: bool = True,
     grad_mode: str = "exact",
+    cell_options: CellOptions | None = None,
     chunk_size: int = 64,
     return_normalizer: bool = False,
 ):
@@ -213,26 +215,32 @@ def mlstm_chunkwise(
 
     Returns ``h`` (B, NH, S, DHV) in the dtype of q; with ``return_normalizer`` also ``(vecN, vecM)``
     (B, NH, S) (forward only, not differentiated); with ``return_last_states`` also
-    ``(matC, vecN, scaM)`` in float32 (float64 for float64 inputs).
+    ``(matC, vecN, scaM)`` in float32 (float64 for float64 inputs). The cell options come as the
+    flat keywords or as ``cell_options`` (``CellOptions``).
     """
-    vecI, vecF, state0 = validate_inputs(matQ, matK, matV, vecI, vecF, c_initial, n_initial, m_initial)
-    B, NH, S, DHQK = matQ.shape
-    DHV = matV.shape[-1]
-    L = validate_chunk_size("chunk_size", chunk_size, S)
-    qk_scale = validate_options(eps=eps, norm_val=norm_val, grad_mode=grad_mode, qk_scale=qk_scale, DHQK=DHQK)
+    call = validate_sequence_call(
+        "chunkwise_native", matQ, matK, matV, vecI, vecF, c_initial, n_initial, m_initial,
+        cell_options=cell_options, qk_scale=qk_scale, eps=eps, norm_val=norm_val,
+        stabilize_correctly=stabilize_correctly, grad_mode=grad_mode,
+    )
+    vecI, vecF, state0, cell = call.vecI, call.vecF, call.state, call.options
+    B, NH, S, DHQK, DHV = call.B, call.NH, call.S, call.DHQK, call.DHV
+    L = fit_chunk_size(validate_chunk_size("chunk_size", chunk_size, S=S), S)
     dt = compute_dtype(matQ, matK, matV, vecI, vecF, *(state0 or ()))
+    if call.empty:
+        return empty_sequence_outputs(call, h_dtype=matQ.dtype, state_dtype=dt,
+                                      return_last_states=return_last_states, return_normalizer=return_normalizer)
     if state0 is None:
         state0 = MLSTMState(
             jnp.zeros((B, NH, DHQK, DHV), dt), jnp.zeros((B, NH, DHQK), dt), jnp.zeros((B, NH), dt)
         )
-    L = min(L, S)
     S_pad = -(-S // L) * L
     q, k, v = (_pad_to_chunks(x.astype(dt), S_pad, 0.0) for x in (matQ, matK, matV))
     i = _pad_to_chunks(vecI.astype(dt), S_pad, _CLOSED_GATE)
     logf = _pad_to_chunks(jax.nn.log_sigmoid(vecF.astype(dt)), S_pad, 0.0)
     opts = dict(
-        qk_scale=qk_scale, eps=float(eps), norm_val=float(norm_val),
-        stabilize_correctly=bool(stabilize_correctly), grad_mode=grad_mode,
+        qk_scale=call.qk_scale, eps=cell.eps, norm_val=cell.norm_val,
+        stabilize_correctly=cell.stabilize_correctly, grad_mode=cell.grad_mode,
     )
     inputs = (q, k, v, i, logf, *(x.astype(dt) for x in state0))
     if return_normalizer:

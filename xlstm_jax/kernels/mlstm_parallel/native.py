@@ -10,8 +10,13 @@ Notation: see ``xlstm_jax.kernels._common``. Additionally
     vecN     (B, NH, S)      per-step normalizer ``max(|qs_t . n_t|, lower bound)`` (without eps)
 
 With initial states the parallel form adds the column ``m0 + sum_{r<=t} logF_r`` for the initial
-state (C0, n0); without them it starts from m0 = -inf (DESIGN.md section 1). Last states are given
-in the m0 = 0 convention of the recurrent form.
+state (C0, n0); without them it starts from m0 = -inf (docs/design.md, section 1). A row in which
+nothing contributes (every weight zero: input gates of -inf, or a forget gate of 0 (f = -inf) after
+the last input) has m_t = -inf; it takes m_t = 0 instead, so that h_t = 0 without NaN. Last states
+are given in the m0 = 0 convention of the recurrent form.
+
+Extreme gates are exact: f = -inf (a forget gate of exactly 0) makes every weight across it
+exp(-inf) = 0, i = -inf makes its step's weights 0.
 
 ``grad_mode="tfla"`` holds the denominator and m constant in the backward pass (the TFLA kernels'
 cheaper gradient); ``"exact"`` (default) is the exact gradient of the function.
@@ -23,13 +28,9 @@ import jax
 import jax.numpy as jnp
 
 from ..registry import register_mlstm_kernel
-from .._common import (
-    MLSTMState,
-    compute_dtype,
-    normalizer_lower_bound,
-    validate_inputs,
-    validate_options,
-)
+from .._common import MLSTMState, compute_dtype, normalizer_lower_bound
+from ..options import CellOptions
+from ..validation import empty_sequence_outputs, validate_sequence_call
 
 
 def stablef_log_decay(logF: jax.Array) -> jax.Array:
@@ -63,19 +64,28 @@ def mlstm_parallel(
     norm_val: float = 1.0,
     stabilize_correctly: bool = True,
     grad_mode: str = "exact",
+    cell_options: CellOptions | None = None,
 ):
     """Stabilized parallel mLSTM. Memory is quadratic in S: a reference, not a training kernel.
 
     Returns ``h`` (B, NH, S, DHV) in the dtype of q; with ``return_normalizer`` also ``(vecN, vecM)``
     (B, NH, S) each, float32 or float64; with ``return_last_states`` also ``(matC, vecN, scaM)``.
-    Order: ``h``, then the normalizer pair, then the last states.
+    Order: ``h``, then the normalizer pair, then the last states. The cell options come as the flat
+    keywords or as ``cell_options`` (``CellOptions``).
     """
-    vecI, vecF, state0 = validate_inputs(matQ, matK, matV, vecI, vecF, c_initial, n_initial, m_initial)
-    B, NH, S, DHQK = matQ.shape
-    qk_scale = validate_options(
-        eps=eps, norm_val=norm_val, grad_mode=grad_mode, qk_scale=qk_scale, DHQK=DHQK
+    call = validate_sequence_call(
+        "parallel_native", matQ, matK, matV, vecI, vecF, c_initial, n_initial, m_initial,
+        cell_options=cell_options, qk_scale=qk_scale, eps=eps, norm_val=norm_val,
+        stabilize_correctly=stabilize_correctly, grad_mode=grad_mode,
     )
+    vecI, vecF, state0, opts = call.vecI, call.vecF, call.state, call.options
+    B, NH, S, DHQK = matQ.shape
+    qk_scale, eps, norm_val = call.qk_scale, opts.eps, opts.norm_val
+    stabilize_correctly, grad_mode = opts.stabilize_correctly, opts.grad_mode
     dt = compute_dtype(matQ, matK, matV, vecI, vecF, *(state0 or ()))
+    if call.empty:
+        return empty_sequence_outputs(call, h_dtype=matQ.dtype, state_dtype=dt,
+                                      return_last_states=return_last_states, return_normalizer=return_normalizer)
     q, k, v = (x.astype(dt) for x in (matQ, matK, matV))
     vecI, vecF = vecI.astype(dt), vecF.astype(dt)
     sg = jax.lax.stop_gradient if grad_mode == "tfla" else (lambda x: x)
@@ -89,7 +99,7 @@ def mlstm_parallel(
         matC0, vecN0, scaM0 = (x.astype(dt) for x in state0)
         vecLogInit = scaM0[..., None] + logF_cum  # (B, NH, S)
         vecM = jnp.maximum(vecM, vecLogInit)
-    vecM = sg(vecM)
+    vecM = sg(jnp.where(vecM == -jnp.inf, 0.0, vecM))  # nothing contributes to the row: m = 0
 
     qs = q * qk_scale
     matS = jnp.einsum("bhtd,bhsd->bhts", qs, k)  # (B, NH, S, S)
@@ -112,7 +122,8 @@ def mlstm_parallel(
         # states after the last step, m0 = 0 convention without initial states
         vecLogLast = matLogD[..., -1, :]  # (B, NH, S): weight of step s in the last state
         scaLogInit = (scaM0 if state0 is not None else jnp.zeros((B, NH), dt)) + logF_cum[..., -1]
-        scaM = sg(jnp.maximum(jnp.max(vecLogLast, axis=-1), scaLogInit))  # (B, NH)
+        scaM = jnp.maximum(jnp.max(vecLogLast, axis=-1), scaLogInit)  # (B, NH)
+        scaM = sg(jnp.where(scaM == -jnp.inf, 0.0, scaM))
         vecW = jnp.exp(vecLogLast - scaM[..., None])  # (B, NH, S)
         matC = jnp.einsum("bhs,bhsd,bhsv->bhdv", vecW, k, v)
         vecN = jnp.einsum("bhs,bhsd->bhd", vecW, k)

@@ -6,14 +6,15 @@ Notation: see ``xlstm_jax.kernels._common``. One step takes
     vecQ, vecK (B, NH, DHQK), vecV (B, NH, DHV)                   the step's inputs
     scaI, scaF (B, NH)                                            gate pre-activations
 
-and computes (DESIGN.md section 1)
+and computes (docs/design.md, section 1)
 
     m_t  = max(logf_t + m_{t-1}, i_t)
     C_t  = exp(logf_t + m_{t-1} - m_t) C_{t-1} + exp(i_t - m_t) k_t v_t^T      (n_t likewise)
     h_t  = qs_t^T C_t / (max(|qs_t . n_t|, norm_val * exp(-m_t)) + eps)
 
 States start at zero (m0 = 0) unless given. ``grad_mode="tfla"`` holds the denominator and m
-constant in the backward pass.
+constant in the backward pass. Extreme gates are exact: f = -inf gives exp(-inf) = 0 for the old
+state (a fresh start, m_t = i_t), i = -inf gives exp(-inf) = 0 for the new input.
 """
 
 from __future__ import annotations
@@ -24,12 +25,14 @@ import jax
 import jax.numpy as jnp
 
 from ..registry import register_mlstm_kernel, register_mlstm_step_kernel
-from .._common import (
-    MLSTMState,
-    compute_dtype,
-    normalizer_lower_bound,
-    validate_inputs,
-    validate_options,
+from .._common import MLSTMState, compute_dtype, normalizer_lower_bound
+from ..options import CellOptions
+from ..validation import (
+    empty_sequence_outputs,
+    empty_step_outputs,
+    floating_dtype,
+    validate_sequence_call,
+    validate_step_call,
 )
 
 
@@ -48,13 +51,29 @@ def mlstm_recurrent_step(
     norm_val: float = 1.0,
     stabilize_correctly: bool = True,
     grad_mode: str = "exact",
+    cell_options: CellOptions | None = None,
 ) -> tuple[jax.Array, MLSTMState]:
-    """One mLSTM step. Returns ``h`` (B, NH, DHV) and the new state, all in the states' dtype."""
-    qk_scale = validate_options(
-        eps=eps, norm_val=norm_val, grad_mode=grad_mode, qk_scale=qk_scale, DHQK=vecQ.shape[-1]
+    """One mLSTM step. Returns ``h`` (B, NH, DHV) and the new state, all in the states' dtype.
+
+    Shapes and dtypes are checked (``validation.validate_step_call``); B == 0 or NH == 0 gives
+    empty outputs.
+    """
+    call = validate_step_call(
+        "recurrent_native step", matC, vecN, scaM, vecQ, vecK, vecV, scaI, scaF,
+        cell_options=cell_options, qk_scale=qk_scale, eps=eps, norm_val=norm_val,
+        stabilize_correctly=stabilize_correctly, grad_mode=grad_mode,
     )
-    sg = jax.lax.stop_gradient if grad_mode == "tfla" else (lambda x: x)
+    return _step(matC, vecN, scaM, vecQ, vecK, vecV, scaI, scaF, call.options)
+
+
+def _step(matC, vecN, scaM, vecQ, vecK, vecV, scaI, scaF, opts: CellOptions):
+    """The step on validated inputs (see ``mlstm_recurrent_step``)."""
     dt = matC.dtype
+    if matC.shape[0] * matC.shape[1] == 0:
+        return empty_step_outputs(matC, vecN, scaM.astype(dt), vecV, dt)
+    qk_scale = opts.effective_qk_scale(vecQ.shape[-1])
+    eps, norm_val, stabilize_correctly = opts.eps, opts.norm_val, opts.stabilize_correctly
+    sg = jax.lax.stop_gradient if opts.grad_mode == "tfla" else (lambda x: x)
     q, k, v, i, f = (x.astype(dt) for x in (vecQ, vecK, vecV, scaI, scaF))
     logF = jax.nn.log_sigmoid(f)
     scaM_new = sg(jnp.maximum(logF + scaM, i))  # (B, NH)
@@ -87,23 +106,34 @@ def mlstm_recurrent_sequence(
     norm_val: float = 1.0,
     stabilize_correctly: bool = True,
     grad_mode: str = "exact",
+    cell_options: CellOptions | None = None,
     use_scan: bool = True,
     state_dtype=None,
     step_fn: Callable | None = None,
 ):
     """Run the recurrent cell over a whole sequence.
 
-    ``state_dtype`` defaults to the initial states' dtype, else float32 (float64 for float64
-    inputs). ``step_fn(matC, vecN, scaM, q, k, v, i, f) -> (h, (matC, vecN, scaM))`` replaces the
-    pure-JAX step (scaM, i, f of shape (B, NH)). Returns ``h`` (B, NH, S, DHV) in the dtype of q,
-    and with ``return_last_states`` also ``(matC, vecN, scaM)`` in ``state_dtype``.
+    ``state_dtype`` (a floating dtype) defaults to the initial states' dtype, else float32 (float64
+    for float64 inputs). ``step_fn(matC, vecN, scaM, q, k, v, i, f) -> (h, (matC, vecN, scaM))``
+    replaces the pure-JAX step (scaM, i, f of shape (B, NH); the cell options are then the step
+    function's business). Returns ``h`` (B, NH, S, DHV) in the dtype of q, and with
+    ``return_last_states`` also ``(matC, vecN, scaM)`` in ``state_dtype``.
     """
-    vecI, vecF, state0 = validate_inputs(matQ, matK, matV, vecI, vecF, c_initial, n_initial, m_initial)
-    B, NH, S, DHQK = matQ.shape
-    DHV = matV.shape[-1]
+    call = validate_sequence_call(
+        "recurrent_native", matQ, matK, matV, vecI, vecF, c_initial, n_initial, m_initial,
+        cell_options=cell_options, qk_scale=qk_scale, eps=eps, norm_val=norm_val,
+        stabilize_correctly=stabilize_correctly, grad_mode=grad_mode,
+    )
+    vecI, vecF, state0 = call.vecI, call.vecF, call.state
+    B, NH, S, DHQK, DHV = call.B, call.NH, call.S, call.DHQK, call.DHV
+    state_dtype = floating_dtype("state_dtype", state_dtype)
     if state_dtype is None:
         state_dtype = state0.matC.dtype if state0 is not None else compute_dtype(matQ, matK, matV, vecI, vecF)
     state_dtype = jnp.dtype(state_dtype)
+    if call.empty:
+        return empty_sequence_outputs(
+            call, h_dtype=matQ.dtype, state_dtype=state_dtype, return_last_states=return_last_states
+        )
     if state0 is None:
         state0 = MLSTMState(
             jnp.zeros((B, NH, DHQK, DHV), state_dtype),
@@ -113,11 +143,8 @@ def mlstm_recurrent_sequence(
     else:
         state0 = MLSTMState(*(x.astype(state_dtype) for x in state0))
     if step_fn is None:
-        opts = dict(
-            qk_scale=qk_scale, eps=eps, norm_val=norm_val,
-            stabilize_correctly=stabilize_correctly, grad_mode=grad_mode,
-        )
-        step_fn = lambda C, n, m, q, k, v, i, f: mlstm_recurrent_step(C, n, m, q, k, v, i, f, **opts)  # noqa: E731
+        opts = call.options
+        step_fn = lambda C, n, m, q, k, v, i, f: _step(C, n, m, q, k, v, i, f, opts)  # noqa: E731
 
     xs = (matQ, matK, matV, vecI, vecF)
     if use_scan:
@@ -140,23 +167,24 @@ def mlstm_recurrent_sequence(
     return h
 
 
-def _recurrent_kernel(q, k, v, i, f, c_initial=None, n_initial=None, m_initial=None, *, use_scan=True, **kw):
-    return mlstm_recurrent_sequence(q, k, v, i, f, c_initial, n_initial, m_initial, use_scan=use_scan, **kw)
+def _recurrent_kernel(
+    q, k, v, i, f, c_initial=None, n_initial=None, m_initial=None, *, use_scan=True, state_dtype=None,
+    step_fn=None, **kw,
+):
+    return mlstm_recurrent_sequence(
+        q, k, v, i, f, c_initial, n_initial, m_initial, use_scan=use_scan, state_dtype=state_dtype,
+        step_fn=step_fn, **kw,
+    )
 
 
 register_mlstm_kernel(
     "recurrent_native",
     _recurrent_kernel,
-    options={"use_scan": True},
-    description="recurrent form in pure JAX, one step at a time (lax.scan or a Python loop)",
+    options={"use_scan": True, "state_dtype": None, "step_fn": None},
+    description=(
+        "recurrent form in pure JAX, one step at a time (lax.scan or a Python loop); options: "
+        "use_scan, state_dtype, step_fn (a replacement step, see mlstm_recurrent_sequence)"
+    ),
 )
 
-
-def _step_kernel(matC, vecN, scaM, q, k, v, i, f, *, qk_scale=None, eps=1e-6, norm_val=1.0, stabilize_correctly=True):
-    return mlstm_recurrent_step(
-        matC, vecN, scaM, q, k, v, i, f,
-        qk_scale=qk_scale, eps=eps, norm_val=norm_val, stabilize_correctly=stabilize_correctly,
-    )
-
-
-register_mlstm_step_kernel("recurrent_native", _step_kernel, description="one recurrent step in pure JAX")
+register_mlstm_step_kernel("recurrent_native", mlstm_recurrent_step, description="one recurrent step in pure JAX")

@@ -1,2 +1,2 @@
-"""Shared Pallas plumbing. Triton-specific imports live only in ``_triton.py`` (DESIGN.md section 3),
+"""Shared Pallas plumbing. Triton-specific imports live only in ``_triton.py`` (docs/design.md),
 so that a Mosaic GPU path can be added beside it."""

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from xlstm_jax.inference import check_prompts, decode_loop, sample_logits, sample_rows, stream_tokens
-from xlstm_jax.kernels._common import MLSTMState
+from xlstm_jax.kernels import MLSTMState
 
 from .model import xLSTMLMModel
 

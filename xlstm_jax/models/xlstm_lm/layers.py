@@ -33,8 +33,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
-from xlstm_jax.inference import CellOptions, decode_step, mask_gates
-from xlstm_jax.kernels._common import MLSTMState
+from xlstm_jax.inference import decode_step, mask_gates
+from xlstm_jax.kernels import CellOptions, MLSTMState
 from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend import create_mlstm_backend
 
 from .config import xLSTMLMConfig
@@ -186,17 +186,17 @@ def mlstm_sequence(
     return _per_device(run, mesh, in_specs, out_specs)(*args)
 
 
-def step_kernel_options(config: xLSTMLMConfig) -> dict[str, Any]:
-    """The cell options (eps, norm_val, stabilize_correctly) of the configured backend, for the step
-    kernel, so that decoding computes the same cell as the backend."""
+def cell_options(config: xLSTMLMConfig) -> CellOptions:
+    """The cell options of the configured backend (its config's ``cell_options``), so that decoding
+    computes the same cell as the backend."""
     from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend import create_mlstm_backend_config
 
-    backend_config = create_mlstm_backend_config(config.mlstm_backend, **config.backend_kwargs)
-    return {
-        name: getattr(backend_config, name)
-        for name in ("eps", "norm_val", "stabilize_correctly")
-        if hasattr(backend_config, name)
-    }
+    return create_mlstm_backend_config(config.mlstm_backend, **config.backend_kwargs).cell_options
+
+
+def step_kernel_options(config: xLSTMLMConfig) -> dict[str, Any]:
+    """``cell_options(config)`` as the step kernels' flat keywords."""
+    return cell_options(config).as_kwargs()
 
 
 def mlstm_step(
@@ -211,7 +211,7 @@ def mlstm_step(
 ) -> tuple[jax.Array, MLSTMState]:
     """One token of the mLSTM cell: ``xlstm_jax.inference.decode_step`` with the configured step
     kernel and the backend's cell options. Returns h (B, NH, DHV) and the new state."""
-    options = CellOptions(**step_kernel_options(config))
+    options = cell_options(config)
 
     def run(q, k, v, i, f, C, n, m):
         return decode_step(MLSTMState(C, n, m), q, k, v, i, f, step_kernel=config.mlstm_step_kernel, options=options)

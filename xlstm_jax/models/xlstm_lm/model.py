@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from xlstm_jax.kernels._common import MLSTMState
+from xlstm_jax.kernels import MLSTMState
 
 from .config import xLSTMLMConfig
 from .layers import MODES, RMSNorm, mLSTMBlock, small_init, soft_cap, zero_state

@@ -2,7 +2,10 @@
 
 Stable formulations (no subtraction of large cumulative sums): vecB is the in-chunk cumulative sum
 of log sigmoid(f); vecA = i_s + sum_{r = s+1 .. L} log sigmoid(f_r), an exclusive reverse
-cumulative sum. Thin over ``xlstm_jax.kernels.mlstm_chunkwise.pallas.gates``.
+cumulative sum. Resets (a forget gate of 0, f = -inf, or one too small for the old state to matter;
+``pallas.gates``) are marked by -inf in vecB, after which the sum restarts, and give vecA = -inf
+where they follow s (the layout of ``..seed_compat``). Thin over ``..seed_compat`` and
+``xlstm_jax.kernels.mlstm_chunkwise.pallas.gates``.
 """
 
 from __future__ import annotations
@@ -10,16 +13,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from ...validation import check_floating, check_shape, shape_str
 from ..pallas import gates
-
-
-def _check(vecF: jax.Array, chunk_size: int) -> tuple[int, int, int]:
-    if vecF.ndim != 3:
-        raise ValueError(f"gates must have shape (B, NH, S); got {tuple(vecF.shape)}")
-    B, NH, S = vecF.shape
-    if not isinstance(chunk_size, int) or chunk_size < 1 or S % chunk_size:
-        raise ValueError(f"S={S} must be a multiple of chunk_size={chunk_size!r}")
-    return B, NH, S
+from ..seed_compat import chunk_log_gates
 
 
 def compute_chunkwise_log_gates_vecB_vecA(
@@ -27,28 +23,39 @@ def compute_chunkwise_log_gates_vecB_vecA(
     vecF: jax.Array,  # (B, NH, S)
     chunk_size: int,
     return_vecB_only: bool = False,
+    *,
+    scaM_initial: jax.Array | None = None,  # (B, NH)
 ):
-    """vecB (B, NH, NC, L) and vecA (B, NH, NC, L) (or only vecB), float32."""
-    B, NH, S = _check(vecF, chunk_size)
-    if vecI.shape != vecF.shape:
-        raise ValueError(f"vecI {tuple(vecI.shape)} and vecF {tuple(vecF.shape)} must have the same shape")
-    NC, L = S // chunk_size, chunk_size
-    logf = gates.log_forget_gate(vecF).astype(jnp.float32).reshape(B * NH, S)
-    vecB, vecA = gates.chunk_log_gates(vecI.astype(jnp.float32).reshape(B * NH, S), logf, L)
-    vecB = vecB.reshape(B, NH, NC, L)
+    """vecB (B, NH, NC, L) and vecA (B, NH, NC, L) (or only vecB), float32; S a multiple of L.
+
+    The resets follow the kernels' m scan from ``scaM_initial`` (default 0, as without initial states).
+    """
+    vecB, vecA = chunk_log_gates(vecI, vecF, chunk_size, scaM_initial=scaM_initial)
     if return_vecB_only:
         return vecB
-    return vecB, vecA.reshape(B, NH, NC, L)
+    return vecB, vecA
 
 
 def compute_chunkwise_log_gates_vecB(
     vecF: jax.Array,  # (B, NH, S)
     chunk_size: int,
 ) -> jax.Array:
-    """vecB (B, NH, NC, L): in-chunk cumulative sum of log sigmoid(f), float32."""
-    B, NH, S = _check(vecF, chunk_size)
-    logf = gates.log_forget_gate(vecF).astype(jnp.float32)
-    return gates.cumsum(logf.reshape(B, NH, S // chunk_size, chunk_size), axis=3)
+    """vecB (B, NH, NC, L): in-chunk cumulative sum of log sigmoid(f), float32.
+
+    Without the input gates the max state is unknown, so only exact zeros of the forget gate
+    (f = -inf) count as resets here; ``compute_chunkwise_log_gates_vecB_vecA`` finds them all.
+    """
+    kernel = "compute_chunkwise_log_gates_vecB"
+    if getattr(vecF, "ndim", None) != 3:
+        raise ValueError(f"{kernel}: vecF must have shape (B, NH, S); got {shape_str(vecF)}")
+    check_floating("vecF", vecF, kernel=kernel)
+    B, NH, S = vecF.shape
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1 or S % chunk_size:
+        raise ValueError(f"{kernel}: S={S} must be a multiple of a positive int chunk_size; got {chunk_size!r}")
+    NC, L, BH = S // chunk_size, chunk_size, B * NH
+    logf = gates.log_forget_gate(vecF).astype(jnp.float32).reshape(BH, S)
+    cg = gates.chunk_gates(jnp.zeros_like(logf), logf, logf == -jnp.inf, L)
+    return gates.seed_chunk_gates(cg)[0].reshape(B, NH, NC, L)
 
 
 def compute_gate_grads_vecDeltaI_vecDeltaF(
@@ -71,7 +78,25 @@ def compute_gate_grads_vecDeltaI_vecDeltaF(
     bf16 its error grows with S. The kernels use the chunk-local form of
     ``pallas.gates.gate_gradients`` instead.
     """
-    B, NH, S, _ = matQ.shape
+    kernel = "compute_gate_grads_vecDeltaI_vecDeltaF"
+    if getattr(matQ, "ndim", None) != 4:
+        raise ValueError(f"{kernel}: matQ must have shape (B, NH, S, DHQK); got {shape_str(matQ)}")
+    B, NH, S, DHQK = matQ.shape
+    because = f"from matQ {shape_str(matQ)}"
+    for name, x in (("matK", matK), ("matDeltaQ", matDeltaQ), ("matDeltaK", matDeltaK)):
+        check_shape(kernel, name, x, (B, NH, S, DHQK), because)
+    check_shape(kernel, "vecF", vecF, (B, NH, S), because)
+    for name, x in (("matQ", matQ), ("matK", matK), ("matDeltaQ", matDeltaQ), ("matDeltaK", matDeltaK), ("vecF", vecF)):
+        check_floating(name, x, kernel=kernel)
+    for name, x in (("matC_last", matC_last), ("matDeltaC_last", matDeltaC_last)):
+        if x is not None and (getattr(x, "ndim", None) != 4 or tuple(x.shape[:3]) != (B, NH, DHQK)):
+            raise ValueError(f"{kernel}: {name} has shape {shape_str(x)}; expected (B, NH, DHQK, DHV) {because}")
+    if matC_last is not None and matDeltaC_last is not None:
+        check_shape(kernel, "matDeltaC_last", matDeltaC_last, tuple(matC_last.shape),
+                    f"from matC_last {shape_str(matC_last)}")
+    for name, x in (("vecN_last", vecN_last), ("vecDeltaN_last", vecDeltaN_last)):
+        if x is not None:
+            check_shape(kernel, name, x, (B, NH, DHQK), because)
     f32 = jnp.float32
     vecDqq = jnp.sum(matQ.astype(f32) * matDeltaQ.astype(f32), axis=-1).reshape(B * NH, S)
     vecDkk = jnp.sum(matK.astype(f32) * matDeltaK.astype(f32), axis=-1).reshape(B * NH, S)

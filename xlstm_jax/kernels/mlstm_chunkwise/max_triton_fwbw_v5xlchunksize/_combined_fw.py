@@ -1,6 +1,7 @@
-"""The whole forward pass of the chunkwise (TFLA) mLSTM: recurrent kernel, then parallel kernel.
+"""The whole forward pass of the chunkwise (TFLA) mLSTM: recurrent _KERNEL, then parallel kernel.
 
-Thin over ``xlstm_jax.kernels.mlstm_chunkwise.pallas`` (notation: ``pallas.staged``).
+The seed's signature over ``pallas.autodiff.chunkwise_forward`` (layouts from ``..seed_compat``,
+notation there).
 """
 
 from __future__ import annotations
@@ -8,7 +9,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ..pallas.staged import chunkwise_forward_outputs
+from ...validation import floating_dtype, validate_sequence_call
+from ..pallas import gates
+from ..pallas.autodiff import chunkwise_forward, core_config, h_kernel_dtype, kernel_dtype_of, prepare
+from ..pallas.heuristics import chunkwise_kernel_params
+from ..seed_compat import empty, states_out, unflat_seq, unflat_vec
+
+_KERNEL = "mlstm_chunkwise_fw"
+_F32 = jnp.float32
 
 
 def mlstm_chunkwise_fw(
@@ -73,15 +81,43 @@ def mlstm_chunkwise_fw(
         scaM (B, NH)) or None, all states (matC_states (B, NH, (NC+1)*DHQK, DHV), vecN_states
         (B, NH, (NC+1)*DHQK), scaMinter_states (B, NH, NC+1)) or None).
     """
-    return chunkwise_forward_outputs(
-        matQ, matK, matV, vecI, vecF, matC_initial, vecN_initial, scaM_initial,
-        qk_scale=qk_scale, return_last_states=return_last_states, return_all_states=return_all_states,
-        tile_params=dict(
-            chunk_size_inter=chunk_size_inter, chunk_size_intra=chunk_size_intra,
-            siz_b_L_parallel=siz_b_L_parallel, siz_b_L_loop=siz_b_L_loop,
-            siz_b_DH_parallel=siz_b_DH_parallel, siz_b_DH_loop=siz_b_DH_loop,
-            num_warps_intra=num_warps_intra, num_warps_inter=num_warps_inter,
-            num_stages_intra=num_stages_intra, num_stages_inter=num_stages_inter,
-        ),
-        output_dtype=output_dtype, eps=eps,
+    call = validate_sequence_call(
+        _KERNEL, matQ, matK, matV, vecI, vecF, matC_initial, vecN_initial, scaM_initial, qk_scale=qk_scale, eps=eps
+    )
+    tile_params = dict(
+        chunk_size_inter=chunk_size_inter, chunk_size_intra=chunk_size_intra,
+        siz_b_L_parallel=siz_b_L_parallel, siz_b_L_loop=siz_b_L_loop,
+        siz_b_DH_parallel=siz_b_DH_parallel, siz_b_DH_loop=siz_b_DH_loop,
+        num_warps_intra=num_warps_intra, num_warps_inter=num_warps_inter,
+        num_stages_intra=num_stages_intra, num_stages_inter=num_stages_inter,
+    )
+    B, NH, S, DHQK, DHV = call.B, call.NH, call.S, call.DHQK, call.DHV
+    out_dtype = floating_dtype("output_dtype", output_dtype, allow_none=False)
+    h_dtype = h_kernel_dtype(out_dtype, matQ.dtype)
+    if call.empty:
+        L = chunkwise_kernel_params(S=S, DHQK=DHQK, DHV=DHV, dtype=kernel_dtype_of(None, matQ.dtype),
+                                    **tile_params).chunk_size_intra
+        NC = -(-S // L)
+        last = (empty((B, NH, DHQK, DHV)), empty((B, NH, DHQK)), empty((B, NH)))
+        all_ = (empty((B, NH, (NC + 1) * DHQK, DHV)), empty((B, NH, (NC + 1) * DHQK)), empty((B, NH, NC + 1)))
+        return (empty((B, NH, S, DHV), out_dtype), empty((B, NH, S)), empty((B, NH, S)),
+                last if return_last_states else None, all_ if return_all_states else None)
+    prep = prepare(call, matQ, matK, matV, chunk_size=None, autocast_kernel_dtype=matQ.dtype,
+                   tile_params=tile_params)
+    cfg = core_config(prep, h_dtype=h_dtype, recompute_states_in_bw=True, interpret=None)
+    out = chunkwise_forward(*prep.arrays, cfg)
+    opts = call.options
+    lam = gates.normalizer_lower_bound(out.vecM, norm_val=opts.norm_val, stabilize_correctly=opts.stabilize_correctly)
+    vecN_out = jnp.maximum(jnp.abs(out.vecNq), lam)
+    matC_all, vecN_all = states_out(out.matC_states, out.vecN_states, B, NH, DHQK, DHV)
+    scaM_all = out.scaM_borders.reshape(B, NH, -1)
+    last = None
+    if return_last_states:
+        last = (matC_all[:, :, -DHQK:, :], vecN_all[:, :, -DHQK:], scaM_all[:, :, -1])
+    return (
+        unflat_seq(out.matH, B, NH, S, DHV).astype(out_dtype),
+        unflat_vec(vecN_out, B, NH, S),
+        unflat_vec(out.vecM, B, NH, S),
+        last,
+        (matC_all, vecN_all, scaM_all) if return_all_states else None,
     )

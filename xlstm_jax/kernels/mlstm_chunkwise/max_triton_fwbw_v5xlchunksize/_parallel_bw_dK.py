@@ -1,12 +1,12 @@
-"""Backward parallel kernel stage for dK (thin over ``pallas.bw_parallel_dk``; notation:
-``pallas.staged``)."""
+"""Backward parallel kernel stage for dK (thin over ``..seed_compat.parallel_bw_stage``,
+the one implementation of the dQ, dK and dV stages; notation there)."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
-from ..pallas.staged import parallel_bw_dK
+from ..seed_compat import parallel_bw_stage
 
 
 def mlstm_chunkwise__parallel_bw_dK(
@@ -43,8 +43,8 @@ def mlstm_chunkwise__parallel_bw_dK(
     head dim loop size: siz_b_DHHV. TFLA convention unless ``vecDeltaNq`` (the cotangent of q.n,
     (B, NH, S)) and ``vecDeltaN_states`` (the n-state cotangents, (B, NH, (NC+1)*DHQK)) are given.
     """
-    return parallel_bw_dK(
-        matQ, matK, matV, vecI, vecA, vecB, matC_all, vecN_all, scaM_all, vecN_out, vecM_out,
+    return parallel_bw_stage(
+        "dK", matQ, matK, matV, vecI, vecA, vecB, matC_all, vecN_all, scaM_all, vecN_out, vecM_out,
         matDeltaH, matDeltaC_states, qk_scale=qk_scale, chunk_size=chunk_size, siz_b_LQ=siz_b_LQ,
         siz_b_LKV=siz_b_LKV, siz_b_DHQK=siz_b_DHQK, siz_b_DHHV=siz_b_DHHV, num_warps=num_warps,
         num_stages=num_stages, eps=eps, output_dtype=output_dtype, vecDeltaNq=vecDeltaNq, vecDeltaN_states=vecDeltaN_states,

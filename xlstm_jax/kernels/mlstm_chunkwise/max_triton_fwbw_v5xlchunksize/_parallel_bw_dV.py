@@ -1,12 +1,12 @@
-"""Backward parallel kernel stage for dV (thin over ``pallas.bw_parallel_dv``; notation:
-``pallas.staged``)."""
+"""Backward parallel kernel stage for dV (thin over ``..seed_compat.parallel_bw_stage``,
+the one implementation of the dQ, dK and dV stages; notation there)."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
-from ..pallas.staged import parallel_bw_dV
+from ..seed_compat import parallel_bw_stage
 
 
 def mlstm_chunkwise__parallel_bw_dV(
@@ -74,8 +74,8 @@ def mlstm_chunkwise__parallel_bw_dV(
     Returns:
         Tensor containing the V gradients. Shape (B, NH, S, DHHV).
     """
-    return parallel_bw_dV(
-        matQ, matK, matV, vecI, vecA, vecB, matC_all, vecN_all, scaM_all, vecN_out, vecM_out,
+    return parallel_bw_stage(
+        "dV", matQ, matK, matV, vecI, vecA, vecB, matC_all, vecN_all, scaM_all, vecN_out, vecM_out,
         matDeltaH, matDeltaC_states, qk_scale=qk_scale, chunk_size=chunk_size, siz_b_LQ=siz_b_LQ,
         siz_b_LKV=siz_b_LKV, siz_b_DHQK=siz_b_DHQK, siz_b_DHHV=siz_b_DHHV, num_warps=num_warps,
         num_stages=num_stages, eps=eps, output_dtype=output_dtype,

@@ -1,11 +1,12 @@
 """The differentiable chunkwise (TFLA, "xl chunk size") mLSTM and its generator (seed family v5).
 
 Notation: see ``xlstm_jax.kernels._common``. Thin over the Pallas kernel family
-``xlstm_jax.kernels.mlstm_chunkwise.pallas``: ``chunk_size`` is the step of the recurrent kernel
-(chunk_size_inter); the intra chunk of the parallel kernels is max(chunk_size, 128) for 16-bit
-kernels (max(chunk_size, 64) for float32), the TFLA choice of large intra chunks. Gradients are
-exact (through the normalizer and its lower bound); the TFLA convention is offered by the registry
-kernel ``chunkwise_pallas`` with ``grad_mode="tfla"``.
+``xlstm_jax.kernels.mlstm_chunkwise.pallas`` (through ``..seed_compat``, the same factory as seed
+000): ``chunk_size`` is the step of the recurrent kernel (chunk_size_inter); the intra chunk of the
+parallel kernels is max(chunk_size, 128), the "xl" layout of ``xlstm_jax.kernels.chunking`` (the
+TFLA choice of large intra chunks). Gradients are exact (through the normalizer and its lower
+bound); the TFLA convention is offered by the registry kernel ``chunkwise_pallas`` with
+``grad_mode="tfla"``.
 """
 
 from __future__ import annotations
@@ -15,13 +16,9 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from ..pallas.autodiff import dtype_name, kernel_dtype_of, mlstm_chunkwise_pallas
+from ..seed_compat import get_fwbw_kernel, make_fwbw, sequence_fwbw
 
-_KERNEL_DTYPES = ("float32", "float16", "bfloat16")
-
-
-def _xl_intra_chunk(chunk_size: int, dtype) -> int:
-    return max(chunk_size, 64 if jnp.dtype(dtype) == jnp.float32 else 128)
+_GENERATOR_OPTIONS = ("return_last_states", "recompute_states_in_bw", "chunk_size", "eps")
 
 
 def _mlstm_chunkwise_fwbw_generator(
@@ -46,29 +43,10 @@ def _mlstm_chunkwise_fwbw_generator(
         scaM_initial=None) -> (h, C_last, n_last, m_last)`` with exact custom gradients; h in the
         dtype of matQ, the last states in float32 (three None without ``return_last_states``).
     """
-    kd = kernel_dtype_of(autocast_kernel_dtype, jnp.float32)
-
-    def forward(
-        matQ: jax.Array,  # (B, NH, S, DHQK)
-        matK: jax.Array,  # (B, NH, S, DHQK)
-        matV: jax.Array,  # (B, NH, S, DHV)
-        vecI: jax.Array,  # (B, NH, S)
-        vecF: jax.Array,  # (B, NH, S)
-        matC_initial: jax.Array | None = None,  # (B, NH, DHQK, DHV)
-        vecN_initial: jax.Array | None = None,  # (B, NH, DHQK)
-        scaM_initial: jax.Array | None = None,  # (B, NH)
-    ):
-        h, (matC, vecN, scaM) = mlstm_chunkwise_pallas(
-            matQ, matK, matV, vecI, vecF, matC_initial, vecN_initial, scaM_initial,
-            return_last_states=True, eps=eps, chunk_size_intra=_xl_intra_chunk(chunk_size, kd),
-            chunk_size_inter=chunk_size, autocast_kernel_dtype=kd,
-            recompute_states_in_bw=recompute_states_in_bw,
-        )
-        if return_last_states:
-            return h, matC, vecN, scaM
-        return h, None, None, None
-
-    return forward
+    return make_fwbw(
+        layout="xl", autocast_kernel_dtype=autocast_kernel_dtype, return_last_states=return_last_states,
+        recompute_states_in_bw=recompute_states_in_bw, chunk_size=chunk_size, eps=eps,
+    )
 
 
 def _get_chunkwise_fwbw_kernel(autocast_kernel_dtype: jnp.dtype, **kwargs) -> Callable:
@@ -83,14 +61,7 @@ def _get_chunkwise_fwbw_kernel(autocast_kernel_dtype: jnp.dtype, **kwargs) -> Ca
     Returns:
         See ``_mlstm_chunkwise_fwbw_generator``.
     """
-    name = dtype_name(autocast_kernel_dtype)
-    if name not in _KERNEL_DTYPES:
-        raise ValueError(f"Unsupported kernel dtype {autocast_kernel_dtype}; use one of {_KERNEL_DTYPES}.")
-    valid = ("return_last_states", "recompute_states_in_bw", "chunk_size", "eps")
-    unknown = sorted(set(kwargs) - set(valid))
-    if unknown:
-        raise ValueError(f"unknown keyword argument(s) {unknown}; valid: {list(valid)}")
-    return _mlstm_chunkwise_fwbw_generator(jnp.dtype(name), **kwargs)
+    return get_fwbw_kernel(_mlstm_chunkwise_fwbw_generator, _GENERATOR_OPTIONS, autocast_kernel_dtype, kwargs)
 
 
 def mlstm_chunkwise_max_triton(
@@ -117,7 +88,4 @@ def mlstm_chunkwise_max_triton(
         autocast_kernel_dtype, return_last_states=return_last_states, recompute_states_in_bw=True,
         chunk_size=chunk_size, eps=eps,
     )
-    matH, matC, vecN, scaM = fwbw(q, k, v, i, f, c_initial, n_initial, m_initial)
-    if return_last_states:
-        return matH, (matC, vecN, scaM)
-    return matH
+    return sequence_fwbw(fwbw, return_last_states, q, k, v, i, f, c_initial, n_initial, m_initial)

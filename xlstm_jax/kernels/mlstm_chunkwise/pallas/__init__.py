@@ -5,7 +5,7 @@ Modules (one thing each): ``gates`` (log-sigmoid, m scan, per-chunk gate vectors
 kernels), ``bw_recurrent`` / ``bw_parallel_dq`` / ``bw_parallel_dk`` / ``bw_parallel_dv`` (backward
 kernels), ``autodiff`` (casting, padding, ``jax.custom_vjp``). Registered in the kernel registry as
 ``chunkwise_pallas``; the seed entry points (``triton_stablef``, ``max_triton_fwbw_v5xlchunksize``)
-are thin layers over this package.
+are thin layers over this package through ``xlstm_jax.kernels.mlstm_chunkwise.seed_compat``.
 
 Notation: see ``xlstm_jax.kernels._common`` and ``gates``.
 """

@@ -12,11 +12,13 @@ Backward (``chunkwise_backward``): dh -> (1/den, dnq, dm) in XLA; the recurrent 
 (state cotangents); the dQ, dK, dV kernels; gate gradients from <dq, q>, <dk, k> and the state
 decays by chunk-local sums (``gates.gate_gradients``). ``grad_mode="exact"`` (default) carries the normalizer as an extra value column
 (dnq) and pulls dm back through the m scan (``jax.vjp``); ``grad_mode="tfla"`` treats the
-denominator and m as constants, the convention of the TFLA kernels (DESIGN.md section 1).
+denominator and m as constants, the convention of the TFLA kernels (docs/design.md, section 1).
 
 Inputs may be float32, bfloat16, float16 (float64 inputs run in float32); q, k, v are cast to the
 kernel dtype (``autocast_kernel_dtype``, default: the dtype of q), gates, states and all
-accumulation are float32.
+accumulation are float32. Inputs are validated by ``xlstm_jax.kernels.validation`` (B == 0 or
+NH == 0 gives empty outputs); extreme gates (f = -inf, f = -1e30, i = -inf) are exact through the
+resets of ``gates.py``.
 """
 
 from __future__ import annotations
@@ -28,8 +30,15 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from ..._common import MLSTMState, validate_inputs, validate_options
+from ..._common import MLSTMState
+from ...options import CellOptions
 from ...pallas import _triton
+from ...validation import (
+    SequenceCall,
+    empty_sequence_outputs,
+    floating_dtype,
+    validate_sequence_call,
+)
 from . import gates
 from .bw_parallel_dk import parallel_bw_dk
 from .bw_parallel_dq import parallel_bw_dq
@@ -88,7 +97,7 @@ def chunkwise_forward(
         matK, matV, g.vecWstate, g.vecDecay, matC0, vecN0, params=p, interpret=cfg.interpret
     )
     matH, vecNq = parallel_fw_h(
-        matQ, matK, matV, g.vecQlog, g.vecKlog, g.vecWinter, vecM, matC_states, vecN_states,
+        matQ, matK, matV, g.vecQlog, g.vecKlog, g.vecWinter, vecM, g.vecStart, matC_states, vecN_states,
         params=p, qk_scale=cfg.qk_scale, eps=cfg.eps, norm_val=cfg.norm_val,
         stabilize_correctly=cfg.stabilize_correctly, output_dtype=cfg.h_dtype, interpret=cfg.interpret,
     )
@@ -139,15 +148,15 @@ def chunkwise_backward(
         matDC_last.astype(_F32), vecDN_last.astype(_F32), **kw,
     )
     matDQ, vecDqq = parallel_bw_dq(
-        matQ, matK, matV, matDH, g.vecQlog, g.vecKlog, g.vecWinter, vecDenInv, vecDnq,
+        matQ, matK, matV, matDH, g.vecQlog, g.vecKlog, g.vecWinter, vecDenInv, vecDnq, g.vecStart,
         matC_states, vecN_states, output_dtype=dtype, **kw,
     )
     matDK, vecDkk, vecDkkState = parallel_bw_dk(
-        matQ, matK, matV, matDH, g.vecQlog, g.vecKlog, g.vecWstate, vecDenInv, vecDnq,
+        matQ, matK, matV, matDH, g.vecQlog, g.vecKlog, g.vecWstate, vecDenInv, vecDnq, g.vecStart,
         matDC_states, vecDN_states, output_dtype=dtype, **kw,
     )
     matDV = parallel_bw_dv(
-        matQ, matK, matDH, g.vecQlog, g.vecKlog, g.vecWstate, vecDenInv, matDC_states,
+        matQ, matK, matDH, g.vecQlog, g.vecKlog, g.vecWstate, vecDenInv, g.vecStart, matDC_states,
         output_dtype=dtype, **kw,
     )
     matC_last, vecN_last = matC_states[:, -1], vecN_states[:, -1]
@@ -159,7 +168,9 @@ def chunkwise_backward(
         + jnp.einsum("bki,bki->bk", vecDN_states[:, 1:], vecN_states[:, :-1],
                      precision=jax.lax.Precision.HIGHEST)
     )
-    vecDI, vecDLogF = gates.gate_gradients(vecDqq, vecDkk, vecDkkState, scaDdecay, p.chunk_size_intra)
+    vecDI, vecDLogF = gates.gate_gradients(
+        vecDqq, vecDkk, vecDkkState, scaDdecay, g.vecReset, p.chunk_size_intra
+    )
     matDC0, vecDN0 = matDC_states[:, 0], vecDN_states[:, 0]
     scaDM0 = jnp.sum(matDC0 * matC0, axis=(1, 2)) + jnp.sum(vecDN0 * vecN0, axis=1)
     if exact:
@@ -209,17 +220,27 @@ class Prepared(NamedTuple):
     DHV: int
     kernel_dtype: jnp.dtype
     params: ChunkwiseKernelParams
-    qk_scale: float
+    call: SequenceCall
+
+    @property
+    def qk_scale(self) -> float:
+        """The effective query scale."""
+        return self.call.qk_scale
 
 
 def kernel_dtype_of(autocast_kernel_dtype, q_dtype) -> jnp.dtype:
-    """The kernel dtype: ``autocast_kernel_dtype`` (a dtype or its name) or q's; float64 -> float32."""
-    dt = jnp.dtype(q_dtype if autocast_kernel_dtype is None else autocast_kernel_dtype)
+    """The kernel dtype: ``autocast_kernel_dtype`` (a dtype or its name) or q's; float64 -> float32.
+
+    ``ValueError`` unless it is float32, bfloat16 or float16 (or float64).
+    """
+    dt = floating_dtype("autocast_kernel_dtype", autocast_kernel_dtype)
+    dt = jnp.dtype(q_dtype) if dt is None else dt
     if dt == jnp.float64:
         dt = jnp.dtype(jnp.float32)
     if dt not in KERNEL_DTYPES:
         raise ValueError(
-            f"autocast_kernel_dtype must be one of float32, bfloat16, float16; got {autocast_kernel_dtype!r}"
+            f"autocast_kernel_dtype must be one of float32, bfloat16, float16 (or float64, run in "
+            f"float32); got {autocast_kernel_dtype!r} (inputs {jnp.dtype(q_dtype).name})"
         )
     return dt
 
@@ -243,14 +264,14 @@ def _pad_last(x: jax.Array, size: int) -> jax.Array:
 
 
 def prepare(
-    matQ, matK, matV, vecI, vecF, c_initial, n_initial, m_initial, *,
-    qk_scale, eps, norm_val, grad_mode, chunk_size, autocast_kernel_dtype, tile_params: dict,
+    call: SequenceCall, matQ, matK, matV, *, chunk_size, autocast_kernel_dtype, tile_params: dict,
 ) -> Prepared:
-    """Validate, pick the kernel dtype and parameters, cast, flatten and pad (differentiable)."""
-    vecI, vecF, state0 = validate_inputs(matQ, matK, matV, vecI, vecF, c_initial, n_initial, m_initial)
-    B, NH, S, DHQK = matQ.shape
-    DHV = matV.shape[-1]
-    qk_scale = validate_options(eps=eps, norm_val=norm_val, grad_mode=grad_mode, qk_scale=qk_scale, DHQK=DHQK)
+    """Pick the kernel dtype and parameters, cast, flatten and pad (differentiable).
+
+    ``call`` is the validated call (``validation.validate_sequence_call``) with B * NH > 0.
+    """
+    vecI, vecF, state0 = call.vecI, call.vecF, call.state
+    B, NH, S, DHQK, DHV = call.B, call.NH, call.S, call.DHQK, call.DHV
     kd = kernel_dtype_of(autocast_kernel_dtype, matQ.dtype)
     params = chunkwise_kernel_params(S=S, DHQK=DHQK, DHV=DHV, dtype=kd, chunk_size=chunk_size, **tile_params)
     L = params.chunk_size_intra
@@ -275,7 +296,7 @@ def prepare(
         C0 = _pad_last(jnp.pad(C0, ((0, 0), (0, DHQKp - DHQK), (0, 0))), DHVp)
         n0 = _pad_last(state0.vecN.astype(_F32).reshape(BH, DHQK), DHQKp)
         m0 = state0.scaM.astype(_F32).reshape(BH)
-    return Prepared((q, k, v, i, logf, C0, n0, m0), B, NH, S, DHQK, DHV, kd, params, qk_scale)
+    return Prepared((q, k, v, i, logf, C0, n0, m0), B, NH, S, DHQK, DHV, kd, params, call)
 
 
 def resolve_interpret(interpret: bool | None) -> bool:
@@ -284,9 +305,23 @@ def resolve_interpret(interpret: bool | None) -> bool:
 
 
 def h_kernel_dtype(output_dtype, q_dtype) -> jnp.dtype:
-    """The dtype the kernel writes h in (the requested output dtype if the kernel can write it)."""
-    dt = jnp.dtype(q_dtype if output_dtype is None else output_dtype)
+    """The dtype the kernel writes h in (the requested output dtype if the kernel can write it).
+
+    ``ValueError`` unless ``output_dtype`` is None or a floating dtype.
+    """
+    dt = floating_dtype("output_dtype", output_dtype)
+    dt = jnp.dtype(q_dtype) if dt is None else dt
     return dt if dt in KERNEL_DTYPES else jnp.dtype(_F32)
+
+
+def core_config(prep: Prepared, *, h_dtype, recompute_states_in_bw: bool, interpret) -> CoreConfig:
+    """The static configuration of ``_core`` from a prepared call and its cell options."""
+    opts = prep.call.options
+    return CoreConfig(
+        params=prep.params, qk_scale=float(prep.qk_scale), eps=opts.eps, norm_val=opts.norm_val,
+        stabilize_correctly=opts.stabilize_correctly, grad_mode=opts.grad_mode, h_dtype=jnp.dtype(h_dtype),
+        recompute_states_in_bw=bool(recompute_states_in_bw), interpret=resolve_interpret(interpret),
+    )
 
 
 def mlstm_chunkwise_pallas(
@@ -305,6 +340,7 @@ def mlstm_chunkwise_pallas(
     norm_val: float = 1.0,
     stabilize_correctly: bool = True,
     grad_mode: str = "exact",
+    cell_options: CellOptions | None = None,
     chunk_size: int | None = None,
     chunk_size_inter: int | None = None,
     chunk_size_intra: int | None = None,
@@ -325,6 +361,9 @@ def mlstm_chunkwise_pallas(
 ):
     """Chunkwise mLSTM with the Pallas TFLA kernels, differentiable (``jax.custom_vjp``).
 
+    The cell options come as the flat keywords or as ``cell_options`` (``CellOptions``); inputs are
+    validated by ``validation.validate_sequence_call``; B == 0 or NH == 0 gives empty outputs.
+
     Any S (padded internally), DHQK != DHV, head dims padded to powers of two >= 16. Returns ``h``
     (B, NH, S, DHV) in ``output_dtype`` (default: the dtype of q); with ``return_last_states`` also
     ``MLSTMState(matC, vecN, scaM)`` in float32 (m0 = 0 convention without initial states).
@@ -343,18 +382,23 @@ def mlstm_chunkwise_pallas(
         num_warps_intra=num_warps_intra, num_warps_inter=num_warps_inter,
         num_stages_intra=num_stages_intra, num_stages_inter=num_stages_inter,
     )
-    prep = prepare(
-        matQ, matK, matV, vecI, vecF, c_initial, n_initial, m_initial,
-        qk_scale=qk_scale, eps=eps, norm_val=norm_val, grad_mode=grad_mode, chunk_size=chunk_size,
-        autocast_kernel_dtype=autocast_kernel_dtype, tile_params=tile_params,
+    call = validate_sequence_call(
+        "chunkwise_pallas", matQ, matK, matV, vecI, vecF, c_initial, n_initial, m_initial,
+        cell_options=cell_options, qk_scale=qk_scale, eps=eps, norm_val=norm_val,
+        stabilize_correctly=stabilize_correctly, grad_mode=grad_mode,
     )
+    h_dtype = h_kernel_dtype(output_dtype, matQ.dtype)
     out_dtype = jnp.dtype(matQ.dtype if output_dtype is None else output_dtype)
-    cfg = CoreConfig(
-        params=prep.params, qk_scale=float(prep.qk_scale), eps=float(eps), norm_val=float(norm_val),
-        stabilize_correctly=bool(stabilize_correctly), grad_mode=grad_mode,
-        h_dtype=h_kernel_dtype(output_dtype, matQ.dtype),
-        recompute_states_in_bw=bool(recompute_states_in_bw), interpret=resolve_interpret(interpret),
+    kernel_dtype_of(autocast_kernel_dtype, matQ.dtype)  # validated even for empty calls
+    if call.empty:
+        return empty_sequence_outputs(
+            call, h_dtype=out_dtype, state_dtype=_F32, return_last_states=return_last_states
+        )
+    prep = prepare(
+        call, matQ, matK, matV, chunk_size=chunk_size, autocast_kernel_dtype=autocast_kernel_dtype,
+        tile_params=tile_params,
     )
+    cfg = core_config(prep, h_dtype=h_dtype, recompute_states_in_bw=recompute_states_in_bw, interpret=interpret)
     matH, matC_last, vecN_last, scaM_last = _core(*prep.arrays, cfg)
     B, NH, S, DHQK, DHV = prep.B, prep.NH, prep.S, prep.DHQK, prep.DHV
     h = matH[:, :S, :DHV].reshape(B, NH, S, DHV).astype(out_dtype)

@@ -5,10 +5,11 @@ bLq = siz_b_L_loop query rows per loop iteration, bDK = siz_b_DH_parallel (the d
 owns), bDV = siz_b_DH_loop (the DHV tile of v . dnum). For key s in chunk k (leaving state C_k with
 cotangents dC_k, dn_k from ``bw_recurrent``):
 
-    dk_s = qk_scale sum_{t >= s in chunk} dP[t, s] exp2(vecQlog_t + vecKlog_s) q_t
+    dk_s = qk_scale sum_{t >= s in chunk, z_t <= s} dP[t, s] exp2(vecQlog_t + vecKlog_s) q_t
            + vecWstate_s (dC_k v_s + dn_k)                                   (the state part)
 
-The kernel also writes <dk_s, k_s> and <state part of dk_s, k_s> (the gate gradients need both).
+with z_t = vecStart_t (the latest reset <= t in the chunk, else the chunk start). The kernel also
+writes <dk_s, k_s> and <state part of dk_s, k_s> (the gate gradients need both).
 
 Grid (DHQK / bDK, S / bLk, BH).
 """
@@ -37,6 +38,7 @@ def parallel_bw_dk_kernel(
     vecWstate_ref,  # (S,)
     vecDenInv_ref,  # (S,)
     vecDnq_ref,  # (S,)
+    vecStart_ref,  # (S,) int32
     matDC_states_ref,  # (NC+1, bDK, DHV)
     vecDN_states_ref,  # (NC+1, bDK)
     matDK_ref,  # out (bLk, bDK)
@@ -85,7 +87,8 @@ def parallel_bw_dk_kernel(
         vecDenInv = vecDenInv_ref[pl.ds(t0, bLq)]
         matDPt = matDPt * vecDenInv[None, :] + vecDnq_ref[pl.ds(t0, bLq)][None, :]
         idx_t = t0 + jnp.arange(bLq, dtype=jnp.int32)
-        mask = idx_t[None, :] >= idx_s[:, None]
+        vecStart = vecStart_ref[pl.ds(t0, bLq)]
+        mask = (idx_t[None, :] >= idx_s[:, None]) & (idx_s[:, None] >= vecStart[None, :])
         matLogDt = vecKlog[:, None] + vecQlog_ref[pl.ds(t0, bLq)][None, :]
         matDSt = matDPt * jnp.exp2(jnp.where(mask, matLogDt, -jnp.inf))
         return acc + dot(matDSt.astype(dtype), matQ_ref[pl.ds(t0, bLq), :])
@@ -110,6 +113,7 @@ def parallel_bw_dk(
     vecWstate: jax.Array,  # (BH, S)
     vecDenInv: jax.Array,  # (BH, S)
     vecDnq: jax.Array,  # (BH, S)
+    vecStart: jax.Array,  # (BH, S) int32
     matDC_states: jax.Array,  # (BH, NC+1, DHQK, DHV)
     vecDN_states: jax.Array,  # (BH, NC+1, DHQK)
     *,
@@ -140,7 +144,7 @@ def parallel_bw_dk(
             pl.BlockSpec((None, bLk, bDK), lambda idk, ik, b: (b, ik, idk)),
             pl.BlockSpec((None, S, DHV), lambda idk, ik, b: (b, 0, 0)),
             pl.BlockSpec((None, S, DHV), lambda idk, ik, b: (b, 0, 0)),
-            seq, seq, seq, seq, seq,
+            seq, seq, seq, seq, seq, seq,
             pl.BlockSpec((None, NC1, bDK, DHV), lambda idk, ik, b: (b, 0, idk, 0)),
             pl.BlockSpec((None, NC1, bDK), lambda idk, ik, b: (b, 0, idk)),
         ],
@@ -158,5 +162,6 @@ def parallel_bw_dk(
         num_stages=params.num_stages_intra,
         interpret=interpret,
         name="mlstm_chunkwise_parallel_bw_dk",
-    )(matQ, matK, matV, matDH, vecQlog, vecKlog, vecWstate, vecDenInv, vecDnq, matDC_states, vecDN_states)
+    )(matQ, matK, matV, matDH, vecQlog, vecKlog, vecWstate, vecDenInv, vecDnq, vecStart, matDC_states,
+      vecDN_states)
     return matDK, jnp.sum(vecDkk, axis=0), jnp.sum(vecDkkState, axis=0)

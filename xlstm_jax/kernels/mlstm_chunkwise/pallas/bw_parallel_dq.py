@@ -5,9 +5,10 @@ query rows per program, bLkv = siz_b_L_loop key rows per loop iteration, bDK = s
 (the dQ columns a program owns), bDV = siz_b_DH_loop (the DHV tile of dnum . v). For query t in
 chunk k, with dP[t, s] = dnum_t . v_s + dnq_t (the normalizer is a value column of ones):
 
-    dqs_t = sum_{s <= t in chunk} dP[t, s] exp2(vecQlog_t + vecKlog_s) k_s
+    dqs_t = sum_{z_t <= s <= t} dP[t, s] exp2(vecQlog_t + vecKlog_s) k_s
             + vecWinter_t (C_{k-1} dnum_t + dnq_t n_{k-1}),        dq_t = qk_scale * dqs_t
 
+with z_t = vecStart_t (the latest reset <= t in the chunk, else the chunk start).
 Grid (DHQK / bDK, S / bLq, BH).
 """
 
@@ -35,6 +36,7 @@ def parallel_bw_dq_kernel(
     vecWinter_ref,  # (S,)
     vecDenInv_ref,  # (S,)
     vecDnq_ref,  # (S,)
+    vecStart_ref,  # (S,) int32
     matC_states_ref,  # (NC+1, bDK, DHV)
     vecN_states_ref,  # (NC+1, bDK)
     matDQ_ref,  # out (bLq, bDK)
@@ -76,6 +78,7 @@ def parallel_bw_dq_kernel(
 
     # intra-chunk part
     vecQlog = vecQlog_ref[pl.ds(t0, bLq)]
+    vecStart = vecStart_ref[pl.ds(t0, bLq)]
     idx_t = t0 + jnp.arange(bLq, dtype=jnp.int32)
 
     def body(j, acc):
@@ -85,7 +88,7 @@ def parallel_bw_dq_kernel(
             matDP = matDP + dot_nt(get_dh(e), matV_ref[pl.ds(s0, bLkv), pl.ds(e * bDV, bDV)])
         matDP = matDP * vecDenInv[:, None] + vecDnq[:, None]
         idx_s = s0 + jnp.arange(bLkv, dtype=jnp.int32)
-        mask = idx_t[:, None] >= idx_s[None, :]
+        mask = (idx_t[:, None] >= idx_s[None, :]) & (idx_s[None, :] >= vecStart[:, None])
         matLogD = vecQlog[:, None] + vecKlog_ref[pl.ds(s0, bLkv)][None, :]
         matDS = matDP * jnp.exp2(jnp.where(mask, matLogD, -jnp.inf))
         return acc + dot(matDS.astype(dtype), matK_ref[pl.ds(s0, bLkv), :])
@@ -106,6 +109,7 @@ def parallel_bw_dq(
     vecWinter: jax.Array,  # (BH, S)
     vecDenInv: jax.Array,  # (BH, S)
     vecDnq: jax.Array,  # (BH, S)
+    vecStart: jax.Array,  # (BH, S) int32
     matC_states: jax.Array,  # (BH, NC+1, DHQK, DHV)
     vecN_states: jax.Array,  # (BH, NC+1, DHQK)
     *,
@@ -135,7 +139,7 @@ def parallel_bw_dq(
             pl.BlockSpec((None, S, bDK), lambda idk, iq, b: (b, 0, idk)),
             pl.BlockSpec((None, S, DHV), lambda idk, iq, b: (b, 0, 0)),
             pl.BlockSpec((None, S, DHV), lambda idk, iq, b: (b, 0, 0)),
-            seq, seq, seq, seq, seq,
+            seq, seq, seq, seq, seq, seq,
             pl.BlockSpec((None, NC1, bDK, DHV), lambda idk, iq, b: (b, 0, idk, 0)),
             pl.BlockSpec((None, NC1, bDK), lambda idk, iq, b: (b, 0, idk)),
         ],
@@ -151,5 +155,6 @@ def parallel_bw_dq(
         num_stages=params.num_stages_intra,
         interpret=interpret,
         name="mlstm_chunkwise_parallel_bw_dq",
-    )(matQ, matK, matV, matDH, vecQlog, vecKlog, vecWinter, vecDenInv, vecDnq, matC_states, vecN_states)
+    )(matQ, matK, matV, matDH, vecQlog, vecKlog, vecWinter, vecDenInv, vecDnq, vecStart, matC_states,
+      vecN_states)
     return matDQ, jnp.sum(vecDqq, axis=0)

@@ -4,8 +4,9 @@ Notation (see ``gates.py`` and ``bw_parallel_dk.py``): bLk = siz_b_L_parallel ke
 bLq = siz_b_L_loop query rows per loop iteration, bDV = siz_b_DH_parallel (the dV columns a program
 owns), bDK = siz_b_DH_loop (the DHQK tile of k . q). For key s in chunk k:
 
-    dv_s = sum_{t >= s in chunk} (qs_t . k_s) exp2(vecQlog_t + vecKlog_s) dnum_t + vecWstate_s dC_k^T k_s
+    dv_s = sum_{t >= s in chunk, z_t <= s} (qs_t . k_s) exp2(vecQlog_t + vecKlog_s) dnum_t + vecWstate_s dC_k^T k_s
 
+with z_t = vecStart_t (the latest reset <= t in the chunk, else the chunk start).
 V enters neither the normalizer nor m, so dV is the same in both gradient conventions.
 Grid (DHV / bDV, S / bLk, BH).
 """
@@ -32,6 +33,7 @@ def parallel_bw_dv_kernel(
     vecKlog_ref,  # (S,)
     vecWstate_ref,  # (S,)
     vecDenInv_ref,  # (S,)
+    vecStart_ref,  # (S,) int32
     matDC_states_ref,  # (NC+1, DHQK, bDV)
     matDV_ref,  # out (bLk, bDV)
     *,
@@ -70,7 +72,8 @@ def parallel_bw_dv_kernel(
         for d in range(nDK):
             matSt = matSt + dot_nt(get_k(d), matQ_ref[pl.ds(t0, bLq), pl.ds(d * bDK, bDK)])
         idx_t = t0 + jnp.arange(bLq, dtype=jnp.int32)
-        mask = idx_t[None, :] >= idx_s[:, None]
+        vecStart = vecStart_ref[pl.ds(t0, bLq)]
+        mask = (idx_t[None, :] >= idx_s[:, None]) & (idx_s[:, None] >= vecStart[None, :])
         matLogDt = vecKlog[:, None] + vecQlog_ref[pl.ds(t0, bLq)][None, :]
         # P^T scaled by 1/den per query column, then a product with the loaded dh tile
         vecScale = vecDenInv_ref[pl.ds(t0, bLq)] * qk_scale
@@ -91,6 +94,7 @@ def parallel_bw_dv(
     vecKlog: jax.Array,  # (BH, S)
     vecWstate: jax.Array,  # (BH, S)
     vecDenInv: jax.Array,  # (BH, S)
+    vecStart: jax.Array,  # (BH, S) int32
     matDC_states: jax.Array,  # (BH, NC+1, DHQK, DHV)
     *,
     params: ChunkwiseKernelParams,
@@ -117,7 +121,7 @@ def parallel_bw_dv(
             pl.BlockSpec((None, S, DHQK), lambda iv, ik, b: (b, 0, 0)),
             pl.BlockSpec((None, S, DHQK), lambda iv, ik, b: (b, 0, 0)),
             pl.BlockSpec((None, S, bDV), lambda iv, ik, b: (b, 0, iv)),
-            seq, seq, seq, seq,
+            seq, seq, seq, seq, seq,
             pl.BlockSpec((None, NC1, DHQK, bDV), lambda iv, ik, b: (b, 0, 0, iv)),
         ],
         out_specs=pl.BlockSpec((None, bLk, bDV), lambda iv, ik, b: (b, ik, iv)),
@@ -126,4 +130,4 @@ def parallel_bw_dv(
         num_stages=params.num_stages_intra,
         interpret=interpret,
         name="mlstm_chunkwise_parallel_bw_dv",
-    )(matQ, matK, matDH, vecQlog, vecKlog, vecWstate, vecDenInv, matDC_states)
+    )(matQ, matK, matDH, vecQlog, vecKlog, vecWstate, vecDenInv, vecStart, matDC_states)

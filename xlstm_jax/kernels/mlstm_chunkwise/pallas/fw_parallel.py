@@ -6,13 +6,15 @@ per program, bDK = siz_b_DH_loop, the DHQK tile of the q.k and q.C products.
 
 For query t in chunk k (entering state C_{k-1}, n_{k-1} from ``fw_recurrent``):
 
-    num_t = vecWinter_t qs_t^T C_{k-1} + sum_{s <= t in chunk} (qs_t . k_s) exp2(vecQlog_t + vecKlog_s) v_s
-    nq_t  = vecWinter_t qs_t . n_{k-1} + sum_{s <= t in chunk} (qs_t . k_s) exp2(vecQlog_t + vecKlog_s)
+    num_t = vecWinter_t qs_t^T C_{k-1} + sum_{z_t <= s <= t} (qs_t . k_s) exp2(vecQlog_t + vecKlog_s) v_s
+    nq_t  = vecWinter_t qs_t . n_{k-1} + sum_{z_t <= s <= t} (qs_t . k_s) exp2(vecQlog_t + vecKlog_s)
     h_t   = num_t / (max(|nq_t|, lam_t) + eps),   lam_t = norm_val exp(-m_t)  (or norm_val)
 
-Grid (DHV / bV, S / bLq, BH): the programs of one query block sit next to each other, so its q and
-k tiles are shared through L2. Each program loops over the key blocks of its chunk up to the
-diagonal; the stabilizer m_t is an input (no online max, no rescaling).
+with z_t = vecStart_t the latest reset <= t in the chunk (else the chunk start; see ``gates.py``):
+the one compare per tile element beyond the causal mask. Grid (DHV / bV, S / bLq, BH): the
+programs of one query block sit next to each other, so its q and k tiles are shared through L2.
+Each program loops over the key blocks of its chunk up to the diagonal; the stabilizer m_t is an
+input (no online max, no rescaling).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ def parallel_fw_kernel(
     vecKlog_ref,  # (S,)
     vecWinter_ref,  # (S,)
     vecM_ref,  # (S,)
+    vecStart_ref,  # (S,) int32
     matC_states_ref,  # (NC+1, DHQK, bV)
     vecN_states_ref,  # (NC+1, DHQK)
     matH_ref,  # out (bLq, bV)
@@ -80,6 +83,7 @@ def parallel_fw_kernel(
 
     # intra-chunk part
     vecQlog = vecQlog_ref[pl.ds(t0, bLq)]
+    vecStart = vecStart_ref[pl.ds(t0, bLq)]
     idx_t = t0 + jnp.arange(bLq, dtype=jnp.int32)
 
     def body(j, carry):
@@ -89,7 +93,7 @@ def parallel_fw_kernel(
         for d in range(nDK):
             matS = matS + dot_nt(get_q(d), matK_ref[pl.ds(s0, bLkv), pl.ds(d * bDK, bDK)])
         idx_s = s0 + jnp.arange(bLkv, dtype=jnp.int32)
-        mask = idx_t[:, None] >= idx_s[None, :]
+        mask = (idx_t[:, None] >= idx_s[None, :]) & (idx_s[None, :] >= vecStart[:, None])
         matLogD = vecQlog[:, None] + vecKlog_ref[pl.ds(s0, bLkv)][None, :]
         matP = (matS * qk_scale) * jnp.exp2(jnp.where(mask, matLogD, -jnp.inf))
         acc = acc + dot(matP.astype(dtype), matV_ref[pl.ds(s0, bLkv), :])
@@ -117,6 +121,7 @@ def parallel_fw_h(
     vecKlog: jax.Array,  # (BH, S)
     vecWinter: jax.Array,  # (BH, S)
     vecM: jax.Array,  # (BH, S)
+    vecStart: jax.Array,  # (BH, S) int32
     matC_states: jax.Array,  # (BH, NC+1, DHQK, DHV)
     vecN_states: jax.Array,  # (BH, NC+1, DHQK)
     *,
@@ -148,7 +153,7 @@ def parallel_fw_h(
             pl.BlockSpec((None, S, DHQK), lambda iv, iq, b: (b, 0, 0)),
             pl.BlockSpec((None, S, DHQK), lambda iv, iq, b: (b, 0, 0)),
             pl.BlockSpec((None, S, bV), lambda iv, iq, b: (b, 0, iv)),
-            seq, seq, seq, seq,
+            seq, seq, seq, seq, seq,
             pl.BlockSpec((None, NC1, DHQK, bV), lambda iv, iq, b: (b, 0, 0, iv)),
             pl.BlockSpec((None, NC1, DHQK), lambda iv, iq, b: (b, 0, 0)),
         ],
@@ -164,4 +169,4 @@ def parallel_fw_h(
         num_stages=params.num_stages_intra,
         interpret=interpret,
         name="mlstm_chunkwise_parallel_fw",
-    )(matQ, matK, matV, vecQlog, vecKlog, vecWinter, vecM, matC_states, vecN_states)
+    )(matQ, matK, matV, vecQlog, vecKlog, vecWinter, vecM, vecStart, matC_states, vecN_states)

@@ -7,27 +7,56 @@ Notation (see ``xlstm_jax.kernels._common``); here the batch and head axes are m
     vecI     (BH, S)   input gate pre-activations (padding: CLOSED_INPUT_GATE)
     vecLogF  (BH, S)   log forget gates ``log_sigmoid(f)`` (padding: 0, the gate fully open)
     vecM     (BH, S)   the max state m_t = max(logf_t + m_{t-1}, i_t) of every step (m_0 = m0)
-    vecB     (BH, NC, L)  b_t: inclusive cumulative sum of logf inside each chunk
+    vecReset (BH, S)   bool: the state before t is dropped at t (a reset, see below)
+    vecB     (BH, NC, L)  b_t: cumulative sum of logf inside each chunk, restarting after every reset
+                          (b_t = sum of logf over (z_t, t], z_t the latest reset <= t; without a
+                          reset in the chunk, from the chunk start)
     vecA     (BH, NC, L)  a_s = i_s + sum_{r=s+1..L} logf_r: log weight of step s in the chunk's
-                          end state (an exclusive reverse cumulative sum: no cancellation)
+                          end state (an exclusive reverse cumulative sum: no cancellation); -inf
+                          when a reset follows s in the chunk
+    vecStart (BH, S)   int32: z_t, the latest reset <= t in t's chunk, else the chunk start
     scaM_borders (BH, NC+1)  m at the chunk borders (index 0: m0, index k: m after chunk k)
 
 The kernels never take a maximum: every stabilizer comes from ``vecM``, computed here by an
 associative scan over the (max, +) semiring. In exact arithmetic the chunkwise m_t equals the
-recurrent one, so the kernels see exactly the stabilizers of DESIGN.md section 1. The vectors the
+recurrent one, so the kernels see exactly the stabilizers of docs/design.md. The vectors the
 kernels load (``KernelGates``) are
 
     vecQlog   = (b_t - m_t) log2(e)      query side of the intra-chunk log weight, base 2
     vecKlog   = (i_s - b_s) log2(e)      key side: exp(logD[t, s] - m_t) = exp2(vecQlog_t + vecKlog_s)
-                                         for s <= t (base 2: exp2 is the GPU's native exponential)
-    vecWinter = exp(b_t + m_{k-1} - m_t)    weight of the entering state in h_t
+                                         for z_t <= s <= t (base 2: exp2 is the GPU's native
+                                         exponential); the pairs s < z_t are masked by vecStart
+    vecWinter = exp(b_t + m_{k-1} - m_t)    weight of the entering state in h_t (0 after a reset)
     vecWstate = exp(a_s - m_k)              weight of step s in the state leaving its chunk
-    vecDecay  = exp(g_k + m_{k-1} - m_k)    (BH, NC) decay of the state over chunk k
+    vecDecay  = exp(g_k + m_{k-1} - m_k)    (BH, NC) decay of the state over chunk k (0 with a reset)
+
+Resets. A forget gate of 0 (f = -inf, logf = -inf) drops the state: every weight across it is
+exp(-inf) = 0 and m_t = i_t, a fresh start. Written with plain cumulative sums, -inf enters b and
+turns vecQlog_t + vecKlog_s into -inf + inf = NaN, and a very negative finite logf (f = -1e30)
+absorbs the other terms of the sums (rounding error |logf| * 2^-24). Instead, ``reset_positions``
+marks every t with
+
+    logf_t + m_{t-1} - m_t < -RESET_LOG_WEIGHT = -104,
+
+i.e. where the old state's weight exp(logf_t + m_{t-1} - m_t) is below e^-104 ~ 7e-46, and the
+sums restart there (the logf of a reset enters no sum). Error analysis: at such a t, m_t = i_t
+(the old state lost the max), so the new input has weight exp(i_t - m_t) = 1 while the dropped term
+is e^-104 * C_{t-1} with |C_{t-1}| <= (t-1) max_s |k_s| |v_s| (every stabilized weight is <= 1).
+Dropping it changes C_t and n_t by a relative e^-104 * S * max_s |k_s||v_s| / |k_t||v_t|: below
+float32 resolution (2^-24) unless S * (that norm ratio) exceeds 1e38, and below float64 resolution
+(2^-53) unless it exceeds 3e29; in float32 the recurrent form itself rounds such a weight to zero
+(e^-104 is below the smallest float32). The gradient of logf_t there is of the same relative size
+and is returned as 0. Every f = -inf is a reset; a finite logf > -104 + (m_t - m_{t-1}) is never
+one, so ordinary gates are computed exactly as without resets. The m scan needs no reset: it adds
+and compares only, and a sum holding -inf or -1e30 simply loses the max.
+
+Packed documents (issue 11) will pass explicit resets (``vecReset``): there the state before t is
+dropped and m_{t-1} is taken as 0, i.e. the (max, +) map of step t becomes x -> max(logf_t, i_t).
 
 Gradients: with every m held fixed, i_s multiplies each occurrence of k_s by exp(i_s), so
 d i_s = <dk_s, k_s>; logf_r scales every term that spans r, which ``gate_gradients`` sums chunk by
-chunk (see there). The exact gradient adds the pull-back of dm (the cotangent of every m_t)
-through the scan.
+chunk, restarting at resets (see there). The exact gradient adds the pull-back of dm (the cotangent
+of every m_t) through the scan.
 """
 
 from __future__ import annotations
@@ -39,6 +68,8 @@ import jax.numpy as jnp
 
 CLOSED_INPUT_GATE = -1e30
 LOG2_E = 1.4426950408889634  # log2(e): the kernels' intra-chunk weights are powers of two
+RESET_LOG_WEIGHT = 104.0
+"""The state before t is dropped where its weight exp(logf_t + m_{t-1} - m_t) < exp(-104) (module doc)."""
 
 
 class KernelGates(NamedTuple):
@@ -50,6 +81,9 @@ class KernelGates(NamedTuple):
     vecWstate: jax.Array  # (BH, S)
     vecDecay: jax.Array  # (BH, NC)
     scaM_borders: jax.Array  # (BH, NC+1)
+    vecStart: jax.Array  # (BH, S) int32: the latest reset <= t in t's chunk, else the chunk start
+    vecReset: jax.Array  # (BH, S) bool: resets
+    vecSeen: jax.Array  # (BH, S) bool: a reset at or before t in t's chunk
 
 
 def log_forget_gate(vecF: jax.Array) -> jax.Array:
@@ -85,30 +119,123 @@ def max_state_scan(
     vecI: jax.Array,  # (BH, S)
     vecLogF: jax.Array,  # (BH, S)
     scaM0: jax.Array,  # (BH,)
+    vecReset: jax.Array | None = None,  # (BH, S) bool, explicit resets
 ) -> jax.Array:  # (BH, S)
     """m_t = max(logf_t + m_{t-1}, i_t) for every t, m_0 = scaM0, as an associative scan.
 
     Partial sums of logf (all <= 0) have no cancellation; ``jax.vjp`` of this function is the exact
     pull-back of the cotangents of every m_t to i, logf and m0 (ties split like ``jnp.maximum``).
+    logf = -inf needs no care (the map becomes the constant i_t). At an explicit reset the map of
+    step t is x -> max(logf_t, i_t) (m_{t-1} taken as 0).
     """
-    vecA, vecBm = jax.lax.associative_scan(_compose, (vecLogF, vecI), axis=1)
-    return jnp.maximum(scaM0[:, None] + vecA, vecBm)
+    vecAm, vecBm = vecLogF, vecI
+    if vecReset is not None:
+        vecAm = jnp.where(vecReset, -jnp.inf, vecLogF)
+        vecBm = jnp.where(vecReset, jnp.maximum(vecLogF, vecI), vecI)
+    vecAm, vecBm = jax.lax.associative_scan(_compose, (vecAm, vecBm), axis=1)
+    return jnp.maximum(scaM0[:, None] + vecAm, vecBm)
 
 
-def chunk_log_gates(
+def previous_max_states(vecM: jax.Array, scaM0: jax.Array) -> jax.Array:
+    """(BH, S): m_{t-1} of every step (m0 before the first)."""
+    return jnp.concatenate([scaM0[:, None].astype(vecM.dtype), vecM[:, :-1]], axis=1)
+
+
+def reset_positions(
+    vecLogF: jax.Array,  # (BH, S)
+    vecM: jax.Array,  # (BH, S)
+    vecM_prev: jax.Array,  # (BH, S) m_{t-1}
+    vecReset: jax.Array | None = None,  # (BH, S) bool, explicit resets (packed documents)
+) -> jax.Array:  # (BH, S) bool
+    """Where the state before t is dropped: ``logf_t + m_{t-1} - m_t < -RESET_LOG_WEIGHT``.
+
+    That is where the previous state's weight exp(logf_t + m_{t-1} - m_t) is below exp(-104): every
+    f = -inf (a forget gate of exactly 0) and every forget gate so small that the old state cannot
+    matter. See the module docstring for the error analysis. Explicit resets (``vecReset``) are
+    added as they are.
+    """
+    reset = vecLogF + vecM_prev - vecM < -RESET_LOG_WEIGHT
+    return reset if vecReset is None else reset | vecReset
+
+
+class ChunkGates(NamedTuple):
+    """Per-chunk gate quantities with resets (all (BH, NC, L) unless noted; see the module doc)."""
+
+    vecB: jax.Array  # b_t: in-chunk cumulative log forget gate, restarting after each reset (0 there)
+    vecA: jax.Array  # a_s: log weight of step s in the chunk's end state; -inf if a reset follows s
+    vecReset: jax.Array  # bool: the state before t is dropped
+    vecSeen: jax.Array  # bool: a reset at or before t in the chunk
+    vecStart: jax.Array  # int32: absolute index of the latest reset <= t in the chunk, else the chunk start
+    vecG: jax.Array  # (BH, NC): total log forget gate of the chunk; -inf if the chunk holds a reset
+
+
+def _segmented_cumsum(x: jax.Array, restart: jax.Array, axis: int) -> jax.Array:
+    """Inclusive cumulative sum along ``axis`` that restarts at every ``restart`` (starting from the
+    value there): an associative scan of (value, flag) pairs, exact (no differences of sums)."""
+
+    def op(earlier, later):
+        v1, f1 = earlier
+        v2, f2 = later
+        return jnp.where(f2, v2, v1 + v2), f1 | f2
+
+    return jax.lax.associative_scan(op, (x, restart), axis=axis)[0]
+
+
+def _latest_reset(vecReset: jax.Array) -> jax.Array:
+    """(BH, NC, L) int32: in-chunk index of the latest reset at or before t, -1 if none."""
+    L = vecReset.shape[-1]
+    idx = jnp.where(vecReset, jnp.arange(L, dtype=jnp.int32), jnp.int32(-1))
+    return jax.lax.associative_scan(jnp.maximum, idx, axis=2)
+
+
+def _chunk_gates_from_parts(vecB, vecA, vecReset, latest, L) -> ChunkGates:
+    BH, NC, _ = vecB.shape
+    vecSeen = latest >= 0
+    chunk_start = (jnp.arange(NC, dtype=jnp.int32) * L)[None, :, None]
+    vecStart = chunk_start + jnp.maximum(latest, 0)
+    last = latest[..., -1:]  # (BH, NC, 1) latest reset of the chunk
+    reset_after = jnp.arange(L, dtype=jnp.int32) < last  # a reset in (s, L-1]
+    vecA = jnp.where(reset_after, -jnp.inf, vecA)
+    vecG = jnp.where(last[..., 0] >= 0, -jnp.inf, vecB[..., -1])
+    return ChunkGates(vecB, vecA, vecReset, vecSeen, vecStart, vecG)
+
+
+def chunk_gates(
     vecI: jax.Array,  # (BH, S)
     vecLogF: jax.Array,  # (BH, S)
+    vecReset: jax.Array,  # (BH, S) bool
     L: int,
-) -> tuple[jax.Array, jax.Array]:
-    """(vecB, vecA), each (BH, NC, L): in-chunk cumulative log forget gates and end-state weights."""
+) -> ChunkGates:
+    """The chunk gates for intra chunk ``L`` (S a multiple of L) and the given reset positions.
+
+    The logf of a reset position never enters a sum (its state is dropped), so every sum stays as
+    precise as the ordinary gates in its segment: b_t sums only from the latest reset, a_s only over
+    the rest of its segment.
+    """
     BH, S = vecLogF.shape
     NC = S // L
-    logf = vecLogF.reshape(BH, NC, L)
-    vecB = cumsum(logf, axis=2)
-    rev = cumsum(logf, axis=2, reverse=True)  # sum_{r >= s}
+    reset = vecReset.reshape(BH, NC, L)
+    logf = jnp.where(reset, 0.0, vecLogF.reshape(BH, NC, L))  # a reset's logf enters no sum
+    vecB = _segmented_cumsum(logf, reset, axis=2)
+    rev = cumsum(logf, axis=2, reverse=True)  # sum_{r >= s} (masked where a reset follows: see below)
     rev_excl = jnp.concatenate([rev[..., 1:], jnp.zeros_like(rev[..., :1])], axis=-1)
     vecA = vecI.reshape(BH, NC, L) + rev_excl
-    return vecB, vecA
+    return _chunk_gates_from_parts(vecB, vecA, reset, _latest_reset(reset), L)
+
+
+def seed_chunk_gates(cg: ChunkGates) -> tuple[jax.Array, jax.Array]:
+    """(vecB, vecA) in the seed layout (BH, NC, L): vecB holds -inf at the reset positions (and the
+    restarted sums elsewhere), vecA -inf where a reset follows. Without resets: the seed's plain
+    in-chunk cumulative sums."""
+    return jnp.where(cg.vecReset, -jnp.inf, cg.vecB), cg.vecA
+
+
+def chunk_gates_from_seed(vecB: jax.Array, vecA: jax.Array) -> ChunkGates:
+    """The inverse of ``seed_chunk_gates``: resets where vecB is -inf. (BH, NC, L) each."""
+    L = vecB.shape[-1]
+    reset = vecB == -jnp.inf
+    vecB = jnp.where(reset, 0.0, vecB)
+    return _chunk_gates_from_parts(vecB, vecA, reset, _latest_reset(reset), L)
 
 
 def border_max_states(vecM: jax.Array, scaM0: jax.Array, L: int) -> jax.Array:
@@ -119,24 +246,24 @@ def border_max_states(vecM: jax.Array, scaM0: jax.Array, L: int) -> jax.Array:
 
 def kernel_gates_from_chunk_gates(
     vecI: jax.Array,  # (BH, NC, L)
-    vecB: jax.Array,  # (BH, NC, L)
-    vecA: jax.Array,  # (BH, NC, L)
+    cg: ChunkGates,
     vecM: jax.Array,  # (BH, NC, L) per-step max state
     scaM_borders: jax.Array,  # (BH, NC+1)
 ) -> KernelGates:
     """The vectors the kernels load, from the chunk gates and the stabilizers (see module doc)."""
-    BH, NC, L = vecB.shape
+    BH, NC, L = cg.vecB.shape
     m_prev = scaM_borders[:, :-1, None]
     m_next = scaM_borders[:, 1:, None]
-    vecQlog = (vecB - vecM) * LOG2_E
-    vecKlog = (vecI - vecB) * LOG2_E
-    vecWinter = jnp.exp(vecB + m_prev - vecM)
-    vecWstate = jnp.exp(vecA - m_next)
-    vecDecay = jnp.exp(vecB[..., -1] + scaM_borders[:, :-1] - scaM_borders[:, 1:])
+    vecQlog = (cg.vecB - vecM) * LOG2_E
+    vecKlog = (vecI - cg.vecB) * LOG2_E
+    vecWinter = jnp.where(cg.vecSeen, 0.0, jnp.exp(cg.vecB + m_prev - vecM))
+    vecWstate = jnp.exp(cg.vecA - m_next)
+    vecDecay = jnp.exp(cg.vecG + scaM_borders[:, :-1] - scaM_borders[:, 1:])
     flat = lambda x: x.reshape(BH, NC * L).astype(jnp.float32)  # noqa: E731
     return KernelGates(
         flat(vecQlog), flat(vecKlog), flat(vecWinter), flat(vecWstate),
         vecDecay.astype(jnp.float32), scaM_borders.astype(jnp.float32),
+        cg.vecStart.reshape(BH, NC * L), cg.vecReset.reshape(BH, NC * L), cg.vecSeen.reshape(BH, NC * L),
     )
 
 
@@ -146,15 +273,15 @@ def kernel_gates(
     vecM: jax.Array,  # (BH, S)
     scaM0: jax.Array,  # (BH,)
     L: int,
+    vecReset: jax.Array | None = None,  # (BH, S) bool, explicit resets
 ) -> KernelGates:
-    """All kernel gate vectors for chunk size ``L`` (S a multiple of L)."""
+    """All kernel gate vectors for chunk size ``L`` (S a multiple of L), resets included."""
     BH, S = vecI.shape
     NC = S // L
-    vecB, vecA = chunk_log_gates(vecI, vecLogF, L)
+    reset = reset_positions(vecLogF, vecM, previous_max_states(vecM, scaM0), vecReset)
+    cg = chunk_gates(vecI, vecLogF, reset, L)
     scaM_borders = border_max_states(vecM, scaM0, L)
-    return kernel_gates_from_chunk_gates(
-        vecI.reshape(BH, NC, L), vecB, vecA, vecM.reshape(BH, NC, L), scaM_borders
-    )
+    return kernel_gates_from_chunk_gates(vecI.reshape(BH, NC, L), cg, vecM.reshape(BH, NC, L), scaM_borders)
 
 
 def normalizer_lower_bound(vecM: jax.Array, *, norm_val: float, stabilize_correctly: bool) -> jax.Array:
@@ -197,11 +324,19 @@ def normalizer_cotangents(
     return vecDenInv, vecDnq, vecDm
 
 
+def _segmented_suffix_sum(x: jax.Array, reset: jax.Array) -> jax.Array:
+    """(BH, NC, L): sum of x over [r, next reset after r) inside the chunk (restarting at resets)."""
+    # reversed, a segment starts right before a reset: restart at r where reset_{r+1}
+    stop = jnp.concatenate([reset[..., 1:], jnp.zeros_like(reset[..., :1])], axis=-1)
+    return _segmented_cumsum(x[..., ::-1], stop[..., ::-1], axis=2)[..., ::-1]
+
+
 def gate_gradients(
     vecDqq: jax.Array,  # (BH, S) <dq_t, q_t>
     vecDkk: jax.Array,  # (BH, S) <dk_t, k_t>
     vecDkkState: jax.Array,  # (BH, S) <dk_t, k_t> through the state leaving t's chunk only
     scaDdecay: jax.Array,  # (BH, NC) <dC_k, vecDecay_k C_{k-1}> + <dn_k, vecDecay_k n_{k-1}>
+    vecReset: jax.Array,  # (BH, S) bool, the reset positions of ``kernel_gates``
     L: int,
 ) -> tuple[jax.Array, jax.Array]:
     """(dI, dLogF) with every m held fixed, from chunk-local sums only.
@@ -217,13 +352,22 @@ def gate_gradients(
     (the intra pairs spanning r sum to the in-chunk suffix sum of the intra parts). Unlike the
     equal global form sum_{t >= r} (<dq, q> - <dk, k>) + <dC_last, C_last> + <dn_last, n_last>,
     whose partial sums cancel over the whole sequence, no rounding error accumulates over S.
+
+    With resets every term across a reset is zero, so the sums restart: the suffix sum runs only up
+    to the next reset, the state part counts only for r after the chunk's last reset (before it
+    every leaving-state weight is zero), the decay is zero, and dlogf = 0 at a reset itself (its
+    logf enters no weight).
     """
     BH, S = vecDqq.shape
     NC = S // L
     chunked = lambda x: x.reshape(BH, NC, L)  # noqa: E731
-    suffix = cumsum(chunked(vecDqq - vecDkk), axis=2, reverse=True)
+    reset = chunked(vecReset)
+    suffix = _segmented_suffix_sum(chunked(vecDqq - vecDkk), reset)
+    last = _latest_reset(reset)[..., -1:]  # (BH, NC, 1)
+    in_last_segment = jnp.arange(L, dtype=jnp.int32) >= last
     per_chunk = jnp.sum(chunked(vecDkkState), axis=2) + scaDdecay
-    vecDLogF = (suffix + per_chunk[..., None]).reshape(BH, S)
+    vecDLogF = suffix + jnp.where(in_last_segment, per_chunk[..., None], 0.0)
+    vecDLogF = jnp.where(reset, 0.0, vecDLogF).reshape(BH, S)
     return vecDkk, vecDLogF
 
 
@@ -240,13 +384,15 @@ def max_state_pullback(
 
 def chunk_max_states(
     vecI: jax.Array,  # (BH, NC, L)
-    vecB: jax.Array,  # (BH, NC, L)
+    vecLogF: jax.Array,  # (BH, NC, L)
     scaM_borders: jax.Array,  # (BH, NC+1)
 ) -> jax.Array:  # (BH, NC, L)
-    """Per-step m from the border stabilizers: m_t = b_t + max(m_{k-1}, max_{s <= t} (i_s - b_s)).
+    """Per-step m from the border stabilizers: the m scan of each chunk from its entering m_{k-1}.
 
-    Equal (in exact arithmetic) to ``max_state_scan``; used by the seed entry points that receive
-    the border states instead of the gates' whole history.
+    Equal to ``max_state_scan`` over the whole sequence when the borders are its own; used by the
+    seed entry points that receive the border states instead of the gates' whole history.
     """
-    running = jax.lax.associative_scan(jnp.maximum, vecI - vecB, axis=2)
-    return vecB + jnp.maximum(scaM_borders[:, :-1, None], running)
+    BH, NC, L = vecI.shape
+    vecM = max_state_scan(vecI.reshape(BH * NC, L), vecLogF.reshape(BH * NC, L),
+                          scaM_borders[:, :-1].reshape(BH * NC))
+    return vecM.reshape(BH, NC, L)

@@ -31,12 +31,11 @@ import dataclasses
 
 import jax.numpy as jnp
 
-MIN_BLOCK = 16
+from ...chunking import MIN_PALLAS_CHUNK, default_intra_chunk, fit_chunk_size, next_power_of_two
+from ...chunking import is_power_of_two as _is_pow2
+from ...chunking import validate_chunk_size
 
-
-def next_power_of_two(n: int) -> int:
-    """The smallest power of two >= n (n >= 1)."""
-    return 1 << max(0, int(n) - 1).bit_length()
+MIN_BLOCK = MIN_PALLAS_CHUNK
 
 
 def padded_head_dim(d: int) -> int:
@@ -69,10 +68,6 @@ class ChunkwiseKernelParams:
 OVERRIDABLE = tuple(f.name for f in dataclasses.fields(ChunkwiseKernelParams))
 
 
-def _is_pow2(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and x >= 1 and (x & (x - 1)) == 0
-
-
 def chunkwise_kernel_params(
     *,
     S: int,
@@ -91,9 +86,9 @@ def chunkwise_kernel_params(
 
     Defaults (head dims are first padded to powers of two >= 16):
 
-    * chunk_size_intra: ``chunk_size`` or 128 for 16-bit kernels (the TFLA choice: bigger chunks
-      mean fewer materialised states), 64 for float32 (fp32 tiles take twice the shared memory);
-      never more than the padded sequence needs (next power of two >= S, at least 16).
+    * chunk_size_intra: ``chunk_size`` or ``chunking.default_intra_chunk(dtype)`` (128 for 16-bit
+      kernels, the TFLA choice: bigger chunks mean fewer materialised states; 64 for float32),
+      fitted to S by ``chunking.fit_chunk_size`` (never more than the padded sequence needs).
     * chunk_size_inter: min(chunk_size_intra, 128).
     * siz_b_L_parallel = min(128, chunk_size_intra) for 16-bit kernels with DHQK <= 128 and
       DHV <= 256 (one program per intra chunk and head tile: the chunk's state is read once;
@@ -119,16 +114,13 @@ def chunkwise_kernel_params(
     is_fp32 = jnp.dtype(dtype) == jnp.float32
     ov = {k: v for k, v in overrides.items() if v is not None}
 
-    max_chunk = max(MIN_BLOCK, next_power_of_two(S))
     if "chunk_size_intra" in ov:
-        L = ov["chunk_size_intra"]
+        L = validate_chunk_size("chunk_size_intra", ov["chunk_size_intra"], pallas=True, S=S)
     elif chunk_size is not None:
-        L = chunk_size
+        L = validate_chunk_size("chunk size (chunk_size_intra)", chunk_size, pallas=True, S=S)
     else:
-        L = 64 if is_fp32 else 128
-    if not _is_pow2(L) or L < MIN_BLOCK:
-        raise ValueError(f"chunk size (chunk_size_intra) must be a power of two >= {MIN_BLOCK}; got {L!r}")
-    L = min(L, max_chunk)
+        L = default_intra_chunk(dtype)
+    L = fit_chunk_size(L, S, pallas=True)
     L_inter = ov.get("chunk_size_inter", min(L, 128))
     L_inter = min(L_inter, L) if _is_pow2(L_inter) else L_inter
     big_heads = DHQK > 128 or DHV > 256  # larger tiles than the measured configuration

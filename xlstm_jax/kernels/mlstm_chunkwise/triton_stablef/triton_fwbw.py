@@ -18,9 +18,10 @@ Dimensions:
     BT: chunk size
 
 ``chunk_size`` is both the intra chunk of the parallel kernels and the step of the recurrent kernel
-(the limit-chunk layout). Gradients are exact (``jax.grad`` of the cell, through the normalizer's
-lower bound too); the TFLA convention (denominator and m held constant) is offered by the
-registry kernel ``chunkwise_pallas`` with ``grad_mode="tfla"``.
+(the limit-chunk layout, ``xlstm_jax.kernels.chunking``). Gradients are exact (``jax.grad`` of the
+cell, through the normalizer's lower bound too); the TFLA convention (denominator and m held
+constant) is offered by the registry kernel ``chunkwise_pallas`` with ``grad_mode="tfla"``. The
+functions here fix the seed's signatures; the implementation is ``..seed_compat``.
 """
 
 from __future__ import annotations
@@ -30,9 +31,11 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from ..pallas.autodiff import dtype_name, mlstm_chunkwise_pallas
+from ..seed_compat import get_fwbw_kernel, make_fwbw, sequence_fwbw
 
-_KERNEL_DTYPES = ("float32", "float16", "bfloat16")
+_GENERATOR_OPTIONS = (
+    "return_last_states", "recompute_states_in_bw", "chunk_size", "eps", "stabilize_correctly", "norm_val",
+)
 
 
 def _mlstm_chunkwise_fwbw_generator(
@@ -74,28 +77,11 @@ def _mlstm_chunkwise_fwbw_generator(
         ``return_last_states``, the last states in float32 (otherwise three None).
     """
 
-    def forward(
-        matQ: jax.Array,  # (B, NH, S, DHQK)
-        matK: jax.Array,  # (B, NH, S, DHQK)
-        matV: jax.Array,  # (B, NH, S, DHV)
-        vecI: jax.Array,  # (B, NH, S)
-        vecF: jax.Array,  # (B, NH, S)
-        matC_initial: jax.Array | None = None,  # (B, NH, DHQK, DHV)
-        vecN_initial: jax.Array | None = None,  # (B, NH, DHQK)
-        scaM_initial: jax.Array | None = None,  # (B, NH)
-    ):
-        h, (matC, vecN, scaM) = mlstm_chunkwise_pallas(
-            matQ, matK, matV, vecI, vecF, matC_initial, vecN_initial, scaM_initial,
-            return_last_states=True, eps=eps, norm_val=norm_val,
-            stabilize_correctly=stabilize_correctly, chunk_size_intra=chunk_size,
-            chunk_size_inter=chunk_size, autocast_kernel_dtype=autocast_kernel_dtype,
-            recompute_states_in_bw=recompute_states_in_bw,
-        )
-        if return_last_states:
-            return h, matC, vecN, scaM
-        return h, None, None, None
-
-    return forward
+    return make_fwbw(
+        layout="limit", autocast_kernel_dtype=autocast_kernel_dtype, return_last_states=return_last_states,
+        recompute_states_in_bw=recompute_states_in_bw, chunk_size=chunk_size, eps=eps, norm_val=norm_val,
+        stabilize_correctly=stabilize_correctly,
+    )
 
 
 def _get_chunkwise_fwbw_kernel(autocast_kernel_dtype: jnp.dtype, **kwargs) -> Callable:
@@ -111,14 +97,7 @@ def _get_chunkwise_fwbw_kernel(autocast_kernel_dtype: jnp.dtype, **kwargs) -> Ca
         A function that computes the forward pass of the mLSTM chunkwise formulation, which custom gradients for the
         backward pass. See _mlstm_chunkwise_fwbw_generator for the function signature.
     """
-    name = dtype_name(autocast_kernel_dtype)
-    if name not in _KERNEL_DTYPES:
-        raise ValueError(f"Unsupported kernel dtype {autocast_kernel_dtype}; use one of {_KERNEL_DTYPES}.")
-    valid = ("return_last_states", "recompute_states_in_bw", "chunk_size", "eps", "stabilize_correctly", "norm_val")
-    unknown = sorted(set(kwargs) - set(valid))
-    if unknown:
-        raise ValueError(f"unknown keyword argument(s) {unknown}; valid: {list(valid)}")
-    return _mlstm_chunkwise_fwbw_generator(jnp.dtype(name), **kwargs)
+    return get_fwbw_kernel(_mlstm_chunkwise_fwbw_generator, _GENERATOR_OPTIONS, autocast_kernel_dtype, kwargs)
 
 
 def mlstm_chunkwise_triton_stablef(
@@ -171,7 +150,4 @@ def mlstm_chunkwise_triton_stablef(
         stabilize_correctly=stabilize_correctly,
         eps=eps,
     )
-    matH, matC, vecN, scaM = fwbw(q, k, v, i, f, c_initial, n_initial, m_initial)
-    if return_last_states:
-        return matH, (matC, vecN, scaM)
-    return matH
+    return sequence_fwbw(fwbw, return_last_states, q, k, v, i, f, c_initial, n_initial, m_initial)

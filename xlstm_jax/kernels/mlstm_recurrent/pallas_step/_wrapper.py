@@ -15,46 +15,31 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ..._common import MLSTMState, validate_options
+from ..._common import MLSTMState
+from ...options import CellOptions
 from ...pallas import _triton
+from ...validation import StepCall, empty_step_outputs, validate_step_call
 from ._launch import choose_tiling, launch_step
 
 _STATE_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float64))
 
 
-def _shape(x) -> str:
-    return str(tuple(x.shape)) if hasattr(x, "shape") else repr(x)
-
-
-def validate_step_inputs(matC, vecN, scaM, vecQ, vecK, vecV, scaI, scaF) -> tuple[int, int, int, int]:
-    """Check the shapes and dtypes of one step; return (B, NH, DHQK, DHV). Raises ``ValueError``."""
-    shapes = (
-        f"C {_shape(matC)}, n {_shape(vecN)}, m {_shape(scaM)}, q {_shape(vecQ)}, k {_shape(vecK)}, "
-        f"v {_shape(vecV)}, i {_shape(scaI)}, f {_shape(scaF)}"
+def validate_step_inputs(
+    matC, vecN, scaM, vecQ, vecK, vecV, scaI, scaF, *, cell_options: CellOptions | None = None, **flat_options
+) -> StepCall:
+    """The shared step validation (``validation.validate_step_call``: shapes, floating dtypes, cell
+    options) plus this kernel's own rule: C and n share one of float32, bfloat16, float16, float64.
+    Raises ``ValueError``; returns the validated ``StepCall``."""
+    call = validate_step_call(
+        "recurrent_pallas", matC, vecN, scaM, vecQ, vecK, vecV, scaI, scaF,
+        cell_options=cell_options, **flat_options,
     )
-    if getattr(vecQ, "ndim", None) != 3 or getattr(vecV, "ndim", None) != 3:
-        raise ValueError(f"q must have shape (B, NH, DHQK) and v (B, NH, DHV); got {shapes}")
-    B, NH, DHQK = vecQ.shape
-    DHV = vecV.shape[2]
-    want = {
-        "C": (matC, (B, NH, DHQK, DHV)), "n": (vecN, (B, NH, DHQK)), "m": (scaM, (B, NH)),
-        "k": (vecK, (B, NH, DHQK)), "v": (vecV, (B, NH, DHV)), "i": (scaI, (B, NH)), "f": (scaF, (B, NH)),
-    }
-    bad = [f"{name} {_shape(x)} (expected {shape})" for name, (x, shape) in want.items()
-           if tuple(getattr(x, "shape", ())) != shape]
-    if bad:
-        raise ValueError(f"mLSTM step shape mismatch: {', '.join(bad)}; got {shapes}")
-    if min(B, NH, DHQK, DHV) < 1:
-        raise ValueError(f"empty batch, head or head dimension; got {shapes}")
     if jnp.dtype(matC.dtype) not in _STATE_DTYPES or vecN.dtype != matC.dtype:
         raise ValueError(
-            f"C and n must share one float dtype of {[str(d) for d in _STATE_DTYPES]}; "
+            f"recurrent_pallas: C and n must share one float dtype of {[str(d) for d in _STATE_DTYPES]}; "
             f"got C {matC.dtype}, n {vecN.dtype}"
         )
-    for name, x in (("m", scaM), ("q", vecQ), ("k", vecK), ("v", vecV), ("i", scaI), ("f", scaF)):
-        if not jnp.issubdtype(x.dtype, jnp.floating):
-            raise ValueError(f"{name} must be a floating-point array; got {x.dtype}")
-    return B, NH, DHQK, DHV
+    return call
 
 
 def _pad_last(x: jax.Array, size: int) -> jax.Array:
@@ -77,13 +62,15 @@ def mlstm_recurrent_step_pallas(
     eps: float = 1e-6,
     norm_val: float = 1.0,
     stabilize_correctly: bool = True,
+    grad_mode: str = "exact",
+    cell_options: CellOptions | None = None,
     block_dhqk: int | None = None,
     block_dhv: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
     interpret: bool | None = None,
 ) -> tuple[jax.Array, MLSTMState]:
-    """One mLSTM step as one fused Pallas kernel (DESIGN.md section 1).
+    """One mLSTM step as one fused Pallas kernel (docs/design.md, section 1).
 
     The states keep their dtypes (float32 by default, bfloat16 to halve the bytes per step; C and n
     share one dtype, m may differ); all arithmetic runs in float32 (float64 for float64 states). The
@@ -93,14 +80,26 @@ def mlstm_recurrent_step_pallas(
 
     ``block_dhqk``/``block_dhv`` (powers of two), ``num_warps`` and ``num_stages`` override the tile
     heuristic of ``_launch.choose_tiling``; ``interpret=None`` compiles on an NVIDIA GPU and
-    interprets elsewhere. Bad shapes, dtypes or options raise ``ValueError``.
+    interprets elsewhere. The cell options come as the flat keywords or as ``cell_options``;
+    ``grad_mode`` is accepted for the common signature and has no effect (no gradients). Bad shapes,
+    dtypes or options raise ``ValueError``; B == 0 or NH == 0 gives empty outputs.
     """
-    B, NH, DHQK, DHV = validate_step_inputs(matC, vecN, scaM, vecQ, vecK, vecV, scaI, scaF)
-    qk_scale = validate_options(eps=eps, norm_val=norm_val, grad_mode="exact", qk_scale=qk_scale, DHQK=DHQK)
+    call = validate_step_inputs(
+        matC, vecN, scaM, vecQ, vecK, vecV, scaI, scaF, cell_options=cell_options, qk_scale=qk_scale,
+        eps=eps, norm_val=norm_val, stabilize_correctly=stabilize_correctly, grad_mode=grad_mode,
+    )
+    B, NH, DHQK, DHV = call.B, call.NH, call.DHQK, call.DHV
+    opts = call.options
+    qk_scale, eps, norm_val, stabilize_correctly = (
+        opts.effective_qk_scale(DHQK), opts.eps, opts.norm_val, opts.stabilize_correctly
+    )
     BNH = B * NH
     tiling = choose_tiling(
-        BNH, DHQK, DHV, block_dhqk=block_dhqk, block_dhv=block_dhv, num_warps=num_warps, num_stages=num_stages
+        max(BNH, 1), DHQK, DHV, block_dhqk=block_dhqk, block_dhv=block_dhv, num_warps=num_warps,
+        num_stages=num_stages,
     )
+    if call.empty:
+        return empty_step_outputs(matC, vecN, scaM, vecV, matC.dtype)
     DHQK_p, DHV_p = tiling.DHQK_p, tiling.DHV_p
     if BNH * DHQK_p * DHV_p >= 2**31:
         raise ValueError(

@@ -3,30 +3,49 @@
 ``create_mlstm_backend(name, **config_kwargs)`` builds a backend from its registered name;
 ``create_mlstm_backend_config(name, **kwargs)`` builds only its config; ``available_mlstm_backends()``
 lists the names. Unknown names and unknown config keywords raise ``ValueError`` listing the valid ones.
-Backend modules register themselves at import (``register_mlstm_backend``); the modules below are
-imported on first use of the registry.
+Every backend reaches its kernel through the kernel registry (``xlstm_jax.kernels``) only.
+
+The built-in backends, registered by ``_load_builtin_backends`` on first use of the registry:
+
+    name                  module              class                          kernel
+    recurrent             recurrent.py        mLSTMBackendRecurrent          recurrent_native (seed 004)
+    parallel_stabilized   simple.py           mLSTMBackendParallel           parallel_native
+    fwbw_stabilized       fwbw.py             mLSTMBackendFwbw               chunkwise_native
+    triton_kernels        triton_kernels.py   mLSTMBackendTriton             chunkwise_pallas (seed 002)
+    recurrent_triton      recurrent_triton.py mLSTMBackendRecurrentTriton    step kernel recurrent_pallas
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from typing import Any
 
 from .config import mLSTMBackend, mLSTMBackendConfig
 
-_BACKEND_MODULES = {
-    # name -> module that defines it
-    "recurrent": ("xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend.recurrent", "mLSTMBackendRecurrent"),
-    "parallel_stabilized": ("xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend.simple", "mLSTMBackendParallel"),
-    "fwbw_stabilized": ("xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend.fwbw", "mLSTMBackendFwbw"),
-    "triton_kernels": ("xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend.triton_kernels", "mLSTMBackendTriton"),
-    "recurrent_triton": (
-        "xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend.recurrent_triton", "mLSTMBackendRecurrentTriton"
-    ),
-}
-
 _REGISTRY: dict[str, type[mLSTMBackend]] = {}
+_loaded = False
+
+
+def _load_builtin_backends() -> None:
+    """Import and register the built-in backends (see the module docstring)."""
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    from .fwbw import mLSTMBackendFwbw
+    from .recurrent import mLSTMBackendRecurrent
+    from .recurrent_triton import mLSTMBackendRecurrentTriton
+    from .simple import mLSTMBackendParallel
+    from .triton_kernels import mLSTMBackendTriton
+
+    for name, cls in (
+        ("recurrent", mLSTMBackendRecurrent),
+        ("parallel_stabilized", mLSTMBackendParallel),
+        ("fwbw_stabilized", mLSTMBackendFwbw),
+        ("triton_kernels", mLSTMBackendTriton),
+        ("recurrent_triton", mLSTMBackendRecurrentTriton),
+    ):
+        _REGISTRY.setdefault(name, cls)
 
 
 def register_mlstm_backend(name: str, backend_class: type[mLSTMBackend]) -> None:
@@ -38,18 +57,15 @@ def register_mlstm_backend(name: str, backend_class: type[mLSTMBackend]) -> None
 
 def available_mlstm_backends() -> list[str]:
     """Names of the registered mLSTM backends, sorted."""
-    return sorted(set(_REGISTRY) | set(_BACKEND_MODULES))
+    _load_builtin_backends()
+    return sorted(_REGISTRY)
 
 
 def get_mlstm_backend_class(name: str) -> type[mLSTMBackend]:
     """The backend class registered as ``name``; ``ValueError`` listing the valid names if unknown."""
+    _load_builtin_backends()
     if name not in _REGISTRY:
-        if name not in _BACKEND_MODULES:
-            raise ValueError(
-                f"unknown mLSTM backend {name!r}; available: {', '.join(available_mlstm_backends())}"
-            )
-        module, cls = _BACKEND_MODULES[name]
-        register_mlstm_backend(name, getattr(importlib.import_module(module), cls))
+        raise ValueError(f"unknown mLSTM backend {name!r}; available: {', '.join(available_mlstm_backends())}")
     return _REGISTRY[name]
 
 

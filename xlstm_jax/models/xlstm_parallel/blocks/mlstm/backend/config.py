@@ -1,6 +1,9 @@
 """The base of every mLSTM backend: a Flax module with a ``config`` that calls one registered kernel.
 
-A backend only translates its config into a kernel call (``xlstm_jax.kernels.get_mlstm_kernel``).
+A backend only translates its config into a kernel call (``xlstm_jax.kernels.get_mlstm_kernel``);
+its cell options (eps, norm_val, stabilize_correctly, grad_mode, ...) are the config's flat fields,
+gathered into one ``xlstm_jax.kernels.CellOptions`` by ``mLSTMBackendConfig.cell_options`` and
+validated when the config is created.
 Call signature of every backend (the seeds')::
 
     backend(q, k, v, i, f, c_initial=None, n_initial=None, m_initial=None, return_last_states=False)
@@ -18,13 +21,29 @@ from typing import Any, ClassVar
 import flax.linen as nn
 import jax
 
-from xlstm_jax.kernels import get_mlstm_kernel
+from xlstm_jax.kernels import CellOptions, get_mlstm_kernel
+
+_CELL_OPTION_FIELDS = tuple(f.name for f in dataclasses.fields(CellOptions))
 
 
 @dataclasses.dataclass
 class mLSTMBackendConfig:
     """Base of the backend configs. ``assign_model_config_params`` copies what a backend needs
-    from the model config (by default nothing)."""
+    from the model config (by default nothing).
+
+    A config's fields named like ``CellOptions`` fields (qk_scale, eps, norm_val,
+    stabilize_correctly, grad_mode, input_gate) are its cell options; the others keep their
+    ``CellOptions`` defaults. They are validated at construction (``ValueError``).
+    """
+
+    def __post_init__(self):
+        self.cell_options  # noqa: B018 - validates the cell-option fields
+
+    @property
+    def cell_options(self) -> CellOptions:
+        """The cell options of this config (its fields named like ``CellOptions`` fields)."""
+        own = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name in _CELL_OPTION_FIELDS}
+        return CellOptions(**own)
 
     def assign_model_config_params(self, model_config: Any) -> None:
         """Take the parameters this backend needs from ``model_config``; the base needs none."""

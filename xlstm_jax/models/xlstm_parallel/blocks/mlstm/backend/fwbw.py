@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from xlstm_jax.kernels._common import validate_chunk_size
+from xlstm_jax.kernels import validate_chunk_size
 
 from .config import mLSTMBackend, mLSTMBackendConfig
 
@@ -29,6 +29,7 @@ class mLSTMBackendFwbwConfig(mLSTMBackendConfig):
 
     def __post_init__(self):
         validate_chunk_size("chunk_size", self.chunk_size)
+        super().__post_init__()
 
 
 class mLSTMBackendFwbw(mLSTMBackend):
@@ -40,6 +41,4 @@ class mLSTMBackendFwbw(mLSTMBackend):
     def kernel_call(self, seq_len):
         del seq_len
         c = self.config
-        return "chunkwise_native", {"chunk_size": c.chunk_size}, dict(
-            eps=c.eps, norm_val=c.norm_val, stabilize_correctly=c.stabilize_correctly, grad_mode=c.grad_mode
-        )
+        return "chunkwise_native", {"chunk_size": c.chunk_size}, {"cell_options": c.cell_options}

@@ -1,20 +1,28 @@
 """Recurrent mLSTM backend (seed 004): a single step, a whole sequence, and the backend module.
 
-Thin over ``xlstm_jax.kernels.mlstm_recurrent.native``. Shapes of one step: c (B, NH, DHQK, DHV),
-n (B, NH, DHQK), m (B, NH, 1), q, k (B, NH, DHQK), v (B, NH, DHV), i, f (B, NH, 1). The query scale is
-DHQK ** -0.5 and the normalizer is ``max(|q . n|, exp(-m)) + eps`` (DESIGN.md section 1).
+Thin over the registry kernels ``recurrent_native`` (sequence and step kernel). Shapes of one step:
+c (B, NH, DHQK, DHV), n (B, NH, DHQK), m (B, NH, 1), q, k (B, NH, DHQK), v (B, NH, DHV), i, f
+(B, NH, 1). The query scale is DHQK ** -0.5 and the normalizer is ``max(|q . n|, exp(-m)) + eps``
+(docs/design.md, section 1). ``seed_step_fn`` adapts any registered step kernel to this step
+signature (the ``recurrent_triton`` backend uses it with ``recurrent_pallas``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 
-from xlstm_jax.kernels._common import MLSTMState, squeeze_gate, validate_inputs
-from xlstm_jax.kernels.mlstm_recurrent.native import mlstm_recurrent_sequence, mlstm_recurrent_step
+from xlstm_jax.kernels import (
+    MLSTMState,
+    floating_dtype,
+    get_mlstm_kernel,
+    get_mlstm_step_kernel,
+    validate_sequence_call,
+)
 
 from .config import mLSTMBackend, mLSTMBackendConfig
 
@@ -39,6 +47,19 @@ def _check_step_shapes(c, n, m, q, k, v, i, f) -> None:
         )
 
 
+def _seed_step(step_kernel: Callable, c, n, m, q, k, v, i, f, eps: float = 1e-6):
+    """A registered step kernel (m, i, f of shape (B, NH)) in the seed-004 step signature."""
+    _check_step_shapes(c, n, m, q, k, v, i, f)
+    h, (c_new, n_new, m_new) = step_kernel(c, n, m[..., 0], q, k, v, i[..., 0], f[..., 0], eps=eps)
+    return h, (c_new, n_new, m_new[..., None])
+
+
+def seed_step_fn(name: str, **options: Any) -> Callable:
+    """The registered step kernel ``name`` (with its ``options``) as a ``recurrent_step_fw``-style
+    step: ``step(c, n, m, q, k, v, i, f, eps=1e-6)`` with m, i, f of shape (B, NH, 1)."""
+    return functools.partial(_seed_step, get_mlstm_step_kernel(name, **options))
+
+
 def recurrent_step_fw(
     c: jax.Array,  # (B, NH, DHQK, DHV)
     n: jax.Array,  # (B, NH, DHQK)
@@ -55,9 +76,7 @@ def recurrent_step_fw(
     Returns the hidden state h (B, NH, DHV) and the new states (c, n, m) with m of shape (B, NH, 1),
     in the dtype of the states.
     """
-    _check_step_shapes(c, n, m, q, k, v, i, f)
-    h, (c_new, n_new, m_new) = mlstm_recurrent_step(c, n, m[..., 0], q, k, v, i[..., 0], f[..., 0], eps=eps)
-    return h, (c_new, n_new, m_new[..., None])
+    return _seed_step(get_mlstm_step_kernel("recurrent_native"), c, n, m, q, k, v, i, f, eps=eps)
 
 
 def recurrent_sequence_fw(
@@ -81,19 +100,24 @@ def recurrent_sequence_fw(
     ``mlstm_step_fn`` has the signature of ``recurrent_step_fw``. Returns h (B, NH, S, DHV) (dtype of
     the queries), and with ``return_last_states`` also ``(c, n, m)`` with m of shape (B, NH).
     """
-    vecI, vecF, state0 = validate_inputs(
-        queries, keys, values, igate_preact, fgate_preact, c_initial, n_initial, m_initial
+    call = validate_sequence_call(
+        "recurrent_sequence_fw", queries, keys, values, igate_preact, fgate_preact, c_initial, n_initial,
+        m_initial, eps=eps,
     )
+    state0 = call.state
+    state_dtype = floating_dtype("state_dtype", state_dtype)
     if state_dtype is None:
-        state_dtype = state0.matC.dtype if state0 is not None else jnp.result_type(vecI, vecF)
+        state_dtype = state0.matC.dtype if state0 is not None else jnp.result_type(call.vecI, call.vecF)
+    eps = call.options.eps
 
     def step(C, N, M, q, k, v, i, f):
         h, (C, N, M) = mlstm_step_fn(C, N, M[..., None], q, k, v, i[..., None], f[..., None], eps=eps)
         return h, MLSTMState(C, N, M[..., 0])
 
-    return mlstm_recurrent_sequence(
-        queries, keys, values, vecI, vecF, *(state0 or (None, None, None)),
-        return_last_states=return_last_states, use_scan=use_scan, state_dtype=state_dtype, step_fn=step,
+    kernel = get_mlstm_kernel("recurrent_native", use_scan=use_scan, state_dtype=state_dtype, step_fn=step)
+    return kernel(
+        queries, keys, values, call.vecI, call.vecF, *(state0 or (None, None, None)),
+        return_last_states=return_last_states, eps=eps,
     )
 
 
@@ -109,6 +133,10 @@ class mLSTMBackendRecurrentConfig(mLSTMBackendConfig):
     """Dtype of the states; None: see ``recurrent_sequence_fw``."""
     use_scan: bool = False
     """Loop with ``jax.lax.scan`` (fast to compile) instead of an unrolled Python loop."""
+
+    def __post_init__(self):
+        floating_dtype("state_dtype", self.state_dtype)
+        super().__post_init__()
 
     def assign_model_config_params(self, model_config: Any) -> None:
         """Take ``context_length`` from the model config."""

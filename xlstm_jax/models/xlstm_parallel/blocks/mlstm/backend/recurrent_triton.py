@@ -1,6 +1,6 @@
 """``recurrent_triton`` backend: the recurrent form, one fused Pallas step kernel per time step.
 
-Thin over ``xlstm_jax.kernels.mlstm_recurrent.pallas_step`` (Pallas, lowered through Triton on NVIDIA
+Thin over the registry step kernel ``recurrent_pallas`` (Pallas, lowered through Triton on NVIDIA
 GPUs, interpreted elsewhere) and the seed-004 loop ``recurrent_sequence_fw``. Shapes as in the other
 backends: q, k (B, NH, S, DHQK); v (B, NH, S, DHV); i, f (B, NH, S) or (B, NH, S, 1); initial states
 (B, NH, DHQK, DHV), (B, NH, DHQK), (B, NH). Forward only: the step kernel has no VJP, so this
@@ -13,14 +13,13 @@ import dataclasses
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
-from xlstm_jax.kernels.mlstm_recurrent.pallas_step import recurrent_step_fw_pallas
+from xlstm_jax.kernels import floating_dtype
 
 from .config import mLSTMBackend, mLSTMBackendConfig
-from .recurrent import recurrent_sequence_fw
+from .recurrent import recurrent_sequence_fw, seed_step_fn
 
-__all__ = ["mLSTMBackendRecurrentTriton", "mLSTMBackendRecurrentTritonConfig", "recurrent_step_fw_pallas"]
+__all__ = ["mLSTMBackendRecurrentTriton", "mLSTMBackendRecurrentTritonConfig"]
 
 
 @dataclasses.dataclass
@@ -40,6 +39,11 @@ class mLSTMBackendRecurrentTritonConfig(mLSTMBackendConfig):
     """Dtype to which q, k, v, i, f are cast before the kernel (e.g. "bfloat16" halves their bytes;
     arithmetic is float32 in the kernel either way); None keeps the inputs' dtypes. h is returned in
     the dtype of the queries given to the backend."""
+
+    def __post_init__(self):
+        floating_dtype("state_dtype", self.state_dtype)
+        floating_dtype("kernel_dtype", self.kernel_dtype)
+        super().__post_init__()
 
     def assign_model_config_params(self, model_config: Any) -> None:
         """Take ``context_length`` from the model config."""
@@ -68,18 +72,13 @@ class mLSTMBackendRecurrentTriton(mLSTMBackend):
         """Run the sequence; see ``recurrent_sequence_fw``. Returns h (and the last states)."""
         c = self.config
         out_dtype = q.dtype
-        if c.kernel_dtype is not None:
-            try:
-                kdt = jnp.dtype(c.kernel_dtype)
-            except TypeError:
-                kdt = None
-            if kdt is None or not jnp.issubdtype(kdt, jnp.floating):
-                raise ValueError(f"kernel_dtype must name a floating dtype; got {c.kernel_dtype!r}")
+        kdt = floating_dtype("kernel_dtype", c.kernel_dtype)
+        if kdt is not None:
             q, k, v, i, f = (x.astype(kdt) for x in (q, k, v, i, f))
         out = recurrent_sequence_fw(
             q, k, v, i, f, c_initial, n_initial, m_initial,
             return_last_states=return_last_states, eps=c.eps, state_dtype=c.state_dtype,
-            use_scan=c.use_scan, mlstm_step_fn=recurrent_step_fw_pallas,
+            use_scan=c.use_scan, mlstm_step_fn=seed_step_fn("recurrent_pallas"),
         )
         if return_last_states:
             h, states = out

@@ -44,7 +44,4 @@ class mLSTMBackendParallel(mLSTMBackend):
                 f"sequence length {S} exceeds context_length {self.config.context_length} of the "
                 "parallel_stabilized backend"
             )
-        c = self.config
-        return "parallel_native", {}, dict(
-            eps=c.eps, norm_val=c.norm_val, stabilize_correctly=c.stabilize_correctly, grad_mode=c.grad_mode
-        )
+        return "parallel_native", {}, {"cell_options": self.config.cell_options}

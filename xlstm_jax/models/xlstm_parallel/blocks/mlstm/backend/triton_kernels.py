@@ -9,7 +9,9 @@ GPUs, interpreted elsewhere) with different defaults:
     max_triton_xlchunksize                           TFLA xl chunks: recurrent step chunk_size,
                                                       intra chunk max(chunk_size, 128)
 
-All give exact gradients and honour eps, norm_val and stabilize_correctly. Shapes (the seeds'):
+(the layouts and ``reduce_slicing`` are ``xlstm_jax.kernels.chunking.chunk_layout``). All honour
+eps, norm_val and stabilize_correctly, and give exact gradients by default; ``grad_mode="tfla"``
+(the one field added to the seed's config) gives the TFLA kernels' convention. Shapes (the seeds'):
 q, k (B, NH, S, DHQK); v (B, NH, S, DHV); i, f (B, NH, S) or (B, NH, S, 1); initial states
 (B, NH, DHQK, DHV), (B, NH, DHQK), (B, NH).
 """
@@ -19,12 +21,16 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal, get_args
 
+from xlstm_jax.kernels import chunk_layout, floating_dtype, validate_chunk_size
+
 from .config import mLSTMBackend, mLSTMBackendConfig
 
 BackendNameType = Literal["max_triton_xlchunksize", "max_triton_noslice", "max_triton", "triton_stablef"]
 
-_MIN_CHUNK = 16
-_XL_INTRA_CHUNK = 128
+_LAYOUTS = {
+    "max_triton_xlchunksize": "xl", "max_triton_noslice": "limit", "max_triton": "limit", "triton_stablef": "limit",
+}
+_KERNEL_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclasses.dataclass
@@ -51,28 +57,25 @@ class mLSTMBackendTritonConfig(mLSTMBackendConfig):
     """Normalizer upper bound value - max(norm_val e^-m, |n q|)"""
     stabilize_correctly: bool = True
     """Whether to stabilize correctly, i.e. scale norm_val with the maximizer state - see above"""
+    grad_mode: str = "exact"
+    """Gradient convention: "exact" (the gradient of the cell) or "tfla" (denominator and m held
+    constant in the backward pass, as the TFLA kernels; not a seed field)."""
 
     def __post_init__(self):
         names = get_args(BackendNameType)
         if self.backend_name not in names:
             raise ValueError(f"backend_name must be one of {names}; got {self.backend_name!r}")
-        c = self.chunk_size
-        if isinstance(c, bool) or not isinstance(c, int) or c < _MIN_CHUNK or c & (c - 1):
-            raise ValueError(f"chunk_size must be a power of two >= {_MIN_CHUNK}; got {c!r}")
+        validate_chunk_size("chunk_size", self.chunk_size, pallas=True)
+        dt = floating_dtype("autocast_dtype", self.autocast_dtype)
+        if dt is not None and dt.name not in _KERNEL_DTYPES:
+            raise ValueError(f"autocast_dtype must be None or one of {_KERNEL_DTYPES}; got {self.autocast_dtype!r}")
+        if not isinstance(self.reduce_slicing, bool):
+            raise ValueError(f"reduce_slicing must be a bool; got {self.reduce_slicing!r}")
+        super().__post_init__()
 
     def assign_model_config_params(self, model_config: Any) -> None:
         """Nothing to take from the model config (the seed's behaviour)."""
         del model_config
-
-
-def _dividing_chunk(chunk: int, seq_len: int) -> int:
-    """The largest power of two in [16, chunk] dividing ``seq_len``; ``chunk`` if there is none."""
-    c = chunk
-    while c >= _MIN_CHUNK:
-        if seq_len % c == 0:
-            return c
-        c //= 2
-    return chunk
 
 
 class mLSTMBackendTriton(mLSTMBackend):
@@ -84,18 +87,13 @@ class mLSTMBackendTriton(mLSTMBackend):
     def kernel_call(self, seq_len: int) -> tuple[str, dict[str, Any], dict[str, Any]]:
         """("chunkwise_pallas", kernel options, call options) for this config and ``seq_len``."""
         c = self.config
-        if c.backend_name == "max_triton_xlchunksize":
-            inter, intra = c.chunk_size, max(c.chunk_size, _XL_INTRA_CHUNK)
-        else:
-            inter = intra = c.chunk_size
-        if c.reduce_slicing and seq_len % intra:
-            intra = _dividing_chunk(intra, seq_len)
-            inter = min(inter, intra)
+        intra, inter = chunk_layout(
+            c.chunk_size, _LAYOUTS[c.backend_name], S=seq_len, reduce_slicing=c.reduce_slicing
+        )
         options = dict(
             autocast_kernel_dtype=c.autocast_dtype, chunk_size_intra=intra, chunk_size_inter=inter
         )
-        call_options = dict(eps=c.eps, norm_val=c.norm_val, stabilize_correctly=c.stabilize_correctly)
-        return "chunkwise_pallas", options, call_options
+        return "chunkwise_pallas", options, {"cell_options": c.cell_options}
 
     @property
     def can_vmap_over_heads(self) -> bool:
