@@ -391,7 +391,8 @@ def train(
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainer.abstract_state.params))
     mesh_txt = "one device" if trainer.mesh is None else f"mesh (data, fsdp, tensor) = {tc.mesh}"
     procs = dist.process_count()
-    procs_txt = "" if procs == 1 else f" in {procs} processes ({len(trainer.local_devices())} devices each)"
+    n_local = len(trainer.local_devices())
+    procs_txt = "" if procs == 1 else f" in {procs} processes ({n_local} device{'' if n_local == 1 else 's'} each)"
     log.say(
         f"model: {n_params:,} parameters, E={model_config.embedding_dim} NB={model_config.num_blocks} "
         f"NH={model_config.num_heads}, backend {model_config.mlstm_backend}; {mesh_txt} on "
