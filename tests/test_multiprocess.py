@@ -77,15 +77,18 @@ class Launch:
     still running (each by its own pid)."""
 
     def __init__(self, registry: list, log_dir: Path, name: str, args: list[str], n: int = 2, devices: int = 2,
-                 cache: Path | None = None):
-        self.name, self.logs = name, [log_dir / f"{name}.{i}.log" for i in range(n)]
+                 cache: Path | None = None, ids: list[int] | None = None, per_process: dict[int, list[str]] | None = None,
+                 timeout: int = 120):
+        ids = list(range(n)) if ids is None else ids
+        self.name, self.logs = name, [log_dir / f"{name}.{i}.log" for i in ids]
         address = f"localhost:{_free_port()}"
         self.procs: list[subprocess.Popen] = []
         registry.append(self)  # the fixture ends whatever was started, also if starting fails midway
-        for i in range(n):
-            cmd = [sys.executable, "-m", "xlstm_jax", *args, "--coordinator-address", address,
-                   "--num-processes", str(n), "--process-id", str(i), "--initialization-timeout", "120"]
-            with open(self.logs[i], "w") as out:
+        for i, log in zip(ids, self.logs):
+            cmd = [sys.executable, "-m", "xlstm_jax", *args, *(per_process or {}).get(i, []),
+                   "--coordinator-address", address, "--num-processes", str(n), "--process-id", str(i),
+                   "--initialization-timeout", str(timeout)]
+            with open(log, "w") as out:
                 self.procs.append(subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=_env(devices, cache), cwd=REPO))
 
     def output(self, i: int) -> str:
@@ -187,10 +190,11 @@ def _configs(args: list[str]):
     return train_cmd.build_configs(parsed)
 
 
-def test_two_processes_equal_one_process_and_resume_in_one(tmp_path, launches):
+def test_two_processes_equal_one_process_and_resume_in_one(tmp_path, launches, capsys):
     """Two processes x two CPU devices, meshes (4,1,1) and (2,2,1): per-step losses, held-out losses,
     parameters and optimizer state equal those of one process on four devices (1e-6 relative); the
-    two-process run resumed in one process continues exactly as the uninterrupted run."""
+    two-process run resumed in one process continues exactly as the uninterrupted run; generation
+    from a two-process checkpoint in one process."""
     if len(jax.devices()) < 4:
         pytest.skip("needs 4 devices in this process (tests/conftest.py simulates 8 on CPU)")
     t0 = time.monotonic()
@@ -233,6 +237,11 @@ def test_two_processes_equal_one_process_and_resume_in_one(tmp_path, launches):
     launch_b.expect_success()
     _assert_losses_match(run_b, ref, [1, 2, 3], [])
     _assert_states_match(_checkpoint(model_config, tc_ref, run_b, 3), state_ref_3, "two processes (2,2,1), step 3:")
+    # generation in one process from the checkpoint that the two processes wrote (FSDP-sharded)
+    capsys.readouterr()
+    assert cli.main(["generate", "--run-dir", str(run_b), "--prompt", "The ", "--max-new-tokens", "6"]) == 0
+    text = capsys.readouterr().out.splitlines()
+    assert text[0].startswith(f"# {run_b} step 3") and text[-1].startswith("The ")
     print(f"\ntwo-process test: A and the reference {t_a - t0:.0f} s, total {time.monotonic() - t0:.0f} s")
 
 
@@ -329,6 +338,35 @@ def test_join_options_are_checked_before_any_work(tmp_path, monkeypatch, capsys)
         assert err.startswith("xlstm-jax: error: ") and message in err and err.count("\n") == 1, (extra, err)
     assert not os.path.exists(out)
     assert not jax.distributed.is_initialized()
+
+
+def test_join_errors_end_every_process(tmp_path, launches):
+    """Processes started with different training options all stop with exit status 2 (no hang); a
+    process without its coordinator and a coordinator without its partner end after the timeout."""
+    args = TINY + ["--mesh", "4,1,1", "--eval-batches", "0", "--out-dir", str(tmp_path / "never")]
+    differ = Launch(launches, tmp_path, "differ", args, per_process={0: ["--steps", "3"], 1: ["--steps", "4"]})
+    alone_1 = Launch(launches, tmp_path, "alone1", args, ids=[1], timeout=2)
+    alone_0 = Launch(launches, tmp_path, "alone0", args, ids=[0], timeout=3)
+    assert differ.wait(120) == [2, 2], differ.report()
+    for i in (0, 1):
+        assert "xlstm-jax: error: the processes of the run were started with different training options" in differ.output(i)
+    assert alone_1.wait(60) == [2], alone_1.report()
+    assert "xlstm-jax: error: no coordinator at --coordinator-address localhost:" in alone_1.output(0)
+    codes = alone_0.wait(60)
+    assert codes[0] != 0 and "Deadline" in alone_0.output(0), alone_0.report()  # JAX ends it after the timeout
+    assert not os.path.exists(tmp_path / "never")
+
+
+def test_port_checks():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("0.0.0.0", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        with pytest.raises(ValueError, match=f"process 0 cannot open port {port}"):
+            dist._check_port_free(port)
+    dist._check_port_free(port)  # free again
+    with pytest.raises(ValueError, match=f"no coordinator at --coordinator-address localhost:{port} after 1 s"):
+        dist._wait_for_coordinator("localhost", port, 1)
 
 
 def test_plan_join_and_cluster_detection():

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import inspect
 import os
 import socket
@@ -176,21 +177,23 @@ def _wait_for_coordinator(host: str, port: int, timeout: float) -> None:
 
 
 def _check_port_free(port: int) -> None:
-    """``ValueError`` if process 0 cannot bind the coordinator's port (another program holds it)."""
+    """``ValueError`` if process 0 cannot bind the coordinator's port because another program holds
+    it (other bind errors, e.g. no IPv6 on this machine, are left to JAX)."""
     for family, address in ((socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")):
         try:
             sock = socket.socket(family, socket.SOCK_STREAM)
         except OSError:
-            continue  # no IPv6 on this machine
+            continue  # this address family is not available here
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((address, port))
             return
         except OSError as err:
-            raise ValueError(
-                f"--coordinator-address: process 0 cannot open port {port} for the coordinator "
-                f"({err.strerror or err}); choose another port"
-            ) from None
+            if err.errno == errno.EADDRINUSE:
+                raise ValueError(
+                    f"--coordinator-address: process 0 cannot open port {port} for the coordinator "
+                    f"({err.strerror}); choose another port"
+                ) from None
         finally:
             sock.close()
 

@@ -374,6 +374,9 @@ def train(
     ``data``: the result of ``prepare_run_data(model_config, tc)`` if the caller already made it
     (the CLI does, to report bad input before anything starts); otherwise it is made here.
     ``on_step(step, metrics)`` is called after every step (tests use it to send SIGINT).
+
+    In a multi-process run (after ``jax.distributed.initialize``; see ``distributed``) every process
+    calls ``train`` with the same configs (a mesh over all devices); process 0 writes and prints.
     """
     if data is None:
         data = prepare_run_data(model_config, tc)
