@@ -244,13 +244,12 @@ def _prepare(args: argparse.Namespace):
             )
     data = _agreed(lambda: check_inputs(model_config, tc, args.overwrite))
 
-    def prepare():  # every check passed: the run directory is the first thing written
-        try:
-            prepare_shared_run_dir(model_config, tc, args.overwrite)
-        except OSError as err:
-            raise UsageError(f"--out-dir {tc.out_dir!r} cannot be created: {err.strerror or err}") from None
-
-    _agreed(prepare)
+    try:  # every check passed: the run directory is the first thing written (all processes together)
+        prepare_shared_run_dir(model_config, tc, args.overwrite)
+    except OSError as err:
+        raise UsageError(f"--out-dir {tc.out_dir!r} cannot be created: {err.strerror or err}") from None
+    except ValueError as err:
+        raise UsageError(str(err)) from None
     return model_config, tc, data
 
 

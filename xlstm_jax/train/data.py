@@ -7,7 +7,9 @@ any machine with Python. Users pass their own UTF-8 text files instead.
 Batches are windows of ``seq_len + 1`` byte tokens (inputs and next-token targets). Each epoch draws
 a random offset and a random order of the non-overlapping windows from ``(seed, epoch)``; the
 iterator's whole state is ``DataState(epoch, position)``, saved in every checkpoint, so a resumed run
-sees exactly the batches the uninterrupted run would have seen.
+sees exactly the batches the uninterrupted run would have seen. In a multi-process run every process
+holds the same state and builds only its rows of each batch (``BatchSampler.batch(state, rows)``,
+``HeldoutBatches.batch(i, rows)``), so the global batch sequence is that of one process.
 """
 
 from __future__ import annotations
@@ -138,11 +140,12 @@ class BatchSampler:
         n = (len(self.tokens) - (self.seq_len - 1) - 1) // self.seq_len  # the worst offset
         return n // self.batch_size
 
-    def batch(self, state: DataState, rows: slice | None = None) -> tuple[np.ndarray, DataState]:
+    def batch(self, state: DataState, rows: slice | np.ndarray | None = None) -> tuple[np.ndarray, DataState]:
         """The batch (B, seq_len + 1) int32 at ``state``, and the next state.
 
-        ``rows`` (a slice of 0..B) returns only those rows of the batch (one process's share in a
-        multi-process run); the next state is the same either way.
+        ``rows`` (a slice of 0..B or an index array) builds only those rows of the batch (one
+        process's share in a multi-process run, ``Trainer.local_rows``); the next state is the same
+        either way.
         """
         epoch, pos = state.epoch, state.position
         if pos >= self.batches_per_epoch(epoch):

@@ -114,8 +114,9 @@ def prepare_run_dir(model_config: xLSTMLMConfig, tc: TrainConfig, overwrite: boo
 def prepare_shared_run_dir(model_config: xLSTMLMConfig, tc: TrainConfig, overwrite: bool = False) -> None:
     """``prepare_run_dir`` for a run of one or more processes (every process calls it): process 0
     prepares the directory, then every process checks that it sees process 0's config.json
-    (``--out-dir`` must be on a file system that all processes share). Raises the ``ValueError`` or
-    ``OSError`` of process 0 there, ``RuntimeError`` on the others and for a directory not shared."""
+    (``--out-dir`` must be on a file system that all processes share). On every process together:
+    process 0 raises its ``ValueError`` or ``OSError`` of ``prepare_run_dir``, the others a
+    ``ValueError`` saying so; a directory that not all processes see is a ``ValueError`` naming them."""
     if dist.process_count() == 1:
         prepare_run_dir(model_config, tc, overwrite)
         return
@@ -130,14 +131,14 @@ def prepare_shared_run_dir(model_config: xLSTMLMConfig, tc: TrainConfig, overwri
     if error is not None:
         raise error
     if failed:
-        raise RuntimeError(f"process 0 could not prepare the run directory {tc.out_dir!r} (see its error)")
+        raise ValueError(f"process 0 could not prepare the run directory {tc.out_dir!r} (see its error)")
     path = os.path.join(tc.out_dir, ckpt.CONFIG_FILE)
     deadline = time.monotonic() + 10.0  # network file systems may show a new file late
     while not os.path.exists(path) and time.monotonic() < deadline:
         time.sleep(0.2)
     blind = dist.failed_processes(os.path.exists(path))
     if blind:
-        raise RuntimeError(
+        raise ValueError(
             f"process(es) {blind} do not see {path}, written by process 0: --out-dir must be on a file "
             "system shared by all processes of the run"
         )
