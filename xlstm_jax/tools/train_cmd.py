@@ -8,6 +8,14 @@ Every user error (a bad number, an unknown backend or step kernel, a forward-onl
 option the backend does not have, a sequence longer than the context, a mesh that does not fit, an
 unreadable or non-UTF-8 data file, a run directory holding another run) is reported as a
 ``UsageError`` before the run directory is created or anything is compiled.
+
+Multi-process runs (one process per host or per GPU, on JAX's distributed runtime): every process
+runs the same command with ``--coordinator-address HOST:PORT --num-processes N --process-id I``, or
+with none of them when SLURM (``srun``) or Open MPI (``mpirun``) started the processes (JAX reads the
+three from the environment; ``--distributed`` says whether to join: ``auto``, ``on``, ``off``). The
+join options are checked before anything else; then JAX joins the processes, every process makes
+the checks above, and an error in any process stops all of them with exit status 2. See
+``docs/training.md``.
 """
 
 from __future__ import annotations
@@ -30,6 +38,14 @@ _OPTION_OF_SETTING = {
     "seq_len": "--seq-len",
     "mesh": "--mesh",
 }
+
+
+def device_ids(text: str) -> tuple[int, ...]:
+    """An argparse type: ``"0,1,3"``, one or more distinct device numbers >= 0."""
+    parts = [p.strip() for p in text.split(",")]
+    if not all(p.isdigit() for p in parts) or len(set(map(int, parts))) != len(parts):
+        raise argparse.ArgumentTypeError(f"must be distinct integers >= 0 separated by commas, e.g. 0,1; got {text!r}")
+    return tuple(int(p) for p in parts)
 
 
 def default_backend() -> str:
@@ -88,11 +104,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--seed", type=nonneg, default=0, help="seed of parameters, data order and training RNG")
     t.add_argument("--mesh", type=int_triple, default=None, metavar="DATA,FSDP,TENSOR",
                    help="shard over a device mesh of the first DATA*FSDP*TENSOR devices, e.g. 1,2,1 "
-                        "(default: one device, no mesh)")
+                        "(default: one device, no mesh; in a multi-process run: all devices, N,1,1)")
     t.add_argument("--overwrite", action="store_true", help="delete an existing run in --out-dir first")
     t.add_argument("--no-checkpoint", action="store_true", help="write no checkpoints (throughput runs)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.add_argument("--summary-json", default=None, help="also write the run summary to this file (default: no)")
+    d = parser.add_argument_group(
+        "multi-process runs",
+        "Every process runs the same command; the mesh spans the devices of all processes (default "
+        "mesh: data parallel over all of them), process 0 writes the log, metrics and summary, all write "
+        "the checkpoints (--out-dir on a shared file system). The option names are those of "
+        "jax.distributed.initialize.",
+    )
+    d.add_argument("--distributed", default="auto", choices=["auto", "on", "off"],
+                   help="join a multi-process run; auto: when --coordinator-address/--num-processes/--process-id "
+                        "are given or SLURM (srun) or Open MPI (mpirun) started several processes; on: must join; "
+                        "off: run as one process")
+    d.add_argument("--coordinator-address", default=None, metavar="HOST:PORT",
+                   help="address of process 0, which hosts the coordinator at PORT; goes with --num-processes "
+                        "and --process-id (default: none, one process unless SLURM / Open MPI started several)")
+    d.add_argument("--num-processes", type=positive, default=None, metavar="N",
+                   help="processes of the run (default: none, see --coordinator-address)")
+    d.add_argument("--process-id", type=nonneg, default=None, metavar="I",
+                   help="this process's index, 0..N-1 (default: none, see --coordinator-address)")
+    d.add_argument("--local-device-ids", type=device_ids, default=None, metavar="I,J,...",
+                   help="the local devices (GPUs) this process uses (default: all; under SLURM / Open MPI: one "
+                        "per process, the local rank's)")
+    d.add_argument("--initialization-timeout", type=positive, default=300, metavar="SECONDS",
+                   help="how long a process waits for all processes to join")
+    d.add_argument("--heartbeat-timeout-seconds", type=positive, default=100, metavar="SECONDS",
+                   help="a process that stops answering for this long is declared dead and the run ends")
 
 
 def build_configs(args: argparse.Namespace):
@@ -109,6 +150,9 @@ def build_configs(args: argparse.Namespace):
     if args.remat is not None:
         overrides["remat"] = args.remat
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if jax.default_backend() == "gpu" else "float32")
+    mesh = args.mesh
+    if mesh is None and jax.process_count() > 1:
+        mesh = (jax.device_count(), 1, 1)  # a multi-process run: data parallel over all devices
     backend = default_backend() if args.backend == "auto" else args.backend
     backend_kwargs = dict(args.backend_option)
     try:
@@ -124,7 +168,7 @@ def build_configs(args: argparse.Namespace):
             seq_len=args.seq_len, learning_rate=args.lr, warmup_steps=args.warmup_steps,
             weight_decay=args.weight_decay, eval_every=args.eval_every, eval_batches=args.eval_batches,
             checkpoint_every=args.checkpoint_every, log_every=args.log_every, seed=args.seed,
-            mesh=args.mesh, checkpoints=not args.no_checkpoint, heldout_fraction=args.heldout_fraction,
+            mesh=mesh, checkpoints=not args.no_checkpoint, heldout_fraction=args.heldout_fraction,
         )
     except ValueError as err:
         raise UsageError(str(err)) from None
@@ -150,20 +194,98 @@ def check_inputs(model_config, tc, overwrite: bool):
     return data
 
 
+def join_spec(args: argparse.Namespace):
+    """The ``distributed.JoinSpec`` of the multi-process options (None: one process); ``UsageError``
+    for a missing partner option, a process id out of range, a bad address. Imports no JAX."""
+    from xlstm_jax.train.distributed import plan_join
+
+    try:
+        return plan_join(
+            args.distributed, coordinator_address=args.coordinator_address, num_processes=args.num_processes,
+            process_id=args.process_id, local_device_ids=args.local_device_ids,
+            initialization_timeout=args.initialization_timeout,
+            heartbeat_timeout_seconds=args.heartbeat_timeout_seconds,
+        )
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+
+
+def _agreed(fn):
+    """``fn()`` on every process; if it raises ``UsageError`` on any process, every process raises
+    one (its own, or one naming the processes that failed), so that all stop together."""
+    from xlstm_jax.train import distributed as dist
+
+    try:
+        result, error = fn(), None
+    except UsageError as err:
+        result, error = None, err
+    failed = dist.failed_processes(error is None)
+    if error is not None:
+        raise error
+    if failed:
+        raise UsageError(f"process(es) {failed} of the run stopped with an error (see their message); stopping too")
+    return result
+
+
+def _prepare(args: argparse.Namespace):
+    """Configs, checks and the run directory (every process together); returns (configs, data)."""
+    import json
+
+    from xlstm_jax.train import distributed as dist
+    from xlstm_jax.train.run import prepare_shared_run_dir
+
+    model_config, tc = _agreed(lambda: build_configs(args))
+    if dist.process_count() > 1:
+        record = json.dumps({"model": model_config.to_dict(), "train": tc.to_dict(), "overwrite": args.overwrite}, sort_keys=True)
+        if not dist.same_on_all_processes(record):
+            raise UsageError(
+                "the processes of the run were started with different training options; start every process "
+                "with the same options (only --process-id and --local-device-ids differ)"
+            )
+    data = _agreed(lambda: check_inputs(model_config, tc, args.overwrite))
+
+    try:  # every check passed: the run directory is the first thing written (all processes together)
+        prepare_shared_run_dir(model_config, tc, args.overwrite)
+    except OSError as err:
+        raise UsageError(f"--out-dir {tc.out_dir!r} cannot be created: {err.strerror or err}") from None
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    return model_config, tc, data
+
+
 def run(args: argparse.Namespace) -> int:
-    """Train; print the summary. Returns 0 (also after a Ctrl-C stop, which saved a checkpoint)."""
-    model_config, tc = build_configs(args)
-    data = check_inputs(model_config, tc, args.overwrite)
+    """Train; print the summary. Returns 0 (also after a Ctrl-C stop, which saved a checkpoint).
+
+    In a multi-process run: join first (``join_spec``, ``distributed.initialize``), then the same as
+    in one process on every process; process 0 prints; a process that fails ends at once and so ends
+    the others (``distributed.exit_at_once_on_failure``).
+    """
+    import sys
+
+    from xlstm_jax.train import distributed as dist
+
+    spec = join_spec(args)  # before anything touches JAX's backends
+    if spec is not None:
+        try:
+            dist.initialize(spec, notify=lambda text: print(text, file=sys.stderr, flush=True))
+        except ValueError as err:
+            raise UsageError(str(err)) from None
+    with dist.exit_at_once_on_failure(passthrough=(UsageError,)):
+        return _train(args)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from xlstm_jax.train import distributed as dist
+
+    model_config, tc, data = _prepare(args)
 
     from xlstm_jax.train.checkpoint import write_json
     from xlstm_jax.train.data import bits_per_byte
-    from xlstm_jax.train.run import prepare_run_dir, train
+    from xlstm_jax.train.run import train
 
-    try:  # every check passed: the run directory is the first thing written
-        prepare_run_dir(model_config, tc, args.overwrite)
-    except OSError as err:
-        raise UsageError(f"--out-dir {tc.out_dir!r} cannot be created: {err.strerror or err}") from None
     summary = train(model_config, tc, progress=not args.no_progress, print_fn=print, data=data)
+    if dist.process_index() != 0:
+        return 0
     if args.summary_json:
         write_json(args.summary_json, summary)
     h = summary["unigram_entropy_nats"]
@@ -174,10 +296,12 @@ def run(args: argparse.Namespace) -> int:
     if ev == ev:  # not NaN
         print(f"held-out loss     {ev:.4f} nats/byte ({bits_per_byte(ev):.3f} bits/byte) = {ev / h:.0%} of the unigram entropy")
     if summary["tokens_per_s"]:
-        print(f"throughput        {summary['tokens_per_s']:,.0f} tokens/s on {len(summary['devices'])} x {summary['devices'][0]}")
+        procs = f" in {summary['processes']} processes" if summary["processes"] > 1 else ""
+        print(f"throughput        {summary['tokens_per_s']:,.0f} tokens/s on {len(summary['devices'])} x {summary['devices'][0]}{procs}")
     mem = [m for m in summary["peak_memory_bytes"] if m is not None]
     if mem:
-        print("peak memory       " + ", ".join(f"{m / 2**30:.2f} GiB" for m in mem) + " (per device)")
+        print("peak memory       " + ", ".join(f"{m / 2**30:.2f} GiB" for m in mem) + " (per device" + (
+            " of process 0)" if summary["processes"] > 1 else ")"))
     if tc.checkpoints and not summary["interrupted"]:
         print(f"generate text     xlstm-jax generate --run-dir {tc.out_dir} --prompt \"The \"")
     return 0

@@ -66,7 +66,8 @@ class TrainConfig:
     seed: int = 0
     """Seed of parameters, data order and the training RNG."""
     mesh: tuple[int, int, int] | None = None
-    """(data, fsdp, tensor) device mesh; None: a single device, no mesh."""
+    """(data, fsdp, tensor) device mesh; None: a single device, no mesh (a multi-process run needs a
+    mesh over the devices of all processes)."""
     checkpoints: bool = True
     """Write checkpoints (off for throughput measurements)."""
 
@@ -152,7 +153,8 @@ def check_run_settings(model_config: Any, tc: TrainConfig, devices: Sequence[Any
     - the step kernel used for generation is registered;
     - the training sequence length does not exceed the model's context length;
     - the mesh needs no more devices than there are (``devices``: default ``jax.devices()``), the
-      heads divide by its tensor axis and the batch by data x fsdp.
+      heads divide by its tensor axis and the batch by data x fsdp; a multi-process run has a mesh,
+      over all devices of all its processes.
 
     Raises ``RunSettingError`` (a ``ValueError``) naming the setting and the valid values.
     """
@@ -190,16 +192,31 @@ def check_run_settings(model_config: Any, tc: TrainConfig, devices: Sequence[Any
             f"seq_len {tc.seq_len} exceeds the model's context length {model_config.context_length}; "
             "raise the context length or shorten the sequences"
         )
+    import jax
+
+    processes = jax.process_count()
+    if tc.mesh is None and processes > 1:
+        raise RunSettingError(
+            "mesh",
+            f"a run of {processes} processes needs a mesh over the devices of all of them "
+            f"({jax.device_count()} devices), e.g. ({jax.device_count()}, 1, 1)"
+        )
     if tc.mesh is not None:
-        import jax
         import numpy as np
 
         available = len(jax.devices() if devices is None else devices)
         needed = int(np.prod(tc.mesh))
         if needed > available:
+            where = "this machine has" if processes == 1 else f"the {processes} processes of the run have"
             raise RunSettingError(
                 "mesh",
-                f"mesh {tc.mesh} (data, fsdp, tensor) needs {needed} devices; this machine has {available}"
+                f"mesh {tc.mesh} (data, fsdp, tensor) needs {needed} devices; {where} {available}"
+            )
+        if processes > 1 and needed != available:
+            raise RunSettingError(
+                "mesh",
+                f"mesh {tc.mesh} (data, fsdp, tensor) uses {needed} devices; a run of {processes} processes "
+                f"must use all {available} devices of its processes"
             )
         data, fsdp, tensor = tc.mesh
         if model_config.num_heads % tensor:

@@ -7,7 +7,9 @@ any machine with Python. Users pass their own UTF-8 text files instead.
 Batches are windows of ``seq_len + 1`` byte tokens (inputs and next-token targets). Each epoch draws
 a random offset and a random order of the non-overlapping windows from ``(seed, epoch)``; the
 iterator's whole state is ``DataState(epoch, position)``, saved in every checkpoint, so a resumed run
-sees exactly the batches the uninterrupted run would have seen.
+sees exactly the batches the uninterrupted run would have seen. In a multi-process run every process
+holds the same state and builds only its rows of each batch (``BatchSampler.batch(state, rows)``,
+``HeldoutBatches.batch(i, rows)``), so the global batch sequence is that of one process.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -138,11 +140,12 @@ class BatchSampler:
         n = (len(self.tokens) - (self.seq_len - 1) - 1) // self.seq_len  # the worst offset
         return n // self.batch_size
 
-    def batch(self, state: DataState, rows: slice | None = None) -> tuple[np.ndarray, DataState]:
+    def batch(self, state: DataState, rows: slice | np.ndarray | None = None) -> tuple[np.ndarray, DataState]:
         """The batch (B, seq_len + 1) int32 at ``state``, and the next state.
 
-        ``rows`` (a slice of 0..B) returns only those rows of the batch (one process's share in a
-        multi-process run); the next state is the same either way.
+        ``rows`` (a slice of 0..B or an index array) builds only those rows of the batch (one
+        process's share in a multi-process run, ``Trainer.local_rows``); the next state is the same
+        either way.
         """
         epoch, pos = state.epoch, state.position
         if pos >= self.batches_per_epoch(epoch):
@@ -154,9 +157,37 @@ class BatchSampler:
         return windows, DataState(epoch, pos + 1)
 
 
-def heldout_batches(tokens: np.ndarray, batch_size: int, seq_len: int, max_batches: int) -> list[np.ndarray]:
+class HeldoutBatches(Sequence):
     """Fixed evaluation batches (B, seq_len + 1) int32: consecutive non-overlapping windows of the
-    held-out text (at most ``max_batches``; a last partial batch is dropped)."""
+    held-out text. A sequence of whole batches (``batches[i]``); ``batch(i, rows)`` builds only the
+    given rows of batch ``i`` (one process's share in a multi-process run)."""
+
+    def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, count: int):
+        self.tokens = np.asarray(tokens)
+        self.batch_size, self.seq_len, self.count = int(batch_size), int(seq_len), int(count)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        if not isinstance(i, (int, np.integer)):
+            raise TypeError(f"HeldoutBatches index must be an int; got {type(i).__name__}")
+        return self.batch(int(i))
+
+    def batch(self, i: int, rows: slice | np.ndarray | None = None) -> np.ndarray:
+        """Rows ``rows`` (default: all B) of batch ``i`` (0 <= i < len), (rows, seq_len + 1) int32."""
+        if not 0 <= i < self.count:
+            raise IndexError(f"held-out batch {i} out of range 0..{self.count - 1}")
+        row_ids = np.arange(i * self.batch_size, (i + 1) * self.batch_size)
+        if rows is not None:
+            row_ids = row_ids[rows]
+        starts = self.seq_len * row_ids
+        return np.stack([self.tokens[s : s + self.seq_len + 1] for s in starts]).astype(np.int32)
+
+
+def heldout_batches(tokens: np.ndarray, batch_size: int, seq_len: int, max_batches: int) -> HeldoutBatches:
+    """The fixed evaluation batches (B, seq_len + 1) int32 of the held-out text (at most
+    ``max_batches``; a last partial batch is dropped); ``ValueError`` if there is not one."""
     n = (len(tokens) - 1) // seq_len
     nb = min(max_batches, n // batch_size)
     if nb < 1:
@@ -164,11 +195,7 @@ def heldout_batches(tokens: np.ndarray, batch_size: int, seq_len: int, max_batch
             f"the held-out text has {len(tokens)} tokens: too short for one evaluation batch of "
             f"{batch_size} x {seq_len + 1}; raise --heldout-fraction or lower --batch-size/--seq-len"
         )
-    out = []
-    for b in range(nb):
-        starts = seq_len * np.arange(b * batch_size, (b + 1) * batch_size)
-        out.append(np.stack([tokens[s : s + seq_len + 1] for s in starts]).astype(np.int32))
-    return out
+    return HeldoutBatches(tokens, batch_size, seq_len, nb)
 
 
 def bits_per_byte(nats: float) -> float:
@@ -193,8 +220,8 @@ class RunData:
     """Entropy of the training part's byte frequencies, nats per byte."""
     sampler: BatchSampler
     """Training batches (B, S + 1) as a function of ``DataState``."""
-    eval_batches: list[np.ndarray]
-    """Held-out batches (B, S + 1) int32 (empty: no evaluation)."""
+    eval_batches: Sequence[np.ndarray]
+    """Held-out batches (B, S + 1) int32 (``HeldoutBatches``; empty: no evaluation)."""
 
 
 def prepare_data(
@@ -209,7 +236,10 @@ def prepare_data(
     tokens, source = load_corpus(paths)
     train_tokens, heldout_tokens = split_corpus(tokens, heldout_fraction)
     sampler = BatchSampler(train_tokens, batch_size, seq_len, seed)
-    evals = heldout_batches(heldout_tokens, batch_size, seq_len, eval_batches) if eval_batches else []
+    evals = (
+        heldout_batches(heldout_tokens, batch_size, seq_len, eval_batches) if eval_batches
+        else HeldoutBatches(heldout_tokens, batch_size, seq_len, 0)
+    )
     return RunData(
         source=source, num_tokens=len(tokens), train_tokens=train_tokens, heldout_tokens=heldout_tokens,
         unigram_entropy=unigram_entropy(train_tokens, vocab_size), sampler=sampler, eval_batches=evals,

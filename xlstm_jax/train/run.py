@@ -8,12 +8,14 @@ step, RNG and the data iterator position), then the loop: one jitted step per ba
 tokens/s, periodic evaluation and checkpoints. Ctrl-C (SIGINT) stops after the current step and
 saves a checkpoint at it, so resuming loses no step (a second Ctrl-C aborts).
 
-The loop is written for several processes although it runs in one today: every process runs the
-same steps; only ``RunLog`` (console, progress bar, metrics, summary) writes, and only where
-``writer`` is true (process 0 of a multi-process run); each process reads only its rows
-(``Trainer.local_rows``) of every batch; checkpoints are saved and restored by every process (Orbax
-coordinates them); the decision to stop goes through ``GracefulStop.should_stop`` (one place to
-agree on it across processes).
+Several processes (``xlstm_jax.train.distributed``: joined by ``jax.distributed.initialize``, a
+mesh over the devices of all of them) run the same loop: only ``RunLog`` writes (console, progress
+bar, metrics, summary), and only on process 0; process 0 prepares the run directory, which every
+process must see (a shared file system; checked); each process reads only its rows
+(``Trainer.local_rows``) of every batch; checkpoints are saved and restored by every process together
+(Orbax coordinates them) and restore onto any number of processes or devices; a stop (Ctrl-C in any
+process) is agreed by all at the next multiple of ``log_every`` steps (``GracefulStop.should_stop``),
+so that all save the same step.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import numpy as np
 from xlstm_jax.models.xlstm_lm.config import xLSTMLMConfig
 
 from . import checkpoint as ckpt
+from . import distributed as dist
 from .config import RUN_DEFINING_FIELDS, TrainConfig, check_run_settings, sequence_length
 from .data import DataState, RunData, bits_per_byte, prepare_data
 from .trainer import Trainer, TrainState, get_trainer
@@ -43,6 +46,7 @@ __all__ = [
     "check_run_dir",
     "prepare_run_data",
     "prepare_run_dir",
+    "prepare_shared_run_dir",
     "progress_text",
     "train",
 ]
@@ -105,6 +109,39 @@ def prepare_run_dir(model_config: xLSTMLMConfig, tc: TrainConfig, overwrite: boo
         shutil.rmtree(tc.out_dir)
     os.makedirs(tc.out_dir, exist_ok=True)
     ckpt.write_json(os.path.join(tc.out_dir, ckpt.CONFIG_FILE), _run_record(model_config, tc))
+
+
+def prepare_shared_run_dir(model_config: xLSTMLMConfig, tc: TrainConfig, overwrite: bool = False) -> None:
+    """``prepare_run_dir`` for a run of one or more processes (every process calls it): process 0
+    prepares the directory, then every process checks that it sees process 0's config.json
+    (``--out-dir`` must be on a file system that all processes share). On every process together:
+    process 0 raises its ``ValueError`` or ``OSError`` of ``prepare_run_dir``, the others a
+    ``ValueError`` saying so; a directory that not all processes see is a ``ValueError`` naming them."""
+    if dist.process_count() == 1:
+        prepare_run_dir(model_config, tc, overwrite)
+        return
+    dist.barrier("xlstm_jax.run_dir.checked")  # every process has finished reading the directory
+    error: BaseException | None = None
+    if dist.process_index() == 0:
+        try:
+            prepare_run_dir(model_config, tc, overwrite)
+        except (OSError, ValueError) as err:
+            error = err
+    failed = dist.failed_processes(error is None)
+    if error is not None:
+        raise error
+    if failed:
+        raise ValueError(f"process 0 could not prepare the run directory {tc.out_dir!r} (see its error)")
+    path = os.path.join(tc.out_dir, ckpt.CONFIG_FILE)
+    deadline = time.monotonic() + 10.0  # network file systems may show a new file late
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    blind = dist.failed_processes(os.path.exists(path))
+    if blind:
+        raise ValueError(
+            f"process(es) {blind} do not see {path}, written by process 0: --out-dir must be on a file "
+            "system shared by all processes of the run"
+        )
 
 
 def prepare_run_data(model_config: xLSTMLMConfig, tc: TrainConfig) -> RunData:
@@ -231,11 +268,18 @@ class RunLog:
 
 # ------------------------------------------------------------------------------- graceful stop
 class GracefulStop:
-    """SIGINT sets ``requested``; the loop stops at the next step boundary. A second SIGINT aborts."""
+    """SIGINT sets ``requested``; the loop stops at the next step boundary. A second SIGINT aborts.
 
-    def __init__(self, notify: Callable[[str], None]):
+    In a multi-process run (``agree`` given: an or over the processes, ``distributed.any_process``),
+    the processes agree every ``every`` steps whether any of them was interrupted, so that all stop
+    after the same step.
+    """
+
+    def __init__(self, notify: Callable[[str], None], agree: Callable[[bool], bool] | None = None, every: int = 1):
         self.requested = False
         self._notify = notify
+        self._agree = agree
+        self._every = max(int(every), 1)
         self._previous = None
 
     def _handler(self, signum, frame):
@@ -243,12 +287,27 @@ class GracefulStop:
             signal.signal(signal.SIGINT, signal.default_int_handler)
             raise KeyboardInterrupt
         self.requested = True
-        self._notify("interrupt: finishing this step and saving a checkpoint (Ctrl-C again to abort)")
+        if self._agree is None:
+            self._notify("interrupt: finishing this step and saving a checkpoint (Ctrl-C again to abort)")
+        else:
+            self._notify(
+                f"interrupt: all processes stop at the next multiple of {self._every} steps and save a "
+                "checkpoint (Ctrl-C again to abort)"
+            )
 
-    def should_stop(self) -> bool:
-        """Whether the run stops after this step (the one place where several processes would
-        have to agree on it)."""
-        return self.requested
+    def should_stop(self, step: int | None = None) -> bool:
+        """Whether the run stops after ``step`` (just finished). With ``agree``: only at multiples
+        of ``every`` (every process must call it at every step), true for all processes if any of
+        them was interrupted."""
+        if self._agree is None:
+            return self.requested
+        if step is None or step % self._every:
+            return False
+        stop = self._agree(self.requested)
+        if stop and not self.requested:
+            self.requested = True  # a Ctrl-C from now on aborts
+            self._notify("interrupt in another process: stopping after this step and saving a checkpoint")
+        return stop
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -264,6 +323,9 @@ class GracefulStop:
 def _peak_memory(devices) -> list[int | None]:
     out = []
     for d in devices:
+        if d.process_index != jax.process_index():
+            out.append(None)  # another process's device: its statistics are not visible here
+            continue
         stats = d.memory_stats() if hasattr(d, "memory_stats") else None
         out.append(int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None)
     return out
@@ -313,12 +375,16 @@ def train(
     ``data``: the result of ``prepare_run_data(model_config, tc)`` if the caller already made it
     (the CLI does, to report bad input before anything starts); otherwise it is made here.
     ``on_step(step, metrics)`` is called after every step (tests use it to send SIGINT).
+
+    In a multi-process run (after ``jax.distributed.initialize``; see ``distributed``) every process
+    calls ``train`` with the same configs (a mesh over all devices); process 0 writes and prints.
     """
     if data is None:
         data = prepare_run_data(model_config, tc)
     check_run_dir(model_config, tc, overwrite)
     seq_len = sequence_length(model_config, tc)
-    log = RunLog(tc.out_dir, writer=True, progress=progress, print_fn=print_fn)
+    writer = dist.process_index() == 0
+    log = RunLog(tc.out_dir, writer=writer, progress=progress, print_fn=print_fn)
     h_uni = data.unigram_entropy
     log.say(
         f"corpus: {data.source}: {data.num_tokens:,} bytes ({len(data.train_tokens):,} train, "
@@ -328,13 +394,16 @@ def train(
     trainer = get_trainer(model_config, tc)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainer.abstract_state.params))
     mesh_txt = "one device" if trainer.mesh is None else f"mesh (data, fsdp, tensor) = {tc.mesh}"
+    procs = dist.process_count()
+    n_local = len(trainer.local_devices())
+    procs_txt = "" if procs == 1 else f" in {procs} processes ({n_local} device{'' if n_local == 1 else 's'} each)"
     log.say(
         f"model: {n_params:,} parameters, E={model_config.embedding_dim} NB={model_config.num_blocks} "
         f"NH={model_config.num_heads}, backend {model_config.mlstm_backend}; {mesh_txt} on "
-        f"{trainer.devices()[0].platform} x{len(trainer.devices())}; batch {tc.batch_size} x {seq_len} tokens"
+        f"{trainer.devices()[0].platform} x{len(trainer.devices())}{procs_txt}; batch {tc.batch_size} x {seq_len} tokens"
     )
 
-    prepare_run_dir(model_config, tc, overwrite)
+    prepare_shared_run_dir(model_config, tc, overwrite)
     store = ckpt.CheckpointStore(tc.out_dir, tc.keep_checkpoints) if tc.checkpoints else None
     try:
         state, data_state, resumed = _init_or_resume(trainer, store)
@@ -368,6 +437,7 @@ def train(
         "elapsed_s": elapsed,
         "devices": [str(d) for d in trainer.devices()],
         "mesh": list(tc.mesh) if tc.mesh is not None else None,
+        "processes": procs,
         "peak_memory_bytes": _peak_memory(trainer.devices()),
         "backend": model_config.mlstm_backend,
         "corpus": data.source,
@@ -381,6 +451,11 @@ def train(
 def _init_or_resume(trainer: Trainer, store: ckpt.CheckpointStore | None) -> tuple[TrainState, DataState, int | None]:
     """(state, data state, the step resumed from or None): from the newest checkpoint, or fresh."""
     latest = store.latest_step() if store is not None else None
+    if dist.process_count() > 1 and not dist.same_on_all_processes(repr(latest)):
+        raise RuntimeError(
+            f"the processes see different newest checkpoints in {store.directory} (this one: {latest}): "
+            "--out-dir must be on a file system shared by all processes of the run"
+        )
     if latest is None:
         return trainer.init_state(), DataState(), None
     abs_params, abs_rest = trainer.abstract_train_state()
@@ -420,7 +495,8 @@ def _loop(trainer, tc, data, state, step, data_state, store, log, on_step):
     interrupted = False
     if step == 0 and tc.eval_every:
         evaluate(0)  # the starting point of the curve
-    with GracefulStop(log.say) as stop:
+    agree = dist.any_process if dist.process_count() > 1 else None
+    with GracefulStop(log.say, agree=agree, every=tc.log_every) as stop:
         while step < tc.steps:
             rows, next_data_state = data.sampler.batch(data_state, trainer.local_rows)
             state, metrics = trainer.train_step(state, rows)
@@ -429,7 +505,7 @@ def _loop(trainer, tc, data, state, step, data_state, store, log, on_step):
             log.step_done()
             if on_step is not None:
                 on_step(step, metrics)
-            stopping = stop.should_stop()
+            stopping = stop.should_stop(step)
             done = step == tc.steps or stopping
             if step % tc.log_every == 0 or done:
                 flush()

@@ -8,7 +8,9 @@ linear warm-up counted from the first update, then cosine decay; global-norm cli
 on matrices only) and the jitted steps. With ``train_config.mesh = (data, fsdp, tensor)`` the train
 state is sharded over a ``jax.sharding.Mesh`` (parameters and optimizer moments FSDP-style, heads
 over tensor; see ``xlstm_jax.models.xlstm_lm.sharding``) and every mLSTM kernel runs per device under
-``jax.shard_map``; without a mesh everything runs on the default device.
+``jax.shard_map``; without a mesh everything runs on the default device. In a multi-process run
+(``xlstm_jax.train.distributed``) the mesh spans the devices of all processes and each process feeds
+only its rows of every batch (``local_rows``, ``put_batch``).
 
 Nothing here touches files: the run loop (``xlstm_jax.train.run``) owns the run directory.
 """
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, Sequence
 
 import flax
 import jax
@@ -32,6 +34,8 @@ from xlstm_jax.models.xlstm_lm.model import xLSTMLMModel
 
 from . import checkpoint as ckpt
 from .config import TrainConfig, sequence_length
+from .data import HeldoutBatches
+from .distributed import process_rows
 
 __all__ = [
     "TrainConfig",
@@ -108,21 +112,28 @@ class Trainer:
         self.seq_len = sequence_length(model_config, train_config)
         self.mesh: Mesh | None = None
         if train_config.mesh is not None:
+            if devices is None and jax.process_count() > 1:
+                # the devices of each process side by side: the batch rows of a process are one block
+                # and a tensor-parallel group stays inside one process where it fits
+                devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
             self.mesh = shd.make_mesh(train_config.mesh, devices)
             shd.validate_mesh(self.mesh, num_heads=model_config.num_heads, batch_size=train_config.batch_size)
         self.model = xLSTMLMModel(model_config, mesh=self.mesh)
         self.tx = make_optimizer(train_config)
         self.schedule = make_schedule(train_config)
         self.abstract_state = jax.eval_shape(self._init, jax.random.key_data(jax.random.key(0)))
+        self.batch_shape = (train_config.batch_size, self.seq_len + 1)
         if self.mesh is None:
             self.state_shardings = None
             self.batch_sharding = None
+            self._local_rows: slice | np.ndarray = slice(0, train_config.batch_size)
             self._train_step = jax.jit(self._step, donate_argnums=(0,))
             self._eval_step = jax.jit(self._eval)
             self._init_jit = jax.jit(self._init)
         else:
             self.state_shardings = self._state_shardings(self.abstract_state)
             self.batch_sharding = shd.batch_sharding(self.mesh, 2)
+            self._local_rows = process_rows(self.batch_sharding, self.batch_shape)
             rep = shd.replicated(self.mesh)
             self._train_step = jax.jit(
                 self._step, in_shardings=(self.state_shardings, self.batch_sharding),
@@ -179,32 +190,46 @@ class Trainer:
     def init_state(self, seed: int | None = None) -> TrainState:
         """A fresh train state (placed on the mesh if there is one)."""
         seed = self.tc.seed if seed is None else seed
-        return self._init_jit(jax.random.key_data(jax.random.key(seed)))
+        # host data (the same on every process), so that it can enter a mesh spanning processes
+        return self._init_jit(np.asarray(jax.random.key_data(jax.random.key(seed))))
 
     @property
-    def local_rows(self) -> slice:
-        """The rows of every global batch (B, S + 1) that this process feeds: all of them.
+    def local_rows(self) -> slice | np.ndarray:
+        """The rows of every global batch (B, S + 1) that this process feeds: all of them in a
+        one-process run; in a multi-process run the rows that this process's devices hold under the
+        batch sharding (``distributed.process_rows``: a slice, or an index array if the process's
+        blocks are not contiguous), in the order ``put_batch`` expects them.
 
-        The run loop reads only these rows from the data and hands them to ``put_batch``; a
-        multi-process trainer narrows this to the process's share of the batch axes.
+        The run loop reads only these rows from the data and hands them to ``train_step``.
         """
-        return slice(0, self.tc.batch_size)
+        return self._local_rows
 
     def put_batch(self, rows: np.ndarray) -> jax.Array:
         """The global batch (B, S + 1) on the device(s), split over the batch axes of the mesh, from
-        this process's rows ``local_rows`` of it (in one process: the whole batch)."""
+        this process's rows ``local_rows`` of it (in one process: the whole batch; in several, each
+        process passes only its rows and ``jax.make_array_from_process_local_data`` assembles the
+        global array without any host holding all of it)."""
         if self.batch_sharding is None:
             return jnp.asarray(rows)
-        return jax.device_put(rows, self.batch_sharding)
+        if jax.process_count() == 1:
+            return jax.device_put(rows, self.batch_sharding)
+        return jax.make_array_from_process_local_data(self.batch_sharding, rows, self.batch_shape)
 
     def train_step(self, state: TrainState, batch) -> tuple[TrainState, dict[str, jax.Array]]:
         """One optimizer step on this process's rows ``batch`` of the global batch (``state`` is
-        donated). Returns the new state and {loss, grad_norm} (device scalars)."""
+        donated). Returns the new state and {loss, grad_norm} (device scalars, replicated)."""
         return self._train_step(state, self.put_batch(np.asarray(batch)))
 
-    def eval_loss(self, params, batches: list[np.ndarray]) -> float:
-        """Mean loss over the given global batches (each process puts its ``local_rows``)."""
-        losses = [self._eval_step(params, self.put_batch(np.asarray(b)[self.local_rows])) for b in batches]
+    def eval_loss(self, params, batches: HeldoutBatches | Sequence[np.ndarray]) -> float:
+        """Mean loss over the given global batches: each process reads or puts only its
+        ``local_rows`` of each (``HeldoutBatches.batch(i, rows)`` builds only those rows)."""
+        losses = []
+        for i in range(len(batches)):
+            if isinstance(batches, HeldoutBatches):
+                rows = batches.batch(i, self.local_rows)
+            else:
+                rows = np.asarray(batches[i])[self.local_rows]
+            losses.append(self._eval_step(params, self.put_batch(rows)))
         return float(np.mean([float(x) for x in losses]))
 
     def abstract_train_state(self) -> tuple[Any, dict[str, Any]]:
@@ -217,8 +242,12 @@ class Trainer:
         return a.params, {"step": a.step, "opt_state": a.opt_state, "rng": a.rng}
 
     def devices(self) -> list:
-        """The devices this trainer runs on."""
+        """The devices this trainer runs on (in a multi-process run: those of all processes)."""
         return list(self.mesh.devices.flat) if self.mesh is not None else [jax.devices()[0]]
+
+    def local_devices(self) -> list:
+        """The devices of ``devices()`` that belong to this process."""
+        return [d for d in self.devices() if d.process_index == jax.process_index()]
 
 
 # Settings that do not change the compiled functions of a Trainer.
