@@ -26,6 +26,7 @@ Where the kernels come from: ``_load_builtin_kernels`` below imports, on first u
     recurrent_native    mlstm_recurrent/native.py         mlstm_recurrent_sequence (+ step kernel)
     chunkwise_native    mlstm_chunkwise/native.py         mlstm_chunkwise
     chunkwise_pallas    mlstm_chunkwise/pallas/           mlstm_chunkwise_pallas
+    chunkwise_mosaic    mlstm_chunkwise/mosaic/           mlstm_chunkwise_mosaic (forward only, GPU)
     recurrent_pallas    mlstm_recurrent/pallas_step/      step kernel mlstm_recurrent_step_pallas
 """
 
@@ -76,6 +77,7 @@ def register_mlstm_kernel(
 def _load_builtin_kernels() -> None:
     """Import the modules of the built-in kernels (each registers its kernels at import)."""
     from .mlstm_chunkwise import native as _chunkwise_native  # noqa: F401
+    from .mlstm_chunkwise import mosaic as _chunkwise_mosaic  # noqa: F401
     from .mlstm_chunkwise import pallas as _chunkwise_pallas  # noqa: F401
     from .mlstm_parallel import native as _parallel_native  # noqa: F401
     from .mlstm_recurrent import native as _recurrent_native  # noqa: F401
