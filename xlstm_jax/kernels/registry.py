@@ -51,6 +51,17 @@ class KernelSpec:
     description: str
     supports_initial_states: bool = True
     needs_gpu: bool = False
+    differentiable: bool = True
+
+
+def default_tool_kernels() -> list[str]:
+    """The kernels the tools (``check``, ``bench``) run when none are named: every registered one
+    that runs on this backend (``needs_gpu`` ones only on a GPU) and has a backward pass."""
+    import jax
+
+    on_gpu = jax.default_backend() == "gpu"
+    return [n for n in available_mlstm_kernels()
+            if _REGISTRY[n].differentiable and (on_gpu or not _REGISTRY[n].needs_gpu)]
 
 
 _REGISTRY: dict[str, KernelSpec] = {}
@@ -65,12 +76,13 @@ def register_mlstm_kernel(
     description: str = "",
     supports_initial_states: bool = True,
     needs_gpu: bool = False,
+    differentiable: bool = True,
 ) -> None:
     """Register ``fn`` (the common signature above, plus keyword ``options``) under ``name``."""
     if name in _REGISTRY and _REGISTRY[name].fn is not fn:
         raise ValueError(f"an mLSTM kernel named {name!r} is already registered")
     _REGISTRY[name] = KernelSpec(
-        name, fn, dict(options or {}), description, supports_initial_states, needs_gpu
+        name, fn, dict(options or {}), description, supports_initial_states, needs_gpu, differentiable
     )
 
 

@@ -35,6 +35,7 @@ register_mlstm_kernel(
         "simulation)"
     ),
     needs_gpu=True,
+    differentiable=False,
 )
 
 __all__ = ["KERNEL_OPTIONS", "mlstm_chunkwise_mosaic"]

@@ -34,7 +34,6 @@ import jax.numpy as jnp
 
 from ..._common import MLSTMState
 from ...options import CellOptions
-from ...pallas import _mosaic
 from ...validation import empty_sequence_outputs, validate_sequence_call
 from ..pallas import gates
 from ..pallas.autodiff import h_kernel_dtype, kernel_dtype_of, prepare, resolve_interpret
@@ -44,6 +43,13 @@ from .fw_parallel import BLOCK, parallel_fw_h_mosaic
 
 KERNEL_NAME = "chunkwise_mosaic"
 _F32 = jnp.float32
+
+
+def _mosaic():
+    """``xlstm_jax.kernels.pallas._mosaic``, imported on first use (never at package import)."""
+    from ...pallas import _mosaic as mod
+
+    return mod
 MOSAIC_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 DEFAULT_BV = 128
 """DHV tile of one program (register budget: two 64 x bV f32 accumulators in one warpgroup)."""
@@ -209,13 +215,17 @@ def mlstm_chunkwise_mosaic(
         num_warps_intra=num_warps_intra, num_stages_intra=num_stages_intra,
     ))
     kd = kernel_dtype_of(autocast_kernel_dtype, matQ.dtype)
+    h_kernel_dtype(output_dtype, matQ.dtype)  # validates output_dtype
+    out_dtype = jnp.dtype(matQ.dtype if output_dtype is None else output_dtype)
+    if call.empty:  # B == 0 or NH == 0: empty outputs on every machine, like every kernel
+        return empty_sequence_outputs(
+            call, h_dtype=out_dtype, state_dtype=_F32, return_last_states=return_last_states
+        )
     if kd not in MOSAIC_DTYPES:
         raise NotImplementedError(
             f"{KERNEL_NAME}: kernel dtype {kd.name} is not implemented (wgmma on bfloat16/float16 "
             f"only; a tf32 kernel is not written yet); pass autocast_kernel_dtype='bfloat16'"
         )
-    h_kernel_dtype(output_dtype, matQ.dtype)  # validates output_dtype
-    out_dtype = jnp.dtype(matQ.dtype if output_dtype is None else output_dtype)
     L_req = chunk_size_intra if chunk_size_intra is not None else chunk_size
     if L_req is not None and (isinstance(L_req, bool) or not isinstance(L_req, int) or L_req < BLOCK
                               or L_req % BLOCK):
@@ -232,11 +242,7 @@ def mlstm_chunkwise_mosaic(
             f"got {siz_b_DH_parallel!r}"
         )
     interpret_mosaic = bool(interpret)
-    _mosaic.check_backend(KERNEL_NAME, interpret_mosaic)
-    if call.empty:
-        return empty_sequence_outputs(
-            call, h_dtype=out_dtype, state_dtype=_F32, return_last_states=return_last_states
-        )
+    _mosaic().check_backend(KERNEL_NAME, interpret_mosaic)
 
     # 1. pad S to a multiple of 64 with neutral steps, then the Triton family's preparation
     B, NH, S, DHQK, DHV = call.B, call.NH, call.S, call.DHQK, call.DHV

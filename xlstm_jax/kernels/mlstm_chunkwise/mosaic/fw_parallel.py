@@ -50,13 +50,19 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from ...pallas import _mosaic
 
 BLOCK = 64
 """Query rows per program and key rows per loop step: one wgmma M tile of one warpgroup."""
 N_ROWVECS = 4
 """Per-query vectors packed into one (4, 64) TMA tile: vecQlog, W * qk_scale, nqInter, lam."""
 _F32 = jnp.float32
+
+
+def _mosaic():
+    """``xlstm_jax.kernels.pallas._mosaic``, imported on first use (never at package import)."""
+    from ...pallas import _mosaic as mod
+
+    return mod
 
 
 def _kernel(
@@ -77,12 +83,12 @@ def _kernel(
     eps: float,
     interpret: bool,
 ):
-    plgpu = _mosaic.plgpu()
+    plgpu = _mosaic().plgpu()
     q_smem, k_smem, v_smem, c_smem, h_smem, rows_smem, start_smem, klog_smem = smem
     q_bar, c_bar, rows_bar, start_bar, k_bar, v_bar, klog_bar = bars
     wg = plgpu.Layout.WGMMA
     row_layout, col_layout = wg.reduce(1), wg.reduce(0)
-    load = functools.partial(_mosaic.load, interpret=interpret)
+    load = functools.partial(_mosaic().load, interpret=interpret)
     dtype = q_smem.dtype
     DHQK = q_smem.shape[-1]
 
@@ -116,8 +122,8 @@ def _kernel(
     vecLam = load(rows_smem.at[3], row_layout)
     vecStart = load(start_smem, row_layout)
     shape_s = (BLOCK, BLOCK)
-    idx_r = _mosaic.iota(shape_s, 0, wg, interpret=interpret)
-    idx_c = _mosaic.iota(shape_s, 1, wg, interpret=interpret)
+    idx_r = _mosaic().iota(shape_s, 0, wg, interpret=interpret)
+    idx_c = _mosaic().iota(shape_s, 1, wg, interpret=interpret)
     matQlog = lax.broadcast_in_dim(vecQlog, shape_s, [0])
     matStart = lax.broadcast_in_dim(vecStart, shape_s, [0])
     plgpu.barrier_wait(q_bar)
@@ -161,7 +167,7 @@ def _kernel(
         plgpu.wgmma_wait(0)  # the slot is refilled by the prefetch of step j + 1
         return vecNq, None
 
-    vecNq0 = _mosaic.layout_cast(jnp.zeros((BLOCK,), _F32), row_layout, interpret=interpret)
+    vecNq0 = _mosaic().layout_cast(jnp.zeros((BLOCK,), _F32), row_layout, interpret=interpret)
     if interpret:
         vecNqIntra, matIntra = lax.fori_loop(
             jnp.int32(0), n_iter, lambda j, c: step(j, c[0], c[1]),
@@ -211,7 +217,7 @@ def parallel_fw_h_mosaic(
     interpret: bool,
 ) -> jax.Array:
     """Launch the kernel: h (BH, S, DHV) in the dtype of q. Inputs are prepared by ``forward.py``."""
-    plgpu = _mosaic.plgpu()
+    plgpu = _mosaic().plgpu()
     BH, S, DHQK = matQ.shape
     DHV = matV.shape[-1]
     dtype = matQ.dtype
@@ -251,6 +257,6 @@ def parallel_fw_h_mosaic(
         grid=(DHV // bV, S // BLOCK, BH),
         grid_names=("v", "q", "bh"),
         compiler_params=plgpu.CompilerParams(),
-        interpret=_mosaic.interpret_params(interpret),
+        interpret=_mosaic().interpret_params(interpret),
     )
     return call(matQ, matK, matV, rows, start, klog, matC_enter)
