@@ -23,18 +23,20 @@ Design (v1: simple and correct first; one warpgroup of 128 threads, no warp spec
   j; the output tile (64, bV); small f32/int32 vectors. At DHQK = 128, bV = 128: 16 + 32 + 2 * (16
   + 16) + 16 KB = 128 KB; at DHQK = 256 (7B heads): 32 + 64 + 2 * (32 + 16) + 16 = 208 KB of
   the H200's 227 KB (one CTA per SM; 2 at DHQK = 64).
-* Per key block: S = q k^T (wgmma, 64 x 64 f32 accumulator, 32 registers per thread), the gate
-  matrix exp2(Qlog_t + Klog_s) with the causal and reset masks, nq += row sums, then
-  acc += P v (wgmma with P as a register operand in bf16/f16; acc 64 x bV f32 = 64 registers per
-  thread at bV = 128). After the loop the inter-chunk term q C_{k-1} (a second 64 x bV
-  accumulator, 64 registers) is scaled by W_t and added. Peak about 64 + 64 + 32 + vectors and
-  addresses: below the 255-register limit of one warpgroup at bV = 128; bV = 256 would not fit.
+* First the inter-chunk term: acc = W_t * (q C_{k-1}) (wgmma from two shared-memory operands,
+  64 x bV f32 accumulator = 64 registers per thread at bV = 128), the Triton kernel's order. Then
+  per key block: S = q k^T (wgmma, 64 x 64 f32, 32 registers), the gate matrix
+  exp2(Qlog_t + Klog_s) with the causal and reset masks, nq += row sums, and acc += P v (wgmma with
+  P as a register operand in bf16/f16, 16 registers; ``pl.run_state`` over the carried
+  accumulator, the idiom of JAX's FlashAttention-3 kernel, which also awaits the wgmma before the
+  slot is refilled). Peak about 64 + 32 + 16 registers plus the broadcast gate/iota tiles and
+  addresses: well inside one warpgroup's 255 at bV = 128 (bV = 256 would double acc to 128).
 * The stabiliser m_t is an input (no online max, no rescaling), so blocks need no re-scaling
   and the loop has no dependency except the accumulator.
 * Left for later (the Triton kernel's role model: FlashAttention 3): a producer warpgroup for TMA
   with consumer warpgroups (``emit_pipeline_warp_specialized``), two query blocks per CTA sharing
-  each k/v tile, bV = DHV with two consumer warpgroups, the inter-chunk product issued before
-  the loop to overlap it with the first loads.
+  each k/v tile, bV = DHV with two consumer warpgroups, the inter-chunk wgmma left in flight
+  while the first key block's S is computed.
 
 Everything Mosaic-specific comes from ``xlstm_jax.kernels.pallas._mosaic`` (imported lazily).
 ``interpret=True`` runs the kernel in Mosaic GPU's interpret mode on CPU (a simulation of TMA,
@@ -129,10 +131,21 @@ def _kernel(
     plgpu.barrier_wait(q_bar)
 
     n_iter = iq + 1
+    shape_h = (BLOCK, bV)
 
-    def step(j, vecNq, acc):
-        """Key block j: returns the new nq; acc is the wgmma accumulator ref (compiled) or the
-        f32 accumulator array (interpret mode), which is returned updated in that case."""
+    # inter-chunk term first (like the Triton kernel): acc = W_t qs_t^T C_{k-1}; the loop adds P v
+    plgpu.barrier_wait(c_bar)
+
+    def inter(acc_ref):
+        plgpu.wgmma(acc_ref, q_smem, c_smem)
+        return acc_ref[...]
+
+    matAcc0 = pl.run_scoped(inter, plgpu.ACC(shape_h, _F32))
+    matAcc0 = matAcc0 * lax.broadcast_in_dim(vecW, shape_h, [0])
+
+    def step(j, carry):
+        """Key block j of the chunk: (nq, acc) -> (nq, acc) with this block's P added."""
+        vecNq, matAcc = carry
         slot = lax.rem(j, jnp.int32(2))
 
         @pl.when(j + 1 < n_iter)
@@ -159,42 +172,25 @@ def _kernel(
         mask = (idx_r + (iq - j) * BLOCK >= idx_c) & (idx_c + j * BLOCK >= matStart)
         matP = (matS * qk_scale) * jnp.exp2(jnp.where(mask, matLogD, -jnp.inf))
         vecNq = vecNq + matP.sum(axis=1)
+        matP = matP.astype(dtype)
         plgpu.barrier_wait(v_bar.at[slot])
         if interpret:
-            acc = acc + jnp.dot(matP.astype(dtype), v_smem.at[slot][...], preferred_element_type=_F32)
-            return vecNq, acc
-        plgpu.wgmma(acc, matP.astype(dtype), v_smem.at[slot])
-        plgpu.wgmma_wait(0)  # the slot is refilled by the prefetch of step j + 1
-        return vecNq, None
+            matAcc = matAcc + jnp.dot(matP, v_smem.at[slot][...], preferred_element_type=_F32)
+        else:
+
+            def pv(acc_ref):
+                plgpu.wgmma(acc_ref, matP, v_smem.at[slot])
+
+            # run_state awaits the wgmma: the slot may be refilled by the prefetch of step j + 1
+            matAcc = pl.run_state(pv)(plgpu.ACC.init(matAcc))
+        return vecNq, matAcc
 
     vecNq0 = _mosaic().layout_cast(jnp.zeros((BLOCK,), _F32), row_layout, interpret=interpret)
-    if interpret:
-        vecNqIntra, matIntra = lax.fori_loop(
-            jnp.int32(0), n_iter, lambda j, c: step(j, c[0], c[1]),
-            (vecNq0, jnp.zeros((BLOCK, bV), _F32)),
-        )
-    else:
+    vecNqIntra, matAcc = lax.fori_loop(jnp.int32(0), n_iter, step, (vecNq0, matAcc0))
 
-        def intra(acc_ref):
-            vecNq = lax.fori_loop(jnp.int32(0), n_iter, lambda j, c: step(j, c, acc_ref)[0], vecNq0)
-            return acc_ref[...], vecNq
-
-        matIntra, vecNqIntra = pl.run_scoped(intra, plgpu.ACC((BLOCK, bV), _F32))
-
-    plgpu.barrier_wait(c_bar)
-
-    def inter(acc_ref):
-        plgpu.wgmma(acc_ref, q_smem, c_smem)
-        return acc_ref[...]
-
-    matInter = pl.run_scoped(inter, plgpu.ACC((BLOCK, bV), _F32))
-
-    shape_h = (BLOCK, bV)
     vecNq = vecNqInter + vecNqIntra
     vecDen = jnp.maximum(jnp.abs(vecNq), vecLam) + eps
-    matH = (matInter * lax.broadcast_in_dim(vecW, shape_h, [0]) + matIntra) / lax.broadcast_in_dim(
-        vecDen, shape_h, [0]
-    )
+    matH = matAcc / lax.broadcast_in_dim(vecDen, shape_h, [0])
     h_smem[...] = matH.astype(h_smem.dtype)
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(h_smem, h_ref.at[bh, qrows, vcols])
