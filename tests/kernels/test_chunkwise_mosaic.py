@@ -123,6 +123,30 @@ def test_empty_batch():
     assert h.shape == (0, 2, 64, 64) and c.shape == (0, 2, 64, 64) and m.shape == (0, 2)
 
 
+LOWERING_CASES = [  # (B, NH, S, DHQK, DHV, dtype, chunk): standard, 7B and small heads
+    (1, 2, 256, 128, 256, "bfloat16", 128),
+    (1, 2, 256, 256, 512, "bfloat16", 128),
+    (1, 2, 128, 64, 128, "float16", 64),
+]
+
+
+@pytest.mark.parametrize("case", LOWERING_CASES, ids=["-".join(map(str, c)) for c in LOWERING_CASES])
+def test_compiled_path_lowers_for_cuda(case, monkeypatch):
+    """The compiled (not interpreted) kernel body traces and lowers to a Mosaic GPU custom call
+    for CUDA on any machine: catches API, shape and layout errors of the GPU path without a GPU
+    (compiling to a cubin, and the run, need the GPU)."""
+    from xlstm_jax.kernels.pallas import _mosaic
+
+    B, NH, S, DHQK, DHV, dtype, chunk = case
+    monkeypatch.setattr(_mosaic, "check_backend", lambda *a: None)
+    sds = lambda *shape, dt=jnp.dtype(dtype): jax.ShapeDtypeStruct(shape, dt)  # noqa: E731
+    args = (sds(B, NH, S, DHQK), sds(B, NH, S, DHQK), sds(B, NH, S, DHV),
+            sds(B, NH, S, dt=jnp.float32), sds(B, NH, S, dt=jnp.float32))
+    fn = get_mlstm_kernel("chunkwise_mosaic", chunk_size=chunk, interpret=False)
+    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text
+
+
 @pytest.mark.slow
 def test_interpret_mode_against_float64_reference(x64):
     """Mosaic GPU interpret mode (CPU): S = 100 padded to 128, two chunks of 64 rows with
