@@ -17,7 +17,7 @@ timeout 300 $PY -m pytest -q -rA --tb=long -m "not slow" tests/kernels/test_chun
 echo "tests exit status: ${PIPESTATUS[0]}"
 
 echo "== (b) forward timings (median of 20 calls)"
-timeout 150 $PY - "$OUT/mosaic_bench.json" <<'PYEOF' 2>&1
+timeout 120 $PY - "$OUT/mosaic_bench.json" <<'PYEOF' 2>&1
 import json, statistics, sys, time, traceback
 import jax, jax.numpy as jnp
 from xlstm_jax.kernels import get_mlstm_kernel
