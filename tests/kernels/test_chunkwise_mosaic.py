@@ -4,7 +4,7 @@ GPU tests (``gpu`` mark; skipped on CPU, run by ``scripts/gpu_mosaic.sh``): the 
 and last states against the float64 parallel reference at the issue's shapes. CPU tests: the
 registry entry, import isolation (``import xlstm_jax.kernels`` imports no Mosaic GPU module), the
 errors on CPU and for unsupported options, the compiled path lowered for CUDA, and (``slow``) the
-kernel in Mosaic GPU's interpret mode against the float64 reference, resets and initial states included.
+kernel in Mosaic GPU's interpret mode against the float64 reference (resets, initial states).
 """
 
 from __future__ import annotations
