@@ -26,6 +26,7 @@ Where the kernels come from: ``_load_builtin_kernels`` below imports, on first u
     recurrent_native    mlstm_recurrent/native.py         mlstm_recurrent_sequence (+ step kernel)
     chunkwise_native    mlstm_chunkwise/native.py         mlstm_chunkwise
     chunkwise_pallas    mlstm_chunkwise/pallas/           mlstm_chunkwise_pallas
+    chunkwise_mosaic    mlstm_chunkwise/mosaic/           mlstm_chunkwise_mosaic (forward only, GPU)
     recurrent_pallas    mlstm_recurrent/pallas_step/      step kernel mlstm_recurrent_step_pallas
 """
 
@@ -50,6 +51,17 @@ class KernelSpec:
     description: str
     supports_initial_states: bool = True
     needs_gpu: bool = False
+    differentiable: bool = True
+
+
+def default_tool_kernels() -> list[str]:
+    """The kernels the tools (``check``, ``bench``) run when none are named: every registered one
+    that runs on this backend (``needs_gpu`` ones only on a GPU) and has a backward pass."""
+    import jax
+
+    on_gpu = jax.default_backend() == "gpu"
+    return [n for n in available_mlstm_kernels()
+            if _REGISTRY[n].differentiable and (on_gpu or not _REGISTRY[n].needs_gpu)]
 
 
 _REGISTRY: dict[str, KernelSpec] = {}
@@ -64,18 +76,20 @@ def register_mlstm_kernel(
     description: str = "",
     supports_initial_states: bool = True,
     needs_gpu: bool = False,
+    differentiable: bool = True,
 ) -> None:
     """Register ``fn`` (the common signature above, plus keyword ``options``) under ``name``."""
     if name in _REGISTRY and _REGISTRY[name].fn is not fn:
         raise ValueError(f"an mLSTM kernel named {name!r} is already registered")
     _REGISTRY[name] = KernelSpec(
-        name, fn, dict(options or {}), description, supports_initial_states, needs_gpu
+        name, fn, dict(options or {}), description, supports_initial_states, needs_gpu, differentiable
     )
 
 
 def _load_builtin_kernels() -> None:
     """Import the modules of the built-in kernels (each registers its kernels at import)."""
     from .mlstm_chunkwise import native as _chunkwise_native  # noqa: F401
+    from .mlstm_chunkwise import mosaic as _chunkwise_mosaic  # noqa: F401
     from .mlstm_chunkwise import pallas as _chunkwise_pallas  # noqa: F401
     from .mlstm_parallel import native as _parallel_native  # noqa: F401
     from .mlstm_recurrent import native as _recurrent_native  # noqa: F401

@@ -115,9 +115,10 @@ def _peak_bytes() -> int | None:
 
 def _resolve_kernels(args) -> list[tuple[str, dict, object]]:
     """(name, options, kernel) for every --kernels entry; ``UsageError`` for unknown ones."""
-    from xlstm_jax.kernels import available_mlstm_kernels, get_mlstm_kernel
+    from xlstm_jax.kernels import get_mlstm_kernel
+    from xlstm_jax.kernels.registry import default_tool_kernels
 
-    texts = args.kernels or [k for k in available_mlstm_kernels() if k not in NOT_FOR_WORKLOAD]
+    texts = args.kernels or [k for k in default_tool_kernels() if k not in NOT_FOR_WORKLOAD]
     out = []
     for text in texts:
         name, opts = parse_kernel_arg(text)

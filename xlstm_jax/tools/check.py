@@ -199,7 +199,11 @@ def run(args) -> int:
 
     from xlstm_jax.kernels import available_mlstm_kernels, available_mlstm_step_kernels
 
+    from xlstm_jax.kernels.registry import default_tool_kernels
+
     names = _names(args.kernels, available_mlstm_kernels(), "--kernels")
+    if args.kernels is None:  # fw+bw checks: kernels with a backward that run here
+        names = default_tool_kernels()
     step_names = _names(args.step_kernels, available_mlstm_step_kernels(), "--step-kernels")
     dtype = jnp.dtype(args.dtype)
     tol = TOLERANCE[args.dtype]

@@ -1,0 +1,41 @@
+"""Mosaic GPU (Hopper-native Pallas) chunkwise mLSTM kernels, issue 14: the forward pass first.
+
+Modules: ``fw_parallel`` (the intra-chunk kernel: h from the chunk-border state and the
+attention-like part, wgmma + TMA; its docstring has the design), ``forward`` (preparation, the XLA
+gates, the Triton recurrent state kernel, the launch). Registered as ``chunkwise_mosaic`` with the
+options of ``chunkwise_pallas`` (``needs_gpu``: an NVIDIA Hopper GPU). Forward only: differentiating
+raises ``NotImplementedError``.
+
+Importing this package imports no Mosaic GPU module: ``jax.experimental.pallas.mosaic_gpu`` is
+imported by ``xlstm_jax.kernels.pallas._mosaic`` when a kernel is first traced, so the package
+imports on any JAX and machine; on a machine without Mosaic GPU a call raises ``RuntimeError``.
+"""
+
+from __future__ import annotations
+
+from ...registry import register_mlstm_kernel
+from ..pallas import KERNEL_OPTIONS as _PALLAS_OPTIONS
+from .forward import mlstm_chunkwise_mosaic
+
+KERNEL_OPTIONS = dict(_PALLAS_OPTIONS)
+"""The options of ``chunkwise_pallas`` (same names and defaults; see ``mlstm_chunkwise_mosaic``)."""
+
+
+def _chunkwise_mosaic_kernel(q, k, v, i, f, c_initial=None, n_initial=None, m_initial=None, **kw):
+    return mlstm_chunkwise_mosaic(q, k, v, i, f, c_initial, n_initial, m_initial, **kw)
+
+
+register_mlstm_kernel(
+    "chunkwise_mosaic",
+    _chunkwise_mosaic_kernel,
+    options=KERNEL_OPTIONS,
+    description=(
+        "chunkwise (TFLA) forward with a Mosaic GPU intra-chunk kernel (wgmma, TMA) and the Triton "
+        "recurrent state kernel; forward only; needs an NVIDIA Hopper GPU (interpret=True: CPU "
+        "simulation)"
+    ),
+    needs_gpu=True,
+    differentiable=False,
+)
+
+__all__ = ["KERNEL_OPTIONS", "mlstm_chunkwise_mosaic"]

@@ -1,0 +1,298 @@
+"""The Mosaic GPU chunkwise family, forward only: XLA gates + Triton recurrent states + Mosaic h.
+
+``mlstm_chunkwise_mosaic`` has the signature and options of ``mlstm_chunkwise_pallas``
+(``xlstm_jax.kernels.mlstm_chunkwise.pallas``) and computes the same forward pass:
+
+1. validation, casting, flattening and padding (the Triton family's ``autodiff.prepare``), with
+   the sequence padded further to a multiple of 64 (open forget gates, closed input gates, zero
+   q/k/v: the state carries through unchanged, exact) and the head dims to multiples of 64 (zero
+   columns, exact): the Mosaic kernel's tiles are 64 rows and 64-element swizzled columns;
+2. the m scan and the gate vectors (``gates``, XLA) and the chunk-border states C_k, n_k (the
+   Triton recurrent kernel ``fw_recurrent``, unchanged);
+3. O(S * DHQK) per-query vectors in XLA: the inter-chunk normaliser term W_t qs_t . n_{k-1}, the
+   lower bound lam_t, the chunk-relative reset starts, and the entering states cast to the kernel
+   dtype (the wgmma operand type; the Triton kernel casts the same tile in registers);
+4. h from the Mosaic GPU kernel ``fw_parallel.parallel_fw_h_mosaic``.
+
+Kernel dtypes: bfloat16 and float16 (wgmma operands). float32 inputs need
+``autocast_kernel_dtype="bfloat16"`` (or float16); a float32 kernel (tf32 wgmma) is not written
+yet and raises ``NotImplementedError``. h is written in the kernel dtype and cast to
+``output_dtype``.
+
+Gradients: not implemented (``NotImplementedError`` on differentiation); use ``chunkwise_pallas``
+for training. Mosaic GPU runs on Hopper GPUs only; elsewhere a call raises ``RuntimeError``
+unless ``interpret=True`` (Mosaic GPU's CPU interpret mode, tiny shapes only).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from ..._common import MLSTMState
+from ...options import CellOptions
+from ...validation import empty_sequence_outputs, validate_sequence_call
+from ..pallas import gates
+from ..pallas.autodiff import h_kernel_dtype, kernel_dtype_of, prepare, resolve_interpret
+from ..pallas.fw_recurrent import recurrent_fw_states
+from ..pallas.heuristics import ChunkwiseKernelParams
+from .fw_parallel import BLOCK, parallel_fw_h_mosaic
+
+KERNEL_NAME = "chunkwise_mosaic"
+_F32 = jnp.float32
+
+
+def _mosaic():
+    """``xlstm_jax.kernels.pallas._mosaic``, imported on first use (never at package import)."""
+    from ...pallas import _mosaic as mod
+
+    return mod
+MOSAIC_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+DEFAULT_BV = 128
+"""DHV tile of one program (register budget: two 64 x bV f32 accumulators in one warpgroup)."""
+_OPEN_FORGET_GATE = 1e30  # log_sigmoid(1e30) == 0 exactly: the state carries through
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def _pad_axis(x: jax.Array, axis: int, size: int, value: float) -> jax.Array:
+    if x.shape[axis] == size:
+        return x
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, size - x.shape[axis])
+    return jnp.pad(x, pad, constant_values=value)
+
+
+def _fixed_options(options: dict) -> None:
+    """``ValueError`` for Triton intra-kernel options the one-warpgroup Mosaic kernel fixes."""
+    fixed = {"siz_b_L_parallel": BLOCK, "siz_b_L_loop": BLOCK}
+    for name, value in options.items():
+        if value is None:
+            continue
+        if name in fixed and value != fixed[name]:
+            raise ValueError(
+                f"{KERNEL_NAME}: {name} must be {fixed[name]} or None (64-row query and key blocks); "
+                f"got {value!r}"
+            )
+        if name in ("siz_b_DH_loop", "num_warps_intra", "num_stages_intra"):
+            raise ValueError(
+                f"{KERNEL_NAME}: {name} is a Triton launch option of chunkwise_pallas' intra kernel; "
+                f"the Mosaic kernel (one warpgroup, whole DHQK per wgmma) takes none; got {value!r}"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicConfig:
+    """Static (hashable) options of one forward call."""
+
+    params: ChunkwiseKernelParams
+    qk_scale: float
+    eps: float
+    norm_val: float
+    stabilize_correctly: bool
+    bV: int
+    interpret_triton: bool
+    interpret_mosaic: bool
+
+
+def forward_padded(q, k, v, i, logf, C0, n0, m0, cfg: MosaicConfig):
+    """The forward pass on padded, flattened arrays: (h, C_last, n_last, m_last).
+
+    q, k (BH, S, DQ), v (BH, S, DV) in the kernel dtype with S a multiple of the chunk L and DQ,
+    DV multiples of 64; i, logf (BH, S), C0 (BH, DQ, DV), n0 (BH, DQ), m0 (BH,) float32.
+    """
+    p = cfg.params
+    L = p.chunk_size_intra
+    BH, S, DQ = q.shape
+    NC, nQB = S // L, S // BLOCK
+    vecM = gates.max_state_scan(i, logf, m0)
+    g = gates.kernel_gates(i, logf, vecM, m0, L)
+    matC_states, vecN_states = recurrent_fw_states(
+        k, v, g.vecWstate, g.vecDecay, C0, n0, params=p, interpret=cfg.interpret_triton
+    )
+    # per-query vectors (XLA, O(S * DQ)): the state term of the normaliser and its lower bound
+    vecN_enter = jnp.repeat(vecN_states[:, :NC], L, axis=1)  # (BH, S, DQ): n_{k-1} of t's chunk
+    vecW = g.vecWinter * cfg.qk_scale
+    vecNqInter = vecW * jnp.einsum(
+        "bsd,bsd->bs", q.astype(_F32), vecN_enter, precision=jax.lax.Precision.HIGHEST
+    )
+    vecLam = gates.normalizer_lower_bound(
+        vecM, norm_val=cfg.norm_val, stabilize_correctly=cfg.stabilize_correctly
+    )
+    rows = jnp.stack([g.vecQlog, vecW, vecNqInter, vecLam], axis=1)  # (BH, 4, S)
+    rows = rows.reshape(BH, 4, nQB, BLOCK).transpose(0, 2, 1, 3)  # (BH, nQB, 4, 64)
+    chunk_start = (jnp.arange(S, dtype=jnp.int32) // L) * L
+    start = (g.vecStart.astype(jnp.int32) - chunk_start[None, :]).reshape(BH, nQB, BLOCK)
+    klog = g.vecKlog.reshape(BH, nQB, BLOCK)
+    matC_enter = matC_states[:, :NC].astype(q.dtype)
+    matH = parallel_fw_h_mosaic(
+        q, k, v, rows.astype(_F32), start, klog.astype(_F32), matC_enter,
+        L=L, bV=cfg.bV, qk_scale=cfg.qk_scale, eps=cfg.eps, interpret=cfg.interpret_mosaic,
+    )
+    return matH, matC_states[:, -1], vecN_states[:, -1], g.scaM_borders[:, -1]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
+def _forward(q, k, v, i, logf, C0, n0, m0, cfg: MosaicConfig):
+    return forward_padded(q, k, v, i, logf, C0, n0, m0, cfg)
+
+
+def _forward_fwd(q, k, v, i, logf, C0, n0, m0, cfg: MosaicConfig):
+    return forward_padded(q, k, v, i, logf, C0, n0, m0, cfg), None
+
+
+def _forward_bwd(cfg: MosaicConfig, res, cts):
+    raise NotImplementedError(
+        f"{KERNEL_NAME} is forward-only (issue 14, first step): its backward kernels are not "
+        f"written yet; differentiate through 'chunkwise_pallas' (Triton), which takes the same options"
+    )
+
+
+_forward.defvjp(_forward_fwd, _forward_bwd)
+
+
+def mlstm_chunkwise_mosaic(
+    matQ: jax.Array,  # (B, NH, S, DHQK)
+    matK: jax.Array,  # (B, NH, S, DHQK)
+    matV: jax.Array,  # (B, NH, S, DHV)
+    vecI: jax.Array,  # (B, NH, S) or (B, NH, S, 1)
+    vecF: jax.Array,  # (B, NH, S) or (B, NH, S, 1)
+    c_initial: jax.Array | None = None,  # (B, NH, DHQK, DHV)
+    n_initial: jax.Array | None = None,  # (B, NH, DHQK)
+    m_initial: jax.Array | None = None,  # (B, NH)
+    *,
+    return_last_states: bool = False,
+    qk_scale: float | None = None,
+    eps: float = 1e-6,
+    norm_val: float = 1.0,
+    stabilize_correctly: bool = True,
+    grad_mode: str = "exact",
+    cell_options: CellOptions | None = None,
+    chunk_size: int | None = None,
+    chunk_size_inter: int | None = None,
+    chunk_size_intra: int | None = None,
+    siz_b_L_parallel: int | None = None,
+    siz_b_L_loop: int | None = None,
+    siz_b_DH_parallel: int | None = None,
+    siz_b_DH_loop: int | None = None,
+    siz_b_DHQK_inter: int | None = None,
+    siz_b_DHV_inter: int | None = None,
+    num_warps_intra: int | None = None,
+    num_warps_inter: int | None = None,
+    num_stages_intra: int | None = None,
+    num_stages_inter: int | None = None,
+    autocast_kernel_dtype=None,
+    output_dtype=None,
+    recompute_states_in_bw: bool = True,
+    interpret: bool | None = None,
+):
+    """Chunkwise mLSTM forward with the Mosaic GPU intra-chunk kernel (forward only).
+
+    Same arguments, options and outputs as ``mlstm_chunkwise_pallas``: ``h`` (B, NH, S, DHV) in
+    ``output_dtype`` (default: the dtype of q), with ``return_last_states`` also
+    ``MLSTMState(matC, vecN, scaM)`` in float32. Differences: the chunk (``chunk_size`` /
+    ``chunk_size_intra``, default 128) must be a multiple of 64; ``siz_b_L_parallel`` and
+    ``siz_b_L_loop`` are fixed at 64; ``siz_b_DH_parallel`` (default 128) is the DHV tile of a
+    program, a multiple of 64 dividing the padded DHV; ``siz_b_DH_loop``, ``num_warps_intra`` and
+    ``num_stages_intra`` are Triton-only (``ValueError`` if given); the recurrent (``*_inter``)
+    options go to the Triton state kernel; ``recompute_states_in_bw`` has no effect (no backward).
+    The kernel dtype must be bfloat16 or float16 (``NotImplementedError`` for float32).
+    Differentiating raises ``NotImplementedError``. ``interpret``: None or False compile (an
+    NVIDIA Hopper GPU, else ``RuntimeError``); True runs Mosaic GPU's interpret mode (CPU).
+    """
+    call = validate_sequence_call(
+        KERNEL_NAME, matQ, matK, matV, vecI, vecF, c_initial, n_initial, m_initial,
+        cell_options=cell_options, qk_scale=qk_scale, eps=eps, norm_val=norm_val,
+        stabilize_correctly=stabilize_correctly, grad_mode=grad_mode,
+    )
+    _fixed_options(dict(
+        siz_b_L_parallel=siz_b_L_parallel, siz_b_L_loop=siz_b_L_loop, siz_b_DH_loop=siz_b_DH_loop,
+        num_warps_intra=num_warps_intra, num_stages_intra=num_stages_intra,
+    ))
+    kd = kernel_dtype_of(autocast_kernel_dtype, matQ.dtype)
+    h_kernel_dtype(output_dtype, matQ.dtype)  # validates output_dtype
+    out_dtype = jnp.dtype(matQ.dtype if output_dtype is None else output_dtype)
+    if call.empty:  # B == 0 or NH == 0: empty outputs on every machine, like every kernel
+        return empty_sequence_outputs(
+            call, h_dtype=out_dtype, state_dtype=_F32, return_last_states=return_last_states
+        )
+    if kd not in MOSAIC_DTYPES:
+        raise NotImplementedError(
+            f"{KERNEL_NAME}: kernel dtype {kd.name} is not implemented (wgmma on bfloat16/float16 "
+            f"only; a tf32 kernel is not written yet); pass autocast_kernel_dtype='bfloat16'"
+        )
+    L_req = chunk_size_intra if chunk_size_intra is not None else chunk_size
+    if L_req is not None and (isinstance(L_req, bool) or not isinstance(L_req, int) or L_req < BLOCK
+                              or L_req % BLOCK):
+        raise ValueError(
+            f"{KERNEL_NAME}: the chunk (chunk_size_intra or chunk_size) must be a multiple of {BLOCK}; "
+            f"got {L_req!r}"
+        )
+    if siz_b_DH_parallel is not None and (
+        isinstance(siz_b_DH_parallel, bool) or not isinstance(siz_b_DH_parallel, int)
+        or siz_b_DH_parallel < 64 or siz_b_DH_parallel % 64
+    ):
+        raise ValueError(
+            f"{KERNEL_NAME}: siz_b_DH_parallel (the DHV tile) must be a positive multiple of 64; "
+            f"got {siz_b_DH_parallel!r}"
+        )
+    interpret_mosaic = bool(interpret)
+    _mosaic().check_backend(KERNEL_NAME, interpret_mosaic)
+
+    # 1. pad S to a multiple of 64 with neutral steps, then the Triton family's preparation
+    B, NH, S, DHQK, DHV = call.B, call.NH, call.S, call.DHQK, call.DHV
+    S64 = _round_up(S, BLOCK)
+    pad_s = lambda x, val: _pad_axis(x, 2, S64, val)  # noqa: E731
+    state = call.state
+    call64 = validate_sequence_call(
+        KERNEL_NAME, pad_s(matQ, 0.0), pad_s(matK, 0.0), pad_s(matV, 0.0),
+        pad_s(call.vecI, gates.CLOSED_INPUT_GATE), pad_s(call.vecF, _OPEN_FORGET_GATE),
+        None if state is None else state.matC, None if state is None else state.vecN,
+        None if state is None else state.scaM, cell_options=call.options,
+    )
+    L_target = L_req if L_req is not None else 128
+    prep = prepare(
+        call64, pad_s(matQ, 0.0), pad_s(matK, 0.0), pad_s(matV, 0.0), chunk_size=L_target,
+        autocast_kernel_dtype=kd,
+        tile_params=dict(
+            chunk_size_inter=chunk_size_inter, siz_b_DHQK_inter=siz_b_DHQK_inter,
+            siz_b_DHV_inter=siz_b_DHV_inter, num_warps_inter=num_warps_inter,
+            num_stages_inter=num_stages_inter,
+        ),
+    )
+    p = prep.params
+    L = p.chunk_size_intra
+    if L % BLOCK:  # fit_chunk_size never goes below the padded S, a multiple of 64
+        raise AssertionError(f"internal: chunk {L} not a multiple of {BLOCK}")
+    q, k, v, i, logf, C0, n0, m0 = prep.arrays
+    DQ, DV = _round_up(q.shape[-1], 64), _round_up(v.shape[-1], 64)
+    q, k = _pad_axis(q, 2, DQ, 0.0), _pad_axis(k, 2, DQ, 0.0)
+    v = _pad_axis(v, 2, DV, 0.0)
+    C0 = _pad_axis(_pad_axis(C0, 1, DQ, 0.0), 2, DV, 0.0)
+    n0 = _pad_axis(n0, 1, DQ, 0.0)
+    bV = min(siz_b_DH_parallel or DEFAULT_BV, DV)
+    if DV % bV:
+        raise ValueError(
+            f"{KERNEL_NAME}: siz_b_DH_parallel={bV} must divide the padded DHV={DV} (DHV={DHV})"
+        )
+    opts = call.options
+    cfg = MosaicConfig(
+        params=p, qk_scale=float(prep.qk_scale), eps=float(opts.eps), norm_val=float(opts.norm_val),
+        stabilize_correctly=bool(opts.stabilize_correctly), bV=bV,
+        interpret_triton=resolve_interpret(True if interpret_mosaic else None),
+        interpret_mosaic=interpret_mosaic,
+    )
+    matH, matC_last, vecN_last, scaM_last = _forward(q, k, v, i, logf, C0, n0, m0, cfg)
+    h = matH[:, :S, :DHV].reshape(B, NH, S, DHV).astype(out_dtype)
+    if not return_last_states:
+        return h
+    return h, MLSTMState(
+        matC_last[:, :DHQK, :DHV].reshape(B, NH, DHQK, DHV),
+        vecN_last[:, :DHQK].reshape(B, NH, DHQK),
+        scaM_last.reshape(B, NH),
+    )

@@ -1,0 +1,258 @@
+"""Forward parallel (intra-chunk) kernel in Mosaic GPU: h of one 64-row query block per program.
+
+Notation (see ``xlstm_jax.kernels.mlstm_chunkwise.pallas.gates``): BH = B * NH, L the intra chunk
+(a multiple of 64), BLOCK = 64 query rows per program = key rows per loop step, bV the DHV tile of
+a program. For query t in chunk k (entering state C_{k-1}, n_{k-1} from the recurrent kernel):
+
+    h_t = (W_t qs_t^T C_{k-1} + sum_{z_t <= s <= t} P_ts v_s) / (max(|nq_t|, lam_t) + eps)
+    P_ts = (qs_t . k_s) exp2(vecQlog_t + vecKlog_s),   nq_t = nqInter_t + sum_s P_ts
+
+with W_t = vecWinter_t (qs = q * qk_scale), nqInter_t = W_t qs_t . n_{k-1} and
+lam_t = norm_val exp(-m_t) (or norm_val) computed in XLA (O(S * DHQK), ``forward.py``); z_t the
+latest reset <= t in the chunk (``vecStart``, passed chunk-relative).
+
+Design (v1: simple and correct first; one warpgroup of 128 threads, no warp specialisation):
+
+* Grid (DHV / bV, S / 64, BH), one CTA per (DHV tile, query block, batch*head). A program of query
+  block b (block iq = b mod (L/64) inside chunk c) loops over the iq + 1 key blocks of its chunk
+  up to the diagonal, so its work is the causal triangle of the chunk, like the Triton kernel.
+* Shared memory (bf16/f16; every 2-D tile in the (8, 64) tiling with the 128-byte swizzle that
+  wgmma reads without bank conflicts): the q block (64, DHQK) and the state tile C_{k-1}
+  (DHQK, bV) loaded once by TMA; k (64, DHQK), v (64, bV) and the key gate vector double-buffered
+  (2 slots), so the TMA load of key block j + 1 overlaps the two wgmmas and the gate math of block
+  j; the output tile (64, bV); small f32/int32 vectors. At DHQK = 128, bV = 128: 16 + 32 + 2 * (16
+  + 16) + 16 KB = 128 KB; at DHQK = 256 (7B heads): 32 + 64 + 2 * (32 + 16) + 16 = 208 KB of
+  the H200's 227 KB (one CTA per SM; 2 at DHQK = 64).
+* First the inter-chunk term: acc = W_t * (q C_{k-1}) (wgmma from two shared-memory operands,
+  64 x bV f32 accumulator = 64 registers per thread at bV = 128), the Triton kernel's order. Then
+  per key block: S = q k^T (wgmma, 64 x 64 f32, 32 registers), the gate matrix
+  exp2(Qlog_t + Klog_s) with the causal and reset masks, nq += row sums, and acc += P v (wgmma with
+  P as a register operand in bf16/f16, 16 registers; ``pl.run_state`` over the carried
+  accumulator, the idiom of JAX's FlashAttention-3 kernel, which also awaits the wgmma before the
+  slot is refilled). Peak about 64 + 32 + 16 registers plus the broadcast gate/iota tiles and
+  addresses: well inside one warpgroup's 255 at bV = 128 (bV = 256 would double acc to 128).
+* The stabiliser m_t is an input (no online max, no rescaling), so blocks need no re-scaling
+  and the loop has no dependency except the accumulator.
+* Left for later (the Triton kernel's role model: FlashAttention 3): a producer warpgroup for TMA
+  with consumer warpgroups (``emit_pipeline_warp_specialized``), two query blocks per CTA sharing
+  each k/v tile, bV = DHV with two consumer warpgroups, the inter-chunk wgmma left in flight
+  while the first key block's S is computed.
+
+Everything Mosaic-specific comes from ``xlstm_jax.kernels.pallas._mosaic`` (imported lazily).
+``interpret=True`` runs the kernel in Mosaic GPU's interpret mode on CPU (a simulation of TMA,
+barriers and wgmma: checks the arithmetic and the synchronisation, not layouts or resources).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+
+BLOCK = 64
+"""Query rows per program and key rows per loop step: one wgmma M tile of one warpgroup."""
+N_ROWVECS = 4
+"""Per-query vectors packed into one (4, 64) TMA tile: vecQlog, W * qk_scale, nqInter, lam."""
+_F32 = jnp.float32
+
+
+def _mosaic():
+    """``xlstm_jax.kernels.pallas._mosaic``, imported on first use (never at package import)."""
+    from ...pallas import _mosaic as mod
+
+    return mod
+
+
+def _kernel(
+    q_ref,  # (BH, S, DHQK) gmem
+    k_ref,  # (BH, S, DHQK)
+    v_ref,  # (BH, S, DHV)
+    rows_ref,  # (BH, S / 64, 4, 64) f32: vecQlog, W * qk_scale, nqInter, lam
+    start_ref,  # (BH, S / 64, 64) int32: z_t - chunk start
+    klog_ref,  # (BH, S / 64, 64) f32
+    c_ref,  # (BH, NC, DHQK, DHV) kernel dtype: the state entering each chunk
+    h_ref,  # out (BH, S, DHV) kernel dtype
+    smem,
+    bars,
+    *,
+    L: int,
+    bV: int,
+    qk_scale: float,
+    eps: float,
+    interpret: bool,
+):
+    plgpu = _mosaic().plgpu()
+    q_smem, k_smem, v_smem, c_smem, h_smem, rows_smem, start_smem, klog_smem = smem
+    q_bar, c_bar, rows_bar, start_bar, k_bar, v_bar, klog_bar = bars
+    wg = plgpu.Layout.WGMMA
+    row_layout, col_layout = wg.reduce(1), wg.reduce(0)
+    load = functools.partial(_mosaic().load, interpret=interpret)
+    dtype = q_smem.dtype
+    DHQK = q_smem.shape[-1]
+
+    iv = lax.axis_index("v")
+    qb = lax.axis_index("q")
+    bh = lax.axis_index("bh")
+    nb = L // BLOCK
+    chunk = lax.div(qb, jnp.int32(nb))
+    iq = lax.rem(qb, jnp.int32(nb))
+    kb0 = chunk * nb
+    vcols = pl.ds(iv * bV, bV)
+    qrows = pl.ds(qb * BLOCK, BLOCK)
+
+    def fetch_kv(j, slot):
+        krows = pl.ds((kb0 + j) * BLOCK, BLOCK)
+        plgpu.copy_gmem_to_smem(k_ref.at[bh, krows], k_smem.at[slot], k_bar.at[slot])
+        plgpu.copy_gmem_to_smem(v_ref.at[bh, krows, vcols], v_smem.at[slot], v_bar.at[slot])
+        plgpu.copy_gmem_to_smem(klog_ref.at[bh, kb0 + j], klog_smem.at[slot], klog_bar.at[slot])
+
+    plgpu.copy_gmem_to_smem(q_ref.at[bh, qrows], q_smem, q_bar)
+    plgpu.copy_gmem_to_smem(rows_ref.at[bh, qb], rows_smem, rows_bar)
+    plgpu.copy_gmem_to_smem(start_ref.at[bh, qb], start_smem, start_bar)
+    fetch_kv(0, 0)
+    plgpu.copy_gmem_to_smem(c_ref.at[bh, chunk, pl.ds(0, DHQK), vcols], c_smem, c_bar)
+
+    plgpu.barrier_wait(rows_bar)
+    plgpu.barrier_wait(start_bar)
+    vecQlog = load(rows_smem.at[0], row_layout)
+    vecW = load(rows_smem.at[1], row_layout)
+    vecNqInter = load(rows_smem.at[2], row_layout)
+    vecLam = load(rows_smem.at[3], row_layout)
+    vecStart = load(start_smem, row_layout)
+    shape_s = (BLOCK, BLOCK)
+    idx_r = _mosaic().iota(shape_s, 0, wg, interpret=interpret)
+    idx_c = _mosaic().iota(shape_s, 1, wg, interpret=interpret)
+    matQlog = lax.broadcast_in_dim(vecQlog, shape_s, [0])
+    matStart = lax.broadcast_in_dim(vecStart, shape_s, [0])
+    plgpu.barrier_wait(q_bar)
+
+    n_iter = iq + 1
+    shape_h = (BLOCK, bV)
+
+    # inter-chunk term first (like the Triton kernel): acc = W_t qs_t^T C_{k-1}; the loop adds P v
+    plgpu.barrier_wait(c_bar)
+
+    def inter(acc_ref):
+        plgpu.wgmma(acc_ref, q_smem, c_smem)
+        return acc_ref[...]
+
+    matAcc0 = pl.run_scoped(inter, plgpu.ACC(shape_h, _F32))
+    matAcc0 = matAcc0 * lax.broadcast_in_dim(vecW, shape_h, [0])
+
+    def step(j, carry):
+        """Key block j of the chunk: (nq, acc) -> (nq, acc) with this block's P added."""
+        vecNq, matAcc = carry
+        slot = lax.rem(j, jnp.int32(2))
+
+        @pl.when(j + 1 < n_iter)
+        def _prefetch():  # the other slot was last read by block j - 1, whose wgmmas are done
+            fetch_kv(j + 1, 1 - slot)
+
+        plgpu.barrier_wait(k_bar.at[slot])
+        plgpu.barrier_wait(klog_bar.at[slot])
+
+        def qk(s_ref):
+            plgpu.wgmma(s_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+            return s_ref[...]
+
+        if interpret:  # the interpreter's wgmma takes no transposed or register operand
+            matS = lax.dot_general(
+                q_smem[...], k_smem.at[slot][...], (((1,), (1,)), ((), ())),
+                preferred_element_type=_F32,
+            )
+        else:
+            matS = pl.run_scoped(qk, plgpu.ACC(shape_s, _F32))
+        vecKlog = load(klog_smem.at[slot], col_layout)
+        matLogD = matQlog + lax.broadcast_in_dim(vecKlog, shape_s, [1])
+        # causal: t >= s in chunk-local rows (only the diagonal block j == iq cuts); reset: s >= z_t
+        mask = (idx_r + (iq - j) * BLOCK >= idx_c) & (idx_c + j * BLOCK >= matStart)
+        matP = (matS * qk_scale) * jnp.exp2(jnp.where(mask, matLogD, -jnp.inf))
+        vecNq = vecNq + matP.sum(axis=1)
+        matP = matP.astype(dtype)
+        plgpu.barrier_wait(v_bar.at[slot])
+        if interpret:
+            matAcc = matAcc + jnp.dot(matP, v_smem.at[slot][...], preferred_element_type=_F32)
+        else:
+
+            def pv(acc_ref):
+                plgpu.wgmma(acc_ref, matP, v_smem.at[slot])
+
+            # run_state awaits the wgmma: the slot may be refilled by the prefetch of step j + 1
+            matAcc = pl.run_state(pv)(plgpu.ACC.init(matAcc))
+        return vecNq, matAcc
+
+    vecNq0 = _mosaic().layout_cast(jnp.zeros((BLOCK,), _F32), row_layout, interpret=interpret)
+    vecNqIntra, matAcc = lax.fori_loop(jnp.int32(0), n_iter, step, (vecNq0, matAcc0))
+
+    vecNq = vecNqInter + vecNqIntra
+    vecDen = jnp.maximum(jnp.abs(vecNq), vecLam) + eps
+    matH = matAcc / lax.broadcast_in_dim(vecDen, shape_h, [0])
+    h_smem[...] = matH.astype(h_smem.dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(h_smem, h_ref.at[bh, qrows, vcols])
+    plgpu.wait_smem_to_gmem(0)
+
+
+def parallel_fw_h_mosaic(
+    matQ: jax.Array,  # (BH, S, DHQK) bf16/f16, S a multiple of L, DHQK a multiple of 64
+    matK: jax.Array,  # (BH, S, DHQK)
+    matV: jax.Array,  # (BH, S, DHV), DHV a multiple of bV
+    rows: jax.Array,  # (BH, S / 64, 4, 64) f32
+    start: jax.Array,  # (BH, S / 64, 64) int32
+    klog: jax.Array,  # (BH, S / 64, 64) f32
+    matC_enter: jax.Array,  # (BH, NC, DHQK, DHV) dtype of q
+    *,
+    L: int,
+    bV: int,
+    qk_scale: float,
+    eps: float,
+    interpret: bool,
+) -> jax.Array:
+    """Launch the kernel: h (BH, S, DHV) in the dtype of q. Inputs are prepared by ``forward.py``."""
+    plgpu = _mosaic().plgpu()
+    BH, S, DHQK = matQ.shape
+    DHV = matV.shape[-1]
+    dtype = matQ.dtype
+    NC = S // L
+    if S % L or L % BLOCK or DHQK % 64 or DHV % bV or bV % 64:
+        raise ValueError(
+            f"parallel_fw_h_mosaic needs S % L == 0, L % 64 == 0, DHQK % 64 == 0, DHV % bV == 0, "
+            f"bV % 64 == 0; got S={S}, L={L}, DHQK={DHQK}, DHV={DHV}, bV={bV}"
+        )
+    if matC_enter.shape != (BH, NC, DHQK, DHV) or matC_enter.dtype != dtype:
+        raise ValueError(
+            f"matC_enter must be {(BH, NC, DHQK, DHV)} {jnp.dtype(dtype).name}; got "
+            f"{matC_enter.shape} {matC_enter.dtype}"
+        )
+    tr = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    smem = (
+        plgpu.SMEM((BLOCK, DHQK), dtype, transforms=tr),  # q
+        plgpu.SMEM((2, BLOCK, DHQK), dtype, transforms=tr),  # k, 2 slots
+        plgpu.SMEM((2, BLOCK, bV), dtype, transforms=tr),  # v, 2 slots
+        plgpu.SMEM((DHQK, bV), dtype, transforms=tr),  # C_{k-1} tile
+        plgpu.SMEM((BLOCK, bV), dtype, transforms=tr),  # h tile
+        plgpu.SMEM((N_ROWVECS, BLOCK), _F32),
+        plgpu.SMEM((BLOCK,), jnp.int32),
+        plgpu.SMEM((2, BLOCK), _F32),  # key gate vector, 2 slots
+    )
+    bars = (
+        plgpu.Barrier(), plgpu.Barrier(), plgpu.Barrier(), plgpu.Barrier(),
+        plgpu.Barrier(num_barriers=2), plgpu.Barrier(num_barriers=2), plgpu.Barrier(num_barriers=2),
+    )
+    body = functools.partial(
+        _kernel, L=L, bV=bV, qk_scale=float(qk_scale), eps=float(eps), interpret=bool(interpret)
+    )
+    call = plgpu.kernel(
+        body,
+        out_type=jax.ShapeDtypeStruct((BH, S, DHV), dtype),
+        scratch_types=[smem, bars],
+        grid=(DHV // bV, S // BLOCK, BH),
+        grid_names=("v", "q", "bh"),
+        compiler_params=plgpu.CompilerParams(),
+        interpret=_mosaic().interpret_params(interpret),
+    )
+    return call(matQ, matK, matV, rows, start, klog, matC_enter)

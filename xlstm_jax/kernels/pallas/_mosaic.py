@@ -1,0 +1,97 @@
+"""The only module that imports Pallas' Mosaic GPU backend (``jax.experimental.pallas.mosaic_gpu``).
+
+Nothing imports this module at package import: the Mosaic GPU kernel family
+(``xlstm_jax.kernels.mlstm_chunkwise.mosaic``) calls ``plgpu()`` when a kernel is traced, so
+``import xlstm_jax.kernels`` works with any JAX, and a missing or too old Mosaic GPU API gives a
+``RuntimeError`` naming what is missing only when the family is used.
+
+The small wrappers here absorb API differences between JAX versions (``load``'s index argument
+became optional and deprecated in JAX 0.11) so that kernel bodies use one spelling.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+
+import jax
+
+# Every name the kernels use; checked once so that an old API fails with one clear message.
+REQUIRED_NAMES = (
+    "kernel", "wgmma", "wgmma_wait", "ACC", "SMEM", "Barrier", "TilingTransform", "SwizzleTransform",
+    "CompilerParams", "copy_gmem_to_smem", "copy_smem_to_gmem", "barrier_wait", "commit_smem",
+    "wait_smem_to_gmem", "transpose_ref", "layout_cast", "Layout", "load", "broadcasted_iota",
+)
+
+
+@functools.lru_cache(maxsize=None)
+def plgpu():
+    """The ``jax.experimental.pallas.mosaic_gpu`` module; ``RuntimeError`` if absent or too old."""
+    try:
+        from jax.experimental.pallas import mosaic_gpu as mod
+    except ImportError as e:  # re-raised with the reason, never swallowed
+        raise RuntimeError(
+            f"the Mosaic GPU kernels need jax.experimental.pallas.mosaic_gpu, which JAX "
+            f"{jax.__version__} cannot import: {e}"
+        ) from e
+    missing = [n for n in REQUIRED_NAMES if not hasattr(mod, n)]
+    if missing:
+        raise RuntimeError(
+            f"the Mosaic GPU kernels need jax.experimental.pallas.mosaic_gpu.{{{', '.join(missing)}}}, "
+            f"missing in JAX {jax.__version__} (written against JAX 0.11)"
+        )
+    return mod
+
+
+def check_backend(kernel_name: str, interpret: bool) -> None:
+    """``RuntimeError`` unless Mosaic GPU can run here: an NVIDIA GPU, or ``interpret=True``.
+
+    Compiled Mosaic GPU kernels need a Hopper (sm_90) or newer NVIDIA GPU; everywhere else only
+    Mosaic GPU's interpret mode (a CPU simulation of TMA, barriers and wgmma) can run them.
+    """
+    plgpu()
+    if interpret:
+        return
+    if jax.default_backend() != "gpu":
+        raise RuntimeError(
+            f"mLSTM kernel {kernel_name!r} is a Mosaic GPU kernel: it needs an NVIDIA Hopper GPU "
+            f"(default backend here: {jax.default_backend()!r}, JAX {jax.__version__}); use "
+            f"'chunkwise_pallas' or 'chunkwise_native' on this machine, or interpret=True to "
+            f"simulate the kernel on CPU (slow, tiny shapes only)"
+        )
+
+
+def interpret_params(interpret: bool):
+    """The ``interpret`` argument of ``plgpu.kernel``: GPU interpret mode on CPU, else False."""
+    if not interpret:
+        return False
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+
+    return InterpretGPUParams()
+
+
+@functools.lru_cache(maxsize=None)
+def _load_takes_index() -> bool:
+    p = inspect.signature(plgpu().load).parameters["idx"]
+    return p.default is inspect.Parameter.empty
+
+
+def load(ref, layout, *, interpret: bool):
+    """Load all of ``ref`` into registers with ``layout`` (plain ``ref[...]`` in interpret mode)."""
+    if interpret:
+        return ref[...]
+    if _load_takes_index():
+        return plgpu().load(ref, (), layout=layout)
+    return plgpu().load(ref, layout=layout)
+
+
+def layout_cast(x, layout, *, interpret: bool):
+    """``plgpu.layout_cast`` when compiling; the identity in interpret mode."""
+    return x if interpret else plgpu().layout_cast(x, layout)
+
+
+def iota(shape, dimension: int, layout, *, interpret: bool):
+    """An int32 iota along ``dimension`` in ``layout`` (no layout in interpret mode)."""
+    if interpret:
+        return jax.lax.broadcasted_iota(jax.numpy.int32, shape, dimension)
+    return plgpu().broadcasted_iota(jax.numpy.int32, shape, dimension, layout=layout)
