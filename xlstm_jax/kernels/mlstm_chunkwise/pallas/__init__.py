@@ -32,7 +32,8 @@ KERNEL_OPTIONS = {
     "num_stages_inter": None,
     "autocast_kernel_dtype": None,
     "output_dtype": None,
-    "recompute_states_in_bw": True,
+    "recompute_states_in_bw": None,
+    "tuned": None,
     "interpret": None,
 }
 
