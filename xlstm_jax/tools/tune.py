@@ -233,6 +233,7 @@ def run(args) -> int:
                                                  "failed": sum(t.error is not None for t in res.trials)})
                 entries.append(entry)
                 rows.append((key, params, final, time.perf_counter() - t0))
+                _write(entries, cache, args.json)  # after every key: a later crash keeps these
                 all_trials.append({"key": entry_key_dict(key), "trials": [
                     {"overrides": t.overrides, "ms": t.ms, "skipped": t.skipped, "error": t.error}
                     for t in res.trials]})
@@ -244,15 +245,24 @@ def run(args) -> int:
 
     _print_table(rows)
     if entries and cache:
-        tuning.write_table(cache, entries, merge=True)
         print(f"cache: {len(entries)} entries written to {cache}")
     if args.json:
-        tuning.write_table(args.json, entries, merge=False)
+        _write(entries, None, args.json)
         print(f"json: {args.json} (format of tuned_defaults.json)")
     if args.trials_json:
         with open(args.trials_json, "w") as fh:
             json.dump(all_trials, fh, indent=1)
     return 1 if failed else 0
+
+
+def _write(entries: list, cache: str | None, json_path: str | None) -> None:
+    """Merge ``entries`` into the cache; write them (only them) to ``json_path``."""
+    from xlstm_jax.kernels.mlstm_chunkwise.pallas import tuning
+
+    if cache and entries:
+        tuning.write_table(cache, entries, merge=True)
+    if json_path:
+        tuning.write_table(json_path, entries, merge=False)
 
 
 def entry_key_dict(key) -> dict:
