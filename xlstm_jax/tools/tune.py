@@ -75,7 +75,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--objective", default="fwbw", choices=["fwbw", "fw"],
                    help="what the search minimises: forward + backward time (training) or forward only")
     p.add_argument("--budget-s", type=float_range(0.0, low_open=True), default=60.0,
-                   help="seconds of search per key (compiles included; the default is always measured)")
+                   help="seconds of search per key (compiles included; the heuristic start is always measured)")
     p.add_argument("--space", action="append", type=_space_type, default=None, metavar="NAME=V1,V2",
                    help="search only these options and values (repeatable; default: tuning.SEARCH_SPACE)")
     p.add_argument("--min-gain", type=float_range(0.0, 1.0), default=0.02,
@@ -87,10 +87,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache", default=None,
                    help="tuning table to update (default: $XLSTM_JAX_TUNING_CACHE or ~/.cache/xlstm_jax/tuning.json)")
     p.add_argument("--no-cache", action="store_true", help="do not write the user cache")
-    p.add_argument("--json", default=None, help="also write the new entries to this file (the shipped table's format)")
-    p.add_argument("--trials-json", default=None, help="write every candidate and its time to this file")
+    p.add_argument("--json", default=None, help="also write the new entries to this file, in the shipped table's format (default: none)")
+    p.add_argument("--trials-json", default=None, help="write every candidate and its time to this file (default: none)")
     p.add_argument("--report-modes", nargs="+", default=["fw", "fwbw"], choices=["fw", "fwbw"],
-                   help="modes the default and the best are timed in at the end (for the table)")
+                   help="modes the heuristic start and the best are timed in at the end, for the table")
     p.add_argument("--interpret", action="store_true",
                    help="interpret-mode Pallas (CPU smoke runs at tiny shapes only; timings meaningless)")
 
