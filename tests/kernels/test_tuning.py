@@ -224,6 +224,8 @@ def test_tune_cli_refuses_on_cpu_and_bad_cache(capsys, tmp_path):
     assert "--cache" in capsys.readouterr().err
     assert main(["tune", "--interpret", "--space", "siz_b_nope=1,2"]) == 2
     assert "unknown option" in capsys.readouterr().err
+    assert main(["tune", "--interpret", "--exclude", "recompute"]) == 2
+    assert "--exclude: unknown option 'recompute'" in capsys.readouterr().err
 
 
 def test_tune_cli_interpret_smoke(tmp_path, capsys):

@@ -78,6 +78,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds of search per key (compiles included; the heuristic start is always measured)")
     p.add_argument("--space", action="append", type=_space_type, default=None, metavar="NAME=V1,V2",
                    help="search only these options and values (repeatable; default: tuning.SEARCH_SPACE)")
+    p.add_argument("--exclude", action="append", default=None, metavar="NAME",
+                   help="leave this option at its heuristic value (repeatable), e.g. recompute_states_in_bw "
+                        "to keep the memory of the recomputed states (default: none)")
     p.add_argument("--min-gain", type=float_range(0.0, 1.0), default=0.02,
                    help="relative speed-up a candidate needs to replace the best so far")
     p.add_argument("--reps", type=int_at_least(1), default=10, help="timed calls per candidate")
@@ -95,14 +98,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="interpret-mode Pallas (CPU smoke runs at tiny shapes only; timings meaningless)")
 
 
-def _check_space(space) -> list:
+def _check_space(space, flag: str = "--space") -> list:
     from xlstm_jax.kernels.mlstm_chunkwise.pallas import tuning
     from xlstm_jax.kernels.mlstm_chunkwise.pallas.heuristics import OVERRIDABLE
 
     known = set(OVERRIDABLE) | set(tuning.CALL_OPTION_DEFAULTS)
     for name, _ in space:
         if name not in known:
-            raise UsageError(f"--space: unknown option {name!r}; known: {sorted(known)}")
+            raise UsageError(f"{flag}: unknown option {name!r}; known: {sorted(known)}")
     return list(space)
 
 
@@ -187,6 +190,7 @@ def run(args) -> int:
         raise UsageError(f"xlstm-jax tune measures compiled kernels and needs an NVIDIA GPU (the default "
                          f"backend is {jax.default_backend()!r}); use --interpret only for a smoke run")
     space_override = _check_space(space_arg) if space_arg else None
+    excluded = {name for name, _ in _check_space([(n, ()) for n in (args.exclude or [])], "--exclude")}
     cache = None if args.no_cache else (args.cache or tuning.user_cache_path())
     for path in filter(None, (cache, args.json)):  # refuse to overwrite a broken table
         try:
@@ -213,7 +217,8 @@ def run(args) -> int:
         for gm in args.grad_mode:
             key = tuning.TuningKey(kind, NH, DHQK, DHV, dtype.name, gm, B, S)
             print(f"\n[{key.label()}]", flush=True)
-            space = space_override or tuning.search_space(S, DHQK, DHV, dtype)
+            space = [(n, v) for n, v in (space_override or tuning.search_space(S, DHQK, DHV, dtype))
+                     if n not in excluded]
             t0 = time.perf_counter()
             try:
                 m = _Measurer(B, NH, S, DHQK, DHV, dtype, gm, interpret=args.interpret, reps=args.reps,
