@@ -230,15 +230,17 @@ def test_tune_cli_refuses_on_cpu_and_bad_cache(capsys, tmp_path):
 
 def test_tune_cli_interpret_smoke(tmp_path, capsys):
     out, cache = tmp_path / "out.json", tmp_path / "cache.json"
-    rc = main(["tune", "--interpret", "--heads", "1,16,16", "--shapes", "1,32", "--space", "siz_b_L_loop=16,32",
+    # S = 64: the default siz_b_L_loop is 64, so 16 and 32 are the two candidates (compiled together)
+    rc = main(["tune", "--interpret", "--heads", "1,16,16", "--shapes", "1,64", "--space", "siz_b_L_loop=16,32,64",
                "--objective", "fw", "--report-modes", "fw", "--reps", "1", "--warmup", "0",
-               "--cache", str(cache), "--json", str(out)])
+               "--compile-threads", "2", "--cache", str(cache), "--json", str(out)])
     text = capsys.readouterr().out
     assert rc == 0, text
-    assert "siz_b_L_loop=16:" in text and "tuned params" in text
+    assert "siz_b_L_loop=16:" in text and "siz_b_L_loop=32:" in text and "siz_b_L_loop=64:" not in text
+    assert "tuned params" in text
     (e,) = tuning.parse_table(out.read_text(), str(out))
     assert (e["device_kind"], e["NH"], e["DHQK"], e["DHV"], e["B"], e["S"]) == (
-        tuning.current_device_kind(), 1, 16, 16, 1, 32)
+        tuning.current_device_kind(), 1, 16, 16, 1, 64)
     assert e["objective"] == "fw" and set(e["params"]) <= {"siz_b_L_loop"} and e["ms"]["fw_default"] > 0
     assert tuning.read_table(str(cache)) == tuning.read_table(str(out))
 
