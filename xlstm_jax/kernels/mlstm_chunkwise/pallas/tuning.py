@@ -178,6 +178,9 @@ def validate_entry(entry: Any) -> dict:
     for k, v in params.items():
         if k in OVERRIDABLE and (isinstance(v, bool) or not isinstance(v, int)):
             raise ValueError(f"tuning entry option {k} must be an int; got {v!r}")
+        if k in CALL_OPTION_DEFAULTS and type(v) is not type(CALL_OPTION_DEFAULTS[k]):
+            raise ValueError(f"tuning entry option {k} must be a {type(CALL_OPTION_DEFAULTS[k]).__name__}; "
+                             f"got {v!r}")
     out = dict(entry)
     out["dtype"] = dtype_name(entry["dtype"])
     return out
@@ -344,6 +347,7 @@ def resolve_kernel_params(
         raise ValueError(f"unknown tunable call option(s) {unknown}; known: {list(CALL_OPTION_DEFAULTS)}")
     explicit = {k: v for k, v in tile_params.items() if v is not None}
     base = dict(S=S, DHQK=DHQK, DHV=DHV, dtype=dtype, chunk_size=chunk_size)
+    heuristic = chunkwise_kernel_params(**base, **explicit)  # invalid explicit values raise here
     found = None
     if tuning_enabled(tuned):
         kind = current_device_kind() if device_kind is None else device_kind
@@ -365,7 +369,7 @@ def resolve_kernel_params(
             opts = {k: (call_options.get(k) if call_options.get(k) is not None
                         else tuned_vals.get(k, default)) for k, default in CALL_OPTION_DEFAULTS.items()}
             return Resolved(params, opts, path, entry)
-    params = chunkwise_kernel_params(**base, **explicit)
+    params = heuristic
     opts = {k: (call_options.get(k) if call_options.get(k) is not None else default)
             for k, default in CALL_OPTION_DEFAULTS.items()}
     return Resolved(params, opts, "heuristics")
