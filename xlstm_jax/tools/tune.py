@@ -192,19 +192,16 @@ def run(args) -> int:
     space_override = _check_space(space_arg) if space_arg else None
     excluded = {name for name, _ in _check_space([(n, ()) for n in (args.exclude or [])], "--exclude")}
     cache = None if args.no_cache else (args.cache or tuning.user_cache_path())
-    for path in filter(None, (cache, args.json)):  # refuse to overwrite a broken table
+    if cache:  # refuse to merge into a broken table (--json is written anew)
         try:
-            with open(path) as fh:
-                text = fh.read()
+            with open(cache) as fh:
+                tuning.parse_table(fh.read(), cache)
         except FileNotFoundError:
-            continue
+            pass
         except OSError as err:
-            raise UsageError(f"cannot read tuning table {path}: {err}") from None
-        if path == cache:
-            try:
-                tuning.parse_table(text, path)
-            except ValueError as err:
-                raise UsageError(f"--cache: {err}; fix or remove it") from None
+            raise UsageError(f"--cache: cannot read the tuning table {cache}: {err}") from None
+        except ValueError as err:
+            raise UsageError(f"--cache: {err}; fix or remove it") from None
 
     dtype = jnp.dtype(DTYPES[args.dtype])
     kind = tuning.current_device_kind()
@@ -238,10 +235,10 @@ def run(args) -> int:
                                                  "failed": sum(t.error is not None for t in res.trials)})
                 entries.append(entry)
                 rows.append((key, params, final, time.perf_counter() - t0))
-                _write(entries, cache, args.json)  # after every key: a later crash keeps these
                 all_trials.append({"key": entry_key_dict(key), "trials": [
                     {"overrides": t.overrides, "ms": t.ms, "skipped": t.skipped, "error": t.error}
                     for t in res.trials]})
+                _write(entries, cache, args.json, all_trials, args.trials_json)  # a later crash keeps these
                 del m
             except Exception as err:  # this key failed (its default did not run): go on with the rest
                 failed = True
@@ -252,22 +249,22 @@ def run(args) -> int:
     if entries and cache:
         print(f"cache: {len(entries)} entries written to {cache}")
     if args.json:
-        _write(entries, None, args.json)
+        _write(entries, None, args.json, all_trials, args.trials_json)
         print(f"json: {args.json} (format of tuned_defaults.json)")
-    if args.trials_json:
-        with open(args.trials_json, "w") as fh:
-            json.dump(all_trials, fh, indent=1)
     return 1 if failed else 0
 
 
-def _write(entries: list, cache: str | None, json_path: str | None) -> None:
-    """Merge ``entries`` into the cache; write them (only them) to ``json_path``."""
+def _write(entries: list, cache: str | None, json_path: str | None, trials: list, trials_path: str | None) -> None:
+    """Merge ``entries`` into the cache; write them (only them) to ``json_path``; the trials."""
     from xlstm_jax.kernels.mlstm_chunkwise.pallas import tuning
 
     if cache and entries:
         tuning.write_table(cache, entries, merge=True)
     if json_path:
         tuning.write_table(json_path, entries, merge=False)
+    if trials_path:
+        with open(trials_path, "w") as fh:
+            json.dump(trials, fh, indent=1, default=str)
 
 
 def entry_key_dict(key) -> dict:
