@@ -17,20 +17,22 @@
 #   (d) the table (printed last, also $OUT/speed_summary.json): ours fw / fwbw (tuned, exact; fwbw
 #       tfla), peer fw / fwbw, the ratios, the goal (fw <= 0.5 x peer and fwbw <= 0.6 x peer, exact
 #       gradients) and the tuned parameters of each row.
+# Expected wall time on an H200: ~3.5 min tuning, ~2.5 min bench, ~2 min peer (set TUNE_BUDGET_S lower
+# to save time: each row gets TUNE_BUDGET_S / 7 seconds of search, at least 5).
 # Environment (defaults in brackets):
 #   OUT             output folder                                               [/tmp/xlstm_speed]
-#   TUNE_BUDGET_S   search seconds of (a), all rows together                    [200]
+#   TUNE_BUDGET_S   search seconds of (a), all rows together                    [175]
 #   TUNE_THREADS    candidates compiled concurrently by the tuner               [4]
 #   SKIP_TUNE       1: skip (a) and use $OUT/tuning_cache.json as it is         [0]
-#   REPS            timed calls per bench measurement                           [20]
+#   REPS            timed calls per bench measurement                           [10]
 #   OURS_PEER_TIMER 1: also time ours through .peers/peer_shapes.py             [0]
 #   PY              python                                                      [python3]
 #   ONLY_TABLE      1: only (d), from the files already in $OUT                 [0]
 set -u
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 OUT=${OUT:-/tmp/xlstm_speed}; mkdir -p "$OUT"
-TUNE_BUDGET_S=${TUNE_BUDGET_S:-200}; TUNE_THREADS=${TUNE_THREADS:-4}; SKIP_TUNE=${SKIP_TUNE:-0}
-REPS=${REPS:-20}; OURS_PEER_TIMER=${OURS_PEER_TIMER:-0}; PY=${PY:-python3}; ONLY_TABLE=${ONLY_TABLE:-0}
+TUNE_BUDGET_S=${TUNE_BUDGET_S:-175}; TUNE_THREADS=${TUNE_THREADS:-4}; SKIP_TUNE=${SKIP_TUNE:-0}
+REPS=${REPS:-10}; OURS_PEER_TIMER=${OURS_PEER_TIMER:-0}; PY=${PY:-python3}; ONLY_TABLE=${ONLY_TABLE:-0}
 export XLSTM_JAX_TUNING_CACHE=$OUT/tuning_cache.json
 PER_KEY=$(( TUNE_BUDGET_S / 7 )); [ "$PER_KEY" -ge 5 ] || PER_KEY=5
 STD_SHAPES="32,2048;8,8192;2,32768"
@@ -49,7 +51,7 @@ if [ "$SKIP_TUNE" != 1 ]; then
     read -r heads peer shapes rows <<<"$g"
     T=$(( rows * (PER_KEY + 60) + 60 )); t0=$(date +%s)
     timeout -k 10 "$T" $PY -m xlstm_jax tune --heads "$heads" --shapes "$shapes" --grad-mode exact \
-      --objective fwbw --budget-s "$PER_KEY" --compile-threads "$TUNE_THREADS" --cache "$XLSTM_JAX_TUNING_CACHE" \
+      --objective fwbw --report-modes fwbw --budget-s "$PER_KEY" --compile-threads "$TUNE_THREADS" --cache "$XLSTM_JAX_TUNING_CACHE" \
       --json "$OUT/tune_$heads.json" --trials-json "$OUT/tune_${heads}_trials.json" \
       >"$OUT/tune_$heads.log" 2>&1
     rc=$?
@@ -64,7 +66,7 @@ for g in "${GROUPS_[@]}"; do
   read -r heads peer shapes rows <<<"$g"
   T=$(( rows * 90 + 60 )); t0=$(date +%s)
   timeout -k 10 "$T" $PY -m xlstm_jax bench --kernels chunkwise_pallas --heads "$heads" --shapes "$shapes" \
-    --grad-mode exact tfla --no-ceilings --reps "$REPS" --warmup 3 --label tuned \
+    --grad-mode exact tfla --no-ceilings --reps "$REPS" --warmup 2 --label tuned \
     --json "$OUT/bench_$heads.json" >"$OUT/bench_$heads.log" 2>&1
   status+=("bench $heads: rc=$? ($(( $(date +%s) - t0 )) s, limit $T s)")
 done
