@@ -211,6 +211,13 @@ def test_search_space_pruning_and_descent():
     assert any(t.error and "shared memory" in t.error for t in res.trials)
     assert any(t.skipped and t.skipped.startswith("invalid") for t in res.trials)
     assert {"siz_b_L_parallel": 64} not in calls and {"siz_b_L_parallel": 128} not in calls  # = default (clamped)
+    # a seed (the best of another shape) is tried first and becomes the start when it is faster
+    calls.clear()
+    res = tuning.coordinate_descent(measure, S=64, DHQK=16, DHV=16, dtype=jnp.bfloat16, budget_s=100,
+                                    log=lambda s: None, seeds=[{"siz_b_L_parallel": 32}],
+                                    space=[("siz_b_L_parallel", (16, 32))])
+    assert calls[:2] == [{}, {"siz_b_L_parallel": 32}] and res.best == {"siz_b_L_parallel": 32}
+    assert len(calls) == 3  # the seed is not measured twice
     # the budget stops the search (the default is always measured)
     res = tuning.coordinate_descent(measure, S=64, DHQK=16, DHV=16, dtype=jnp.bfloat16, budget_s=0.0,
                                     log=lambda s: None, space=[("siz_b_L_parallel", (16, 32))])

@@ -2,7 +2,8 @@
 
 For every key (device kind, head shape, (B, S), dtype, gradient convention; see
 ``xlstm_jax.kernels.mlstm_chunkwise.pallas.tuning``) the tuner starts from the heuristic defaults
-and walks ``tuning.SEARCH_SPACE`` one option at a time (``tuning.coordinate_descent``): every new,
+(after trying the best of the head shape's earlier rows, if any) and walks
+``tuning.SEARCH_SPACE`` one option at a time (``tuning.coordinate_descent``): every new,
 valid, not pruned candidate value is compiled (``--compile-threads`` candidates at a time) and timed
 (the objective: ``fwbw``, forward + backward of sum(h * dh) as in ``xlstm-jax bench``, or ``fw``);
 the fastest is kept if it gains at least ``--min-gain``. A candidate that fails to compile or run is
@@ -220,7 +221,9 @@ def run(args) -> int:
             try:
                 m = _Measurer(B, NH, S, DHQK, DHV, dtype, gm, interpret=args.interpret, reps=args.reps,
                               warmup=args.warmup, threads=args.compile_threads)
-                res = _search(m, space, key, args, dtype)
+                seeds = [e["params"] for e in entries if (e["NH"], e["DHQK"], e["DHV"], e["grad_mode"]) ==
+                         (NH, DHQK, DHV, gm) and e["params"]]  # the best of this head shape's other rows
+                res = _search(m, space, key, args, dtype, seeds)
                 final = {}
                 for mode in args.report_modes:  # the default and the best, for the table
                     final[f"{mode}_default"] = (res.default_ms if mode == args.objective
@@ -282,7 +285,7 @@ def _try(fn, *a):
         return None
 
 
-def _search(m: _Measurer, space, key, args, dtype):
+def _search(m: _Measurer, space, key, args, dtype, seeds):
     from xlstm_jax.kernels.mlstm_chunkwise.pallas import tuning
 
     def measure(overrides):
@@ -296,7 +299,7 @@ def _search(m: _Measurer, space, key, args, dtype):
 
     return tuning.coordinate_descent(measure, S=key.S, DHQK=key.DHQK, DHV=key.DHV, dtype=dtype, space=space,
                                      budget_s=args.budget_s, min_gain=args.min_gain, log=log,
-                                     on_option=on_option)
+                                     on_option=on_option, seeds=seeds)
 
 
 def _fmt(x) -> str:

@@ -96,15 +96,16 @@ CALL_OPTION_DEFAULTS: dict[str, Any] = {
 the value used when neither the call nor a tuned entry gives one."""
 
 SEARCH_SPACE: tuple[tuple[str, tuple], ...] = (
-    # (name, candidates), walked in this order (most influential first, from the 2026-12-01 H200
-    # sweeps: the parallel kernels' row block and head tile, then keeping the states)
-    ("siz_b_L_parallel", (64, 128)),
-    ("siz_b_DH_parallel", (64, 128, 256)),
+    # (name, candidates), walked in this order: the options with measured gains first (2026-12-01
+    # H200 sweeps: keeping the states, the parallel kernels' head tile, the recurrent kernels' DHV
+    # tile), then the rest; siz_b_L_parallel late (its default, 128, was measured best at 16 bit)
     ("recompute_states_in_bw", (True, False)),
-    ("chunk_size_intra", (64, 128, 256)),
+    ("siz_b_DH_parallel", (64, 128, 256)),
     ("siz_b_DHV_inter", (64, 128, 256)),
-    ("siz_b_DHQK_inter", (64, 128, 256)),
+    ("chunk_size_intra", (64, 128, 256)),
     ("siz_b_L_loop", (32, 64, 128)),
+    ("siz_b_DHQK_inter", (64, 128, 256)),
+    ("siz_b_L_parallel", (64, 128)),
     ("siz_b_DH_loop", (64, 128, 256)),
     ("num_warps_intra", (4, 8)),
     ("num_stages_intra", (1, 2, 3)),
@@ -496,6 +497,7 @@ def coordinate_descent(
     log: Callable[[str], None] = print,
     clock: Callable[[], float] = time.perf_counter,
     on_option: Callable[[dict, str, tuple[dict, ...]], None] | None = None,
+    seeds: Iterable[dict] = (),
 ) -> SearchResult:
     """Greedy one-option-at-a-time search from the heuristics (``overrides = {}``).
 
@@ -504,7 +506,8 @@ def coordinate_descent(
     that is new (``canonical``), valid and not pruned (``prune_reason``) is measured; the best is kept
     if it is at least ``min_gain`` (relative) faster. Stops when ``budget_s`` seconds have passed
     (the default is always measured). If the default itself fails, ``RuntimeError``.
-    ``on_option(best, name, candidates)``, if given, is called with the candidates (override dicts)
+    ``seeds`` (e.g. the best of a neighbouring shape) are measured right after the default and
+    the fastest becomes the start if it gains ``min_gain``. ``on_option(best, name, candidates)``, if given, is called with the candidates (override dicts)
     of an option before they are measured (the tuner compiles them together there).
     """
     t_start = clock()
@@ -518,6 +521,25 @@ def coordinate_descent(
         raise RuntimeError(f"the heuristic default failed: {type(err).__name__}: {err}") from err
     trials.append(Trial({}, default_ms))
     log(f"  default: {default_ms:.3f} ms")
+    for seed in seeds:
+        seed = {k: v for k, v in seed.items() if k in OVERRIDABLE or k in CALL_OPTION_DEFAULTS}
+        if clock() - t_start > budget_s or prune_reason(S, DHQK, DHV, dtype, seed) is not None:
+            continue
+        c = canonical(S, DHQK, DHV, dtype, seed)
+        if c in seen:
+            continue
+        seen.add(c)
+        try:
+            ms = float(measure(seed))
+        except Exception as err:  # recorded like any candidate
+            trials.append(Trial(dict(seed), error=f"{type(err).__name__}: {err}"[:400]))
+            log(f"  seed {seed}: failed")
+            continue
+        trials.append(Trial(dict(seed), ms))
+        better = ms < best_ms * (1.0 - min_gain)
+        log(f"  seed {seed}: {ms:.3f} ms" + ("  <- best" if better else ""))
+        if better:
+            best, best_ms = dict(seed), ms
     exhausted = False
     for name, values in space:
         if clock() - t_start > budget_s:
