@@ -83,11 +83,12 @@ MAX_LOG2_S_DISTANCE = 2.0
 """Entries measured at an S more than a factor 2**2 = 4 away from the call's S are not used."""
 SHARED_MEMORY_BYTES = 227 * 1024
 """Shared memory per thread block of an H100 / H200 (the opt-in maximum, 227 KB)."""
-SMEM_PRUNE_FACTOR = 2.0
+SMEM_PRUNE_FACTOR = 1.5
 """A candidate is pruned when its shared-memory estimate exceeds this multiple of the device's: the
-estimate counts every tile a loop iteration loads as live at once (an over-estimate; measured
-configurations at 7B heads run at 1.5x it), so only clearly hopeless candidates are dropped and the
-compile decides the rest."""
+estimate counts every tile a loop iteration loads as live at once (an over-estimate: the running
+16-bit defaults estimate at 1.06x (7B heads) and 1.13x (standard heads) of 227 KB; the 7B heads
+with 2 stages, which asked for 320 KB on an H200, at 1.97x), so only clearly hopeless candidates are
+dropped and the compile decides the rest."""
 
 CALL_OPTION_DEFAULTS: dict[str, Any] = {
     "recompute_states_in_bw": True,
@@ -405,27 +406,28 @@ def search_space(S: int, DHQK: int, DHV: int, dtype, space: tuple = SEARCH_SPACE
 def shared_memory_estimate(p: ChunkwiseKernelParams, DHQK: int, DHV: int, dtype) -> int:
     """An upper estimate (bytes) of the shared memory of the largest of the six kernels.
 
-    Per kernel: num_stages x (every tile one loop iteration loads) + the tiles loaded once (the
-    state tile); see ``SMEM_PRUNE_FACTOR`` for how it is used.
+    Per kernel: num_stages x (every tile one loop iteration loads) + the tiles loaded once (one
+    sub-tile of the state: the products with the state run over static sub-tiles of the head dim);
+    see ``SMEM_PRUNE_FACTOR`` for how it is used.
     """
     it = jnp.dtype(dtype).itemsize
     Dq, Dv = padded_head_dim(DHQK), padded_head_dim(DHV)
     bL, bLl = p.siz_b_L_parallel, p.siz_b_L_loop
     si, sr = p.num_stages_intra, p.num_stages_inter
-    # fw h: loop k (bLl x Dq), v (bLl x bV), q if several DHQK tiles; once: q or nothing, C (Dq x bV)
+    # fw h: loop k (bLl x Dq), v (bLl x bV), q if several DHQK tiles; once: q or nothing, C (bDK x bV)
     bV, bDK = p.tile("siz_b_DH_parallel", Dv), p.tile("siz_b_DH_loop", Dq)
     q_loop = bL * Dq if Dq // bDK > 1 else 0
-    fw = si * (bLl * Dq + bLl * bV + q_loop) + (bL * Dq - q_loop) + Dq * bV
-    # dq: loop v (bLl x Dv), k (bLl x bDK); dh in the loop if several DHV tiles; once C (bDK x Dv)
+    fw = si * (bLl * Dq + bLl * bV + q_loop) + (bL * Dq - q_loop) + bDK * bV
+    # dq: loop v (bLl x Dv), k (bLl x bDK); dh in the loop if several DHV tiles; once C (bDK x bDV)
     bDKp, bDVl = p.tile("siz_b_DH_parallel", Dq), p.tile("siz_b_DH_loop", Dv)
     dh_loop = bL * Dv if Dv // bDVl > 1 else 0
-    dq = si * (bLl * Dv + bLl * bDKp + dh_loop) + (bL * Dv - dh_loop) + bDKp * Dv
+    dq = si * (bLl * Dv + bLl * bDKp + dh_loop) + (bL * Dv - dh_loop) + bDKp * bDVl
     # dk: loop dh (bLl x Dv), q (bLl x bDK); v in the loop if several DHV tiles; once dC
-    dk = si * (bLl * Dv + bLl * bDKp + dh_loop) + (bL * Dv - dh_loop) + bDKp * Dv
+    dk = si * (bLl * Dv + bLl * bDKp + dh_loop) + (bL * Dv - dh_loop) + bDKp * bDVl
     # dv: loop q (bLl x Dq), dh (bLl x bDV); k in the loop if several DHQK tiles; once dC
     bDVp, bDKl = p.tile("siz_b_DH_parallel", Dv), p.tile("siz_b_DH_loop", Dq)
     k_loop = bL * Dq if Dq // bDKl > 1 else 0
-    dv = si * (bLl * Dq + bLl * bDVp + k_loop) + (bL * Dq - k_loop) + Dq * bDVp
+    dv = si * (bLl * Dq + bLl * bDVp + k_loop) + (bL * Dq - k_loop) + bDKl * bDVp
     # recurrent: loop (L_inter x bK) and (L_inter x bV)
     bK, bVr = p.tile("siz_b_DHQK_inter", Dq), p.tile("siz_b_DHV_inter", Dv)
     rec = sr * p.chunk_size_inter * (bK + bVr)
