@@ -4,7 +4,8 @@ Notation (see ``xlstm_jax.kernels._common``): S sequence length, DHQK / DHV head
 
 Every parameter has a default from ``chunkwise_kernel_params`` (by head dims, S and dtype) and every
 one can be overridden from the public API (``mlstm_chunkwise_pallas(..., siz_b_L_loop=32)``, the
-``chunkwise_pallas`` registry options, the seed entry points).
+``chunkwise_pallas`` registry options, the seed entry points). ``mlstm_chunkwise_pallas`` first
+looks for a tuned entry of this device and shape (``tuning``; explicit > tuned > these defaults).
 
 Parameters and what they tile:
 
