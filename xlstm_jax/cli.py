@@ -18,7 +18,7 @@ import sys
 from types import ModuleType
 from typing import NamedTuple
 
-from xlstm_jax.tools import bench, bench_decode, bench_generate, check, generate_cmd, train_cmd
+from xlstm_jax.tools import bench, bench_decode, bench_generate, check, generate_cmd, train_cmd, tune
 from xlstm_jax.tools.errors import UsageError
 from xlstm_jax.tools.options import HelpFormatter
 
@@ -35,6 +35,7 @@ COMMANDS: dict[str, Command] = {
     "generate": Command(generate_cmd, "generate text from a run (--run-dir) or a transformers checkpoint (--model)"),
     "check": Command(check, "check every registered sequence and step kernel against a float64 reference"),
     "bench": Command(bench, "time the sequence kernels at the benchmark workload (docs/benchmarks.md)"),
+    "tune": Command(tune, "measure the Pallas chunkwise kernels' tile parameters on the GPU; writes the tuning cache"),
     "bench-decode": Command(bench_decode, "time one mLSTM decode step: the Pallas step against the pure-JAX step"),
     "bench-generate": Command(
         bench_generate, "time the xLSTM-7B model: prefill, time to first token, decode (random weights)"

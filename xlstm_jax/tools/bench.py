@@ -10,7 +10,10 @@ compilation and warm-up, inputs rotated between two sets); the achieved TFLOP/s 
 FLOP count, the fraction of the roofline floor (max(FLOP / bf16 matmul rate, bytes / copy bandwidth),
 both ceilings measured in the same run on a GPU), the compiled program's memory and, with
 ``--check``, the relative errors of h and the five gradients against ``chunkwise_native`` in
-float32 with full-precision matrix products (``--check-precision``) on the same inputs.
+float32 with full-precision matrix products (``--check-precision``) on the same inputs. For
+``chunkwise_pallas`` the rows also record the kernel parameters the call uses and where they came
+from (``kernel_params``, ``tuning_source``: a tuned table of ``xlstm-jax tune`` or the heuristics;
+``--kernels chunkwise_pallas:tuned=false`` runs the heuristics).
 """
 
 from __future__ import annotations
@@ -167,6 +170,28 @@ def _reference(x, dh, grad_mode, precision):
         return fw(*x32), fwbw(*x32, dh.astype(jnp.float32))
 
 
+def pallas_kernel_params(opts: dict, B: int, NH: int, S: int, DHQK: int, DHV: int, dtype, grad_mode: str) -> dict:
+    """What ``chunkwise_pallas`` with ``opts`` runs at this shape: ``{"kernel_params": {...},
+    "tuning_source": "heuristics" | path of the tuned table}`` (the trace-time lookup of
+    ``xlstm_jax.kernels.mlstm_chunkwise.pallas.tuning``, without running anything)."""
+    import dataclasses
+
+    from xlstm_jax.kernels.mlstm_chunkwise.pallas import tuning
+    from xlstm_jax.kernels.mlstm_chunkwise.pallas.autodiff import kernel_dtype_of
+    from xlstm_jax.kernels.mlstm_chunkwise.pallas.heuristics import OVERRIDABLE
+
+    try:
+        res = tuning.resolve_kernel_params(
+            B=B, NH=NH, S=S, DHQK=DHQK, DHV=DHV, dtype=kernel_dtype_of(opts.get("autocast_kernel_dtype"), dtype),
+            grad_mode=grad_mode, chunk_size=opts.get("chunk_size"),
+            tile_params={k: opts.get(k) for k in OVERRIDABLE},
+            call_options={k: opts.get(k) for k in tuning.CALL_OPTION_DEFAULTS}, tuned=opts.get("tuned"),
+        )
+    except ValueError as err:  # the kernel call reports it as the case's error
+        return {"kernel_params_error": str(err)}
+    return {"kernel_params": {**dataclasses.asdict(res.params), **res.call_options}, "tuning_source": res.source}
+
+
 def workload_cases(heads_list, shapes) -> list[tuple]:
     """(Heads, B, S) of every measured case: each head shape (default: the three presets) at
     ``shapes`` (default: the head shape's own, see ``workload.Heads.shapes``)."""
@@ -218,6 +243,8 @@ def run(args) -> int:
                     fn, arg_sets = (fw, fw_sets) if mode == "fw" else (fwbw, bw_sets)
                     row = {"kernel": name, "options": opts, "heads": heads.name, "NH": NH, "DHQK": DHQK,
                            "DHV": DHV, "grad_mode": gm, "B": B, "S": S, "mode": mode}
+                    if name == "chunkwise_pallas":
+                        row.update(pallas_kernel_params(opts, B, NH, S, DHQK, DHV, dtype, gm))
                     try:
                         t0 = time.perf_counter()
                         out = jax.block_until_ready(fn(*arg_sets[0]))
@@ -269,6 +296,13 @@ def run(args) -> int:
         print(f"--check: relative errors vs chunkwise_native in float32 (matmul precision {args.check_precision}); "
               f"tolerance {tol:g}")
     print(f"TFLOP/s and floor on the nominal counts at L = {args.floor_chunk} (docs/benchmarks.md)")
+    shown = set()
+    for r in results:  # where the chunkwise_pallas parameters came from (tuned table or heuristics)
+        key = (r["heads"], r["B"], r["S"], r["grad_mode"], json.dumps(r["options"], sort_keys=True))
+        if "tuning_source" in r and key not in shown:
+            shown.add(key)
+            print(f"chunkwise_pallas {r['heads']} {r['B']}x{r['S']} {r['grad_mode']}: parameters from "
+                  f"{r['tuning_source']}: " + ",".join(f"{k}={v}" for k, v in r["kernel_params"].items()))
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"device": device.device_kind, "jax": jax.__version__, "ceilings": ceilings,

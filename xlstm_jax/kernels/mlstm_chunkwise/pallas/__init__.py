@@ -1,7 +1,8 @@
 """Pallas chunkwise mLSTM kernels with the TFLA structure (forward and backward), one kernel family.
 
 Modules (one thing each): ``gates`` (log-sigmoid, m scan, per-chunk gate vectors, gate gradients),
-``heuristics`` (every default kernel parameter), ``fw_recurrent`` / ``fw_parallel`` (forward
+``heuristics`` (every default kernel parameter), ``tuning`` (tuned parameter tables, looked up
+at trace time; ``xlstm-jax tune`` fills them), ``fw_recurrent`` / ``fw_parallel`` (forward
 kernels), ``bw_recurrent`` / ``bw_parallel_dq`` / ``bw_parallel_dk`` / ``bw_parallel_dv`` (backward
 kernels), ``autodiff`` (casting, padding, ``jax.custom_vjp``). Registered in the kernel registry as
 ``chunkwise_pallas``; the seed entry points (``triton_stablef``, ``max_triton_fwbw_v5xlchunksize``)
@@ -32,7 +33,8 @@ KERNEL_OPTIONS = {
     "num_stages_inter": None,
     "autocast_kernel_dtype": None,
     "output_dtype": None,
-    "recompute_states_in_bw": True,
+    "recompute_states_in_bw": None,
+    "tuned": None,
     "interpret": None,
 }
 

@@ -39,14 +39,14 @@ from ...validation import (
     floating_dtype,
     validate_sequence_call,
 )
-from . import gates
+from . import gates, tuning
 from .bw_parallel_dk import parallel_bw_dk
 from .bw_parallel_dq import parallel_bw_dq
 from .bw_parallel_dv import parallel_bw_dv
 from .bw_recurrent import recurrent_bw_states
 from .fw_parallel import parallel_fw_h
 from .fw_recurrent import recurrent_fw_states
-from .heuristics import ChunkwiseKernelParams, chunkwise_kernel_params, padded_head_dim
+from .heuristics import ChunkwiseKernelParams, padded_head_dim
 
 _F32 = jnp.float32
 KERNEL_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
@@ -221,6 +221,7 @@ class Prepared(NamedTuple):
     kernel_dtype: jnp.dtype
     params: ChunkwiseKernelParams
     call: SequenceCall
+    call_options: dict | None = None  # tunable keyword options (``tuning.CALL_OPTION_DEFAULTS``), resolved
 
     @property
     def qk_scale(self) -> float:
@@ -265,15 +266,22 @@ def _pad_last(x: jax.Array, size: int) -> jax.Array:
 
 def prepare(
     call: SequenceCall, matQ, matK, matV, *, chunk_size, autocast_kernel_dtype, tile_params: dict,
+    call_options: dict | None = None, tuned: bool | None = False,
 ) -> Prepared:
     """Pick the kernel dtype and parameters, cast, flatten and pad (differentiable).
 
-    ``call`` is the validated call (``validation.validate_sequence_call``) with B * NH > 0.
+    ``call`` is the validated call (``validation.validate_sequence_call``) with B * NH > 0. The
+    parameters come from ``tuning.resolve_kernel_params`` (explicit > tuned tables > heuristics;
+    ``tuned=False``: explicit > heuristics).
     """
     vecI, vecF, state0 = call.vecI, call.vecF, call.state
     B, NH, S, DHQK, DHV = call.B, call.NH, call.S, call.DHQK, call.DHV
     kd = kernel_dtype_of(autocast_kernel_dtype, matQ.dtype)
-    params = chunkwise_kernel_params(S=S, DHQK=DHQK, DHV=DHV, dtype=kd, chunk_size=chunk_size, **tile_params)
+    res = tuning.resolve_kernel_params(
+        B=B, NH=NH, S=S, DHQK=DHQK, DHV=DHV, dtype=kd, grad_mode=call.options.grad_mode,
+        chunk_size=chunk_size, tile_params=tile_params, call_options=call_options, tuned=tuned,
+    )
+    params = res.params
     L = params.chunk_size_intra
     S_pad = -(-S // L) * L
     DHQKp, DHVp = padded_head_dim(DHQK), padded_head_dim(DHV)
@@ -296,7 +304,7 @@ def prepare(
         C0 = _pad_last(jnp.pad(C0, ((0, 0), (0, DHQKp - DHQK), (0, 0))), DHVp)
         n0 = _pad_last(state0.vecN.astype(_F32).reshape(BH, DHQK), DHQKp)
         m0 = state0.scaM.astype(_F32).reshape(BH)
-    return Prepared((q, k, v, i, logf, C0, n0, m0), B, NH, S, DHQK, DHV, kd, params, call)
+    return Prepared((q, k, v, i, logf, C0, n0, m0), B, NH, S, DHQK, DHV, kd, params, call, res.call_options)
 
 
 def resolve_interpret(interpret: bool | None) -> bool:
@@ -356,7 +364,8 @@ def mlstm_chunkwise_pallas(
     num_stages_inter: int | None = None,
     autocast_kernel_dtype=None,
     output_dtype=None,
-    recompute_states_in_bw: bool = True,
+    recompute_states_in_bw: bool | None = None,
+    tuned: bool | None = None,
     interpret: bool | None = None,
 ):
     """Chunkwise mLSTM with the Pallas TFLA kernels, differentiable (``jax.custom_vjp``).
@@ -371,7 +380,10 @@ def mlstm_chunkwise_pallas(
     (denominator and m constant) with ``grad_mode="tfla"``. ``chunk_size`` is the target intra
     chunk (``chunk_size_intra`` wins if both are given); tile and launch parameters default to
     ``heuristics.chunkwise_kernel_params``. ``recompute_states_in_bw`` recomputes the chunk-border
-    states in the backward pass instead of keeping them from the forward pass. ``interpret``:
+    states in the backward pass instead of keeping them from the forward pass (None: the tuned
+    table's choice, else True). Parameters not given come from the tuned tables of ``tuning`` for
+    this device and shape, else the heuristics; ``tuned=False`` (or ``XLSTM_JAX_TUNING=off``) skips
+    the tables (lookup at trace time, pure Python; see ``tuning``). ``interpret``:
     None compiles on an NVIDIA GPU and interprets elsewhere.
     """
     tile_params = dict(
@@ -396,9 +408,11 @@ def mlstm_chunkwise_pallas(
         )
     prep = prepare(
         call, matQ, matK, matV, chunk_size=chunk_size, autocast_kernel_dtype=autocast_kernel_dtype,
-        tile_params=tile_params,
+        tile_params=tile_params, call_options=dict(recompute_states_in_bw=recompute_states_in_bw),
+        tuned=tuning.tuning_enabled(tuned),
     )
-    cfg = core_config(prep, h_dtype=h_dtype, recompute_states_in_bw=recompute_states_in_bw, interpret=interpret)
+    cfg = core_config(prep, h_dtype=h_dtype, recompute_states_in_bw=prep.call_options["recompute_states_in_bw"],
+                      interpret=interpret)
     matH, matC_last, vecN_last, scaM_last = _core(*prep.arrays, cfg)
     B, NH, S, DHQK, DHV = prep.B, prep.NH, prep.S, prep.DHQK, prep.DHV
     h = matH[:, :S, :DHV].reshape(B, NH, S, DHV).astype(out_dtype)

@@ -4,7 +4,8 @@ Notation (see ``xlstm_jax.kernels._common``): S sequence length, DHQK / DHV head
 
 Every parameter has a default from ``chunkwise_kernel_params`` (by head dims, S and dtype) and every
 one can be overridden from the public API (``mlstm_chunkwise_pallas(..., siz_b_L_loop=32)``, the
-``chunkwise_pallas`` registry options, the seed entry points).
+``chunkwise_pallas`` registry options, the seed entry points). ``mlstm_chunkwise_pallas`` first
+looks for a tuned entry of this device and shape (``tuning``; explicit > tuned > these defaults).
 
 Parameters and what they tile:
 
@@ -90,10 +91,13 @@ def chunkwise_kernel_params(
       kernels, the TFLA choice: bigger chunks mean fewer materialised states; 64 for float32),
       fitted to S by ``chunking.fit_chunk_size`` (never more than the padded sequence needs).
     * chunk_size_inter: min(chunk_size_intra, 128).
-    * siz_b_L_parallel = min(128, chunk_size_intra) for 16-bit kernels with DHQK <= 128 and
-      DHV <= 256 (one program per intra chunk and head tile: the chunk's state is read once;
-      measured 30% faster backward kernels than 64 on an H200 at the standard workload),
-      min(64, ...) otherwise (float32, larger heads: shared memory);
+    * siz_b_L_parallel = min(128, chunk_size_intra) for 16-bit kernels with DHQK <= 256 and
+      DHV <= 512 (one program per intra chunk and head tile: the chunk's state is read once;
+      measured 30% faster backward kernels than 64 on an H200 at the standard workload; at the
+      7B heads (8, 256, 512), B x S = 8 x 8192, bf16, exact: 4.37 / 14.90 ms fw / fwbw against
+      5.22 / 18.44 ms with 64, H200, JAX 0.11.2, 2026-12-01, a one-option sweep),
+      min(64, ...) otherwise (float32, and head dims above the measured ones: unmeasured, chosen
+      for shared memory);
       siz_b_L_loop = min(64, chunk_size_intra).
     * siz_b_DH_parallel = 128, siz_b_DH_loop = 128 (clamped per kernel to the head dim they tile).
     * siz_b_DHQK_inter = 128 for 16-bit kernels up to S = 8192 (bigger products per step: the
@@ -123,8 +127,9 @@ def chunkwise_kernel_params(
     L = fit_chunk_size(L, S, pallas=True)
     L_inter = ov.get("chunk_size_inter", min(L, 128))
     L_inter = min(L_inter, L) if _is_pow2(L_inter) else L_inter
-    big_heads = DHQK > 128 or DHV > 256  # larger tiles than the measured configuration
-    b_par = ov.get("siz_b_L_parallel", min(64 if (is_fp32 or big_heads) else 128, L))
+    big_heads = DHQK > 128 or DHV > 256  # larger tiles than the standard heads
+    huge_heads = DHQK > 256 or DHV > 512  # larger than the 7B heads: unmeasured
+    b_par = ov.get("siz_b_L_parallel", min(64 if (is_fp32 or huge_heads) else 128, L))
     b_loop = ov.get("siz_b_L_loop", min(64, L))
     b_par = min(b_par, L) if _is_pow2(b_par) else b_par
     b_loop = min(b_loop, L) if _is_pow2(b_loop) else b_loop

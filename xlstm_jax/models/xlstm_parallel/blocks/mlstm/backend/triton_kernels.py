@@ -9,7 +9,12 @@ GPUs, interpreted elsewhere) with different defaults:
     max_triton_xlchunksize                           TFLA xl chunks: recurrent step chunk_size,
                                                       intra chunk max(chunk_size, 128)
 
-(the layouts and ``reduce_slicing`` are ``xlstm_jax.kernels.chunking.chunk_layout``). All honour
+(the layouts and ``reduce_slicing`` are ``xlstm_jax.kernels.chunking.chunk_layout``). With
+``chunk_size=None`` (the default) no chunk is passed: the kernel's own rule picks it (the tuned
+table of ``xlstm_jax.kernels.mlstm_chunkwise.pallas.tuning`` for this device and shape, else the
+heuristics: intra chunk 128 for 16-bit kernels, 64 for float32), the same for every name; with
+``reduce_slicing`` and S not a multiple of 128, the target chunk is the largest power of two <= 64
+dividing S (``chunking.dividing_chunk``; none if no power of two >= 16 divides S). All honour
 eps, norm_val and stabilize_correctly, and give exact gradients by default; ``grad_mode="tfla"``
 (the one field added to the seed's config) gives the TFLA kernels' convention. Shapes (the seeds'):
 q, k (B, NH, S, DHQK); v (B, NH, S, DHV); i, f (B, NH, S) or (B, NH, S, 1); initial states
@@ -22,6 +27,7 @@ import dataclasses
 from typing import Any, Literal, get_args
 
 from xlstm_jax.kernels import chunk_layout, floating_dtype, validate_chunk_size
+from xlstm_jax.kernels.chunking import XL_INTRA_CHUNK, dividing_chunk
 
 from .config import mLSTMBackend, mLSTMBackendConfig
 
@@ -39,8 +45,10 @@ class mLSTMBackendTritonConfig(mLSTMBackendConfig):
 
     autocast_dtype: str | None = None
     """Dtype to use for the kernel computation. If None, uses the query dtype."""
-    chunk_size: int = 64
-    """Chunk size for the kernel computation."""
+    chunk_size: int | None = None
+    """Chunk size for the kernel computation. None: the kernel's rule (tuned table, else 128 for
+    16-bit kernels and 64 for float32); the seed's default was 64 (pass it explicitly for the
+    seed's layout)."""
     reduce_slicing: bool = True
     """Whether to reduce slicing operations before the kernel computation.
     Speeds up computation during training, but may limit initial states and
@@ -65,7 +73,8 @@ class mLSTMBackendTritonConfig(mLSTMBackendConfig):
         names = get_args(BackendNameType)
         if self.backend_name not in names:
             raise ValueError(f"backend_name must be one of {names}; got {self.backend_name!r}")
-        validate_chunk_size("chunk_size", self.chunk_size, pallas=True)
+        if self.chunk_size is not None:
+            validate_chunk_size("chunk_size", self.chunk_size, pallas=True)
         dt = floating_dtype("autocast_dtype", self.autocast_dtype)
         if dt is not None and dt.name not in _KERNEL_DTYPES:
             raise ValueError(f"autocast_dtype must be None or one of {_KERNEL_DTYPES}; got {self.autocast_dtype!r}")
@@ -87,6 +96,13 @@ class mLSTMBackendTriton(mLSTMBackend):
     def kernel_call(self, seq_len: int) -> tuple[str, dict[str, Any], dict[str, Any]]:
         """("chunkwise_pallas", kernel options, call options) for this config and ``seq_len``."""
         c = self.config
+        if c.chunk_size is None:  # the kernel's own rule (tuned table / heuristics)
+            options = dict(autocast_kernel_dtype=c.autocast_dtype)
+            if c.reduce_slicing and seq_len % XL_INTRA_CHUNK:
+                chunk = dividing_chunk(XL_INTRA_CHUNK // 2, seq_len)
+                if seq_len % chunk == 0:  # else no power of two >= 16 divides S: the kernel pads
+                    options["chunk_size"] = chunk
+            return "chunkwise_pallas", options, {"cell_options": c.cell_options}
         intra, inter = chunk_layout(
             c.chunk_size, _LAYOUTS[c.backend_name], S=seq_len, reduce_slicing=c.reduce_slicing
         )
