@@ -66,7 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     nonneg = int_at_least(0)
     m = parser.add_argument_group("model")
     m.add_argument("--preset", default=None, choices=PRESET_NAMES,
-                   help="model size (default: demo; not with --init-from, whose checkpoint defines the model)")
+                   help="model size; not with --init-from, whose checkpoint defines the model (default: demo)")
     m.add_argument("--init-from", default=None, metavar="DIR",
                    help="fine-tune: the initial parameters and the model config are those of a transformers "
                         "xLSTMForCausalLM checkpoint directory (config.json + safetensors, e.g. NX-AI/xLSTM-7b "
