@@ -9,6 +9,14 @@ option the backend does not have, a sequence longer than the context, a mesh tha
 unreadable or non-UTF-8 data file, a run directory holding another run) is reported as a
 ``UsageError`` before the run directory is created or anything is compiled.
 
+Fine-tuning: ``--init-from DIR`` starts from a transformers ``xLSTMForCausalLM`` checkpoint directory
+(its config.json gives the model, its safetensors the initial parameters, placed on any ``--mesh``);
+``--tokenizer`` (default: the checkpoint's tokenizer.json if it has one, else bytes) encodes the
+training text and is recorded in the run for ``generate --run-dir``. A directory that is not a
+checkpoint, ``--preset`` with ``--init-from``, shape options that contradict the checkpoint, a
+tokenizer larger than the model's vocabulary, and resuming a run with another ``--init-from`` or
+``--tokenizer`` are usage errors too (``docs/inference.md``).
+
 Multi-process runs (one process per host or per GPU, on JAX's distributed runtime): every process
 runs the same command with ``--coordinator-address HOST:PORT --num-processes N --process-id I``, or
 with none of them when SLURM (``srun``) or Open MPI (``mpirun``) started the processes (JAX reads the
