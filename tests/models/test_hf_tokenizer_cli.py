@@ -179,6 +179,18 @@ def test_bench_generate_tiny_on_cpu(tmp_path, capsys):
     assert {(r["layout"], r["B"]) for r in res["decode"]} == {(lay, b) for lay in ("unrolled", "scan") for b in (1, 2)}
     for r in res["decode"]:
         assert r["steps"] == 6 and r["tokens_per_s"] > 0 and r["floor_tokens_per_s_per_row"] > 0
+    assert res["complete"] and len(res["rows"]) == 2 + 1 + 4
+    # the table again from the JSON (as scripts/gpu_infer.sh prints it after a time limit)
+    capsys.readouterr()
+    assert bench_generate.run(_parse(bench_generate, ["--table-from", out])) == 0
+    again = capsys.readouterr().out
+    assert again.strip().splitlines()[-len(res["rows"]) - 2:] == text.strip().splitlines()[-len(res["rows"]) - 2:]
+    # a part alone builds only the layout it uses
+    out2 = str(tmp_path / "ttft.json")
+    assert bench_generate.run(_parse(bench_generate, argv[:-1] + [out2, "--parts", "ttft"])) == 0
+    with open(out2) as fh:
+        res2 = json.load(fh)
+    assert "prefill" not in res2 and "decode" not in res2 and [r["S"] for r in res2["ttft"]] == [16]
     with pytest.raises(UsageError, match="not a multiple"):
         bench_generate.run(_parse(bench_generate, ["--preset", "tiny", "--prefill-lengths", "48",
                                                    "--tokens-per-measurement", "64"]))

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -78,7 +79,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--copy-mib", type=int, default=2048, help="MiB of float32 for the bandwidth ceiling")
     parser.add_argument("--matmul-n", type=int, default=8192, help="n of the n x n x n bf16 matmul ceiling")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", default=None, help="write every figure to this JSON file (default: none)")
+    parser.add_argument("--json", default=None,
+                        help="write every figure to this JSON file, rewritten after each figure (default: none)")
+    parser.add_argument("--table-from", default=None, metavar="JSON",
+                        help="only print the table of a JSON file that --json wrote (also a partial one) (default: none)")
 
 
 def _median_time(fn: Callable[[], Any], reps: int) -> float:
@@ -146,6 +150,13 @@ def run(args: argparse.Namespace) -> int:
     from xlstm_jax.models.xlstm_lm.hf import default_inference_backend
     from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend import available_mlstm_backends
 
+    if args.table_from is not None:
+        try:
+            with open(args.table_from) as fh:
+                print_table(json.load(fh))
+        except (OSError, ValueError) as err:
+            raise UsageError(f"--table-from {args.table_from}: {err}") from None
+        return 0
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     if not parts or set(parts) - {"prefill", "ttft", "decode"}:
         raise UsageError(f"--parts must list prefill, ttft, decode; got {args.parts!r}")
@@ -205,10 +216,13 @@ def run(args: argparse.Namespace) -> int:
     params = jax.jit(lambda k: init_params(init_cfg, k, seq_len=1))(jax.random.key(args.seed))
     jax.block_until_ready(params)
     print(f"# random weights on the device in {time.perf_counter() - t0:.1f} s", flush=True)
+    needed = set(layouts) if "decode" in parts else set()
+    if "prefill" in parts or "ttft" in parts:
+        needed.add(args.prefill_layout)
     stores = {"scan": params}
-    if "unrolled" in layouts or args.prefill_layout == "unrolled":
+    if "unrolled" in needed:  # a second copy of the weights (13.7 GB for the 7B in bf16)
         stores["unrolled"] = jax.block_until_ready(unstack_block_params(params))
-    if "scan" not in layouts and args.prefill_layout != "scan":
+    if "scan" not in needed:
         del stores["scan"]
     del params
     gens = {
@@ -216,7 +230,18 @@ def run(args: argparse.Namespace) -> int:
         for name, p in stores.items()
     }
     rng = np.random.default_rng(args.seed)
-    rows = []
+    rows: list[tuple[str, ...]] = []
+    result["rows"] = rows
+
+    def dump() -> None:
+        """Write the JSON so far (after every figure: a run stopped by a time limit keeps its figures)."""
+        if args.json:
+            result["peak_bytes"] = _peak_memory()
+            with open(args.json + ".tmp", "w") as fh:
+                json.dump(result, fh, indent=2)
+            os.replace(args.json + ".tmp", args.json)
+
+    dump()
 
     def tokens(B: int, S: int) -> np.ndarray:
         return rng.integers(0, cfg.vocab_size, (B, S)).astype(np.int32)
@@ -224,7 +249,7 @@ def run(args: argparse.Namespace) -> int:
     if "prefill" in parts:
         gen = gens[args.prefill_layout]
         pf = gen.prefill_fn()
-        out = []
+        out = result["prefill"] = []
         for S in prefill_lengths:
             B = args.tokens_per_measurement // S
             toks, lens, seeds = jnp.asarray(tokens(B, S)), jnp.full((B,), S, jnp.int32), jnp.arange(B, dtype=jnp.uint32)
@@ -238,12 +263,12 @@ def run(args: argparse.Namespace) -> int:
             rows.append(("prefill", f"S={S} B={B}", f"{n / t / 1e3:.1f}k tok/s", f"{n / floor / 1e3:.1f}k tok/s",
                          f"{100 * floor / t:.0f}%", "47.6k tok/s", ">= 45k tok/s"))
             print(f"prefill S={S:6d} B={B:3d}: {t * 1e3:9.1f} ms  {n / t:10.0f} tok/s  (floor {n / floor:10.0f})", flush=True)
-        result["prefill"] = out
+            dump()
 
     if "ttft" in parts:
         gen = gens[args.prefill_layout]
         pf = gen.prefill_fn()
-        out = []
+        out = result["ttft"] = []
         for S in ttft_lengths:
             toks, lens, seeds = jnp.asarray(tokens(1, S)), jnp.full((1,), S, jnp.int32), jnp.zeros((1,), jnp.uint32)
 
@@ -260,10 +285,10 @@ def run(args: argparse.Namespace) -> int:
             rows.append(("ttft", f"S={S}", f"{t * 1e3:.1f} ms", f"{floor * 1e3:.1f} ms", f"{100 * floor / t:.0f}%",
                          f"{paper} ms" if paper else "", "<= 40 ms" if S == 2048 else ""))
             print(f"ttft    S={S:6d}:      {t * 1e3:9.2f} ms  (floor {floor * 1e3:.2f} ms)", flush=True)
-        result["ttft"] = out
+            dump()
 
     if "decode" in parts:
-        out = []
+        out = result["decode"] = []
         for layout in layouts:
             gen = gens[layout]
             pf, dec = gen.prefill_fn(), gen.decode_fn()
@@ -298,21 +323,30 @@ def run(args: argparse.Namespace) -> int:
                              "157 tok/s" if B == 1 else "", ">= 240 tok/s" if B == 1 else ""))
                 print(f"decode  B={B:4d} {layout:8s}: {t_step * 1e3:8.3f} ms/step  {1 / t_step:8.1f} tok/s/row "
                       f"{B / t_step:9.1f} tok/s  (floor {1 / floor_step:.1f} tok/s/row)", flush=True)
-        result["decode"] = out
+                dump()
 
     result["peak_bytes"] = _peak_memory()
+    result["complete"] = True
+    dump()
+    print_table(result)
+    return 0
+
+
+def print_table(result: dict[str, Any]) -> None:
+    """The short table of a run's figures (``result``: what ``--json`` writes, possibly partial)."""
     print()
+    print(f"# {result.get('preset')} {result.get('dtype')} on {result.get('device_kind') or result.get('device')}, "
+          f"jax {result.get('jax')}; ceilings: copy {result['ceilings']['copy_bytes_per_s'] / 1e12:.2f} TB/s, "
+          f"matmul {result['ceilings']['matmul_flop_per_s'] / 1e12:.0f} TFLOP/s" if "ceilings" in result else "# no ceilings measured")
     print("| part | shape | measured | floor | % of floor | paper (H100) | goal (H200) |")
     print("|---|---|---|---|---|---|---|")
-    for r in rows:
+    for r in result.get("rows", []):
         print("| " + " | ".join(r) + " |")
-    peak = result["peak_bytes"]
+    peak = result.get("peak_bytes")
     print(f"\npeak device memory: {peak / 2**30:.2f} GiB" if peak else "\npeak device memory: not reported by this platform")
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(result, fh, indent=2)
+    if not result.get("complete"):
+        print("(incomplete: the run stopped before every figure was measured)")
     sys.stdout.flush()
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,7 @@
 """``xlstm-jax generate``: text from a trained run's checkpoint or a transformers checkpoint directory.
 
-``--run-dir DIR`` (default ``runs/default``) restores a run written by ``xlstm-jax train`` (byte
-tokenizer); ``--model DIR`` loads a transformers ``xLSTMForCausalLM`` directory (e.g. NX-AI/xLSTM-7b,
+``--run-dir DIR`` (default ``runs/default``) restores a run written by ``xlstm-jax train`` (with the
+tokenizer the run recorded: bytes, or the tokenizer.json of ``train --tokenizer`` / ``--init-from``); ``--model DIR`` loads a transformers ``xLSTMForCausalLM`` directory (e.g. NX-AI/xLSTM-7b,
 or one written by ``save_pretrained``) with its ``tokenizer.json`` when it has one. ``--tokenizer``
 overrides the tokenizer ("bytes" or a tokenizer.json / directory). Several ``--prompt`` options, or
 ``--num-samples``, form one batch of rows of different lengths (no row depends on another); the

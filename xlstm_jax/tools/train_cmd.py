@@ -9,6 +9,14 @@ option the backend does not have, a sequence longer than the context, a mesh tha
 unreadable or non-UTF-8 data file, a run directory holding another run) is reported as a
 ``UsageError`` before the run directory is created or anything is compiled.
 
+Fine-tuning: ``--init-from DIR`` starts from a transformers ``xLSTMForCausalLM`` checkpoint directory
+(its config.json gives the model, its safetensors the initial parameters, placed on any ``--mesh``);
+``--tokenizer`` (default: the checkpoint's tokenizer.json if it has one, else bytes) encodes the
+training text and is recorded in the run for ``generate --run-dir``. A directory that is not a
+checkpoint, ``--preset`` with ``--init-from``, shape options that contradict the checkpoint, a
+tokenizer larger than the model's vocabulary, and resuming a run with another ``--init-from`` or
+``--tokenizer`` are usage errors too (``docs/inference.md``).
+
 Multi-process runs (one process per host or per GPU, on JAX's distributed runtime): every process
 runs the same command with ``--coordinator-address HOST:PORT --num-processes N --process-id I``, or
 with none of them when SLURM (``srun``) or Open MPI (``mpirun``) started the processes (JAX reads the
@@ -21,6 +29,7 @@ the checks above, and an error in any process stops all of them with exit status
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Any
 
 from .errors import UsageError
@@ -64,7 +73,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     positive = int_at_least(1)
     nonneg = int_at_least(0)
     m = parser.add_argument_group("model")
-    m.add_argument("--preset", default="demo", choices=PRESET_NAMES, help="model size")
+    m.add_argument("--preset", default=None, choices=PRESET_NAMES,
+                   help="model size; not with --init-from, whose checkpoint defines the model (default: demo)")
+    m.add_argument("--init-from", default=None, metavar="DIR",
+                   help="fine-tune: the initial parameters and the model config are those of a transformers "
+                        "xLSTMForCausalLM checkpoint directory (config.json + safetensors, e.g. NX-AI/xLSTM-7b "
+                        "or one written by save_pretrained), on any --mesh; the shape options may only repeat "
+                        "its values (default: none, random initial parameters of --preset)")
+    m.add_argument("--tokenizer", default=None, metavar="SPEC",
+                   help="tokenizer of the training text: 'bytes', or a tokenizer.json / a directory with one; "
+                        "its vocabulary must fit the model's; recorded in the run so that `generate --run-dir` "
+                        "uses it (default: the tokenizer.json of --init-from when it has one, else bytes)")
     m.add_argument("--embedding-dim", type=positive, help="override E (default: the preset's)")
     m.add_argument("--num-blocks", type=positive, help="override the number of blocks (default: the preset's)")
     m.add_argument("--num-heads", type=positive, help="override the number of heads (default: the preset's)")
@@ -155,13 +174,19 @@ def build_configs(args: argparse.Namespace):
         mesh = (jax.device_count(), 1, 1)  # a multi-process run: data parallel over all devices
     backend = default_backend() if args.backend == "auto" else args.backend
     backend_kwargs = dict(args.backend_option)
-    try:
-        model_config = preset_config(
-            args.preset, mlstm_backend=backend, mlstm_backend_kwargs=backend_kwargs,
-            mlstm_step_kernel=args.step_kernel, dtype=dtype, **overrides,
-        )
-    except ValueError as err:
-        raise UsageError(f"the model options do not make a model: {err}") from None
+    init_from = None
+    if args.init_from is not None:
+        init_from = os.path.abspath(args.init_from)
+        model_config = pretrained_model_config(args, init_from, dtype, backend, backend_kwargs, overrides)
+    else:
+        try:
+            model_config = preset_config(
+                args.preset or "demo", mlstm_backend=backend, mlstm_backend_kwargs=backend_kwargs,
+                mlstm_step_kernel=args.step_kernel, dtype=dtype, **overrides,
+            )
+        except ValueError as err:
+            raise UsageError(f"the model options do not make a model: {err}") from None
+    tokenizer = resolve_tokenizer(args.tokenizer, init_from, model_config.vocab_size)
     try:
         tc = TrainConfig(
             out_dir=args.out_dir, data=tuple(args.data), steps=args.steps, batch_size=args.batch_size,
@@ -169,10 +194,73 @@ def build_configs(args: argparse.Namespace):
             weight_decay=args.weight_decay, eval_every=args.eval_every, eval_batches=args.eval_batches,
             checkpoint_every=args.checkpoint_every, log_every=args.log_every, seed=args.seed,
             mesh=mesh, checkpoints=not args.no_checkpoint, heldout_fraction=args.heldout_fraction,
+            init_from=init_from, tokenizer=tokenizer,
         )
     except ValueError as err:
         raise UsageError(str(err)) from None
     return model_config, tc
+
+
+def pretrained_model_config(args: argparse.Namespace, init_from: str, dtype: str, backend: str,
+                            backend_kwargs: dict[str, Any], overrides: dict[str, Any]):
+    """The model config of ``--init-from`` (the checkpoint's architecture with this run's dtype,
+    kernels, context length and remat; parameters kept in float32); ``UsageError`` if the directory
+    is not a checkpoint, ``--preset`` is given too, or a shape option contradicts the checkpoint."""
+    from xlstm_jax.models.xlstm_lm.hf import read_pretrained_config
+
+    if args.preset is not None:
+        raise UsageError(
+            f"--preset {args.preset} and --init-from both define the model; give one (the checkpoint's config.json "
+            "defines the model of --init-from)"
+        )
+    if not os.path.isdir(init_from):
+        raise UsageError(f"--init-from {args.init_from!r} is not a directory")
+    extra = {k: v for k, v in overrides.items() if k in ("context_length", "remat")}
+    try:
+        config = read_pretrained_config(
+            init_from, dtype=dtype, param_dtype="float32", backend=backend, backend_kwargs=backend_kwargs,
+            step_kernel=args.step_kernel, **extra,
+        )
+    except (ValueError, OSError) as err:  # OSError: an unreadable config.json; ValueError: not a checkpoint
+        raise UsageError(f"--init-from {args.init_from}: {err}") from None
+    contradict = [
+        f"--{name.replace('_', '-')} {overrides[name]} (the checkpoint has {getattr(config, name)})"
+        for name in ("embedding_dim", "num_blocks", "num_heads")
+        if name in overrides and overrides[name] != getattr(config, name)
+    ]
+    if contradict:
+        raise UsageError(
+            f"the model options contradict the checkpoint of --init-from {args.init_from}: {', '.join(contradict)}; "
+            "drop them (the checkpoint defines the model)"
+        )
+    from xlstm_jax.models.xlstm_lm.hf import check_pretrained
+
+    try:
+        check_pretrained(init_from, config)  # every tensor there with its shape (headers only)
+    except (ValueError, OSError) as err:
+        raise UsageError(f"--init-from {args.init_from}: {err}") from None
+    return config
+
+
+def resolve_tokenizer(spec: str | None, init_from: str | None, vocab_size: int) -> str:
+    """The run's tokenizer as recorded: "bytes" or an absolute path (default: the tokenizer.json of
+    ``init_from`` when it has one, else "bytes"); ``UsageError`` if it cannot be read or has more
+    tokens than the model's vocabulary."""
+    from xlstm_jax.text import TOKENIZER_FILE, load_tokenizer
+
+    if spec is None:
+        spec = init_from if init_from is not None and os.path.isfile(os.path.join(init_from, TOKENIZER_FILE)) else "bytes"
+    elif spec != "bytes":
+        spec = os.path.abspath(spec)
+    try:
+        tok = load_tokenizer(spec)
+    except (ValueError, ImportError, OSError) as err:
+        raise UsageError(f"--tokenizer: {err}") from None
+    if tok.vocab_size > vocab_size:
+        raise UsageError(
+            f"--tokenizer: {tok.name} has {tok.vocab_size} tokens, more than the model's vocabulary of {vocab_size}"
+        )
+    return spec
 
 
 def check_inputs(model_config, tc, overwrite: bool):

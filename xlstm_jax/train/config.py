@@ -18,7 +18,7 @@ from typing import Any, Sequence
 # The others (steps, intervals, mesh, run directory) may change between the segments of one run.
 RUN_DEFINING_FIELDS = (
     "data", "batch_size", "seq_len", "seed", "learning_rate", "warmup_steps", "min_lr_ratio",
-    "weight_decay", "grad_clip", "b1", "b2", "heldout_fraction",
+    "weight_decay", "grad_clip", "b1", "b2", "heldout_fraction", "init_from", "tokenizer",
 )
 
 
@@ -70,9 +70,21 @@ class TrainConfig:
     mesh over the devices of all processes)."""
     checkpoints: bool = True
     """Write checkpoints (off for throughput measurements)."""
+    init_from: str | None = None
+    """A transformers ``xLSTMForCausalLM`` checkpoint directory (``models.xlstm_lm.hf``) whose weights
+    are the initial parameters (fine-tuning); None: random initial parameters from ``seed``. Only a
+    fresh run reads it; a resumed run continues from its own checkpoints."""
+    tokenizer: str = "bytes"
+    """The tokenizer of the training text: "bytes" (UTF-8 bytes), or the path of a ``tokenizer.json``
+    or of a directory with one (``xlstm_jax.text.load_tokenizer``); recorded in the run directory so
+    that ``generate --run-dir`` uses the same one."""
 
     def __post_init__(self):
         object.__setattr__(self, "data", tuple(str(p) for p in self.data))
+        if self.init_from is not None and (not isinstance(self.init_from, str) or not self.init_from):
+            raise ValueError(f"init_from must be a checkpoint directory path or None; got {self.init_from!r}")
+        if not isinstance(self.tokenizer, str) or not self.tokenizer:
+            raise ValueError(f"tokenizer must be 'bytes' or a tokenizer.json path; got {self.tokenizer!r}")
         if self.mesh is not None:
             mesh = tuple(self.mesh)
             if len(mesh) != 3 or not all(_is_int(m) and m >= 1 for m in mesh):

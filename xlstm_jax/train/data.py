@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -38,16 +38,18 @@ def embedded_corpus_text() -> str:
     return "\n\n".join(topics.topics[name].strip() for name in sorted(topics.topics)) + "\n"
 
 
-def load_corpus(paths: Sequence[str] = ()) -> tuple[np.ndarray, str]:
-    """Token ids (N,) uint8 of the given UTF-8 text files (concatenated, separated by a blank line),
-    or of the embedded corpus when ``paths`` is empty; and a short description of the source.
+def load_corpus(paths: Sequence[str] = (), encode: Callable[[str], np.ndarray] | None = None) -> tuple[np.ndarray, str]:
+    """Token ids (N,) of the given UTF-8 text files (concatenated, separated by a blank line), or of
+    the embedded corpus when ``paths`` is empty; and a short description of the source. ``encode``:
+    text -> token ids (a tokenizer's ``encode``, e.g. ``xlstm_jax.text.HFTokenizer``); default the
+    byte tokenizer (uint8 ids).
 
     A missing, unreadable, empty or non-UTF-8 file raises ``ValueError`` naming the file (and for
     bad UTF-8 the byte offset).
     """
-    tok = ByteTokenizer()
+    encode = ByteTokenizer().encode if encode is None else encode
     if not paths:
-        return tok.encode(embedded_corpus_text()), EMBEDDED_CORPUS_NAME
+        return np.asarray(encode(embedded_corpus_text())), EMBEDDED_CORPUS_NAME
     parts = []
     for path in paths:
         if not os.path.exists(path):
@@ -68,7 +70,7 @@ def load_corpus(paths: Sequence[str] = ()) -> tuple[np.ndarray, str]:
         if not text:
             raise ValueError(f"text file {path!r} is empty")
         parts.append(text)
-    return tok.encode("\n\n".join(parts)), "files: " + ", ".join(os.path.basename(p) for p in paths)
+    return np.asarray(encode("\n\n".join(parts))), "files: " + ", ".join(os.path.basename(p) for p in paths)
 
 
 def split_corpus(tokens: np.ndarray, heldout_fraction: float) -> tuple[np.ndarray, np.ndarray]:
@@ -226,14 +228,14 @@ class RunData:
 
 def prepare_data(
     paths: Sequence[str], *, batch_size: int, seq_len: int, seed: int, heldout_fraction: float,
-    eval_batches: int, vocab_size: int = 256,
+    eval_batches: int, vocab_size: int = 256, encode: Callable[[str], np.ndarray] | None = None,
 ) -> RunData:
     """Load the corpus (``paths`` or the embedded one), split it, and build the batches of a run.
 
     Raises ``ValueError`` for unreadable files and for text too short for one training or one
     evaluation batch (naming the sizes).
     """
-    tokens, source = load_corpus(paths)
+    tokens, source = load_corpus(paths, encode)
     train_tokens, heldout_tokens = split_corpus(tokens, heldout_fraction)
     sampler = BatchSampler(train_tokens, batch_size, seq_len, seed)
     evals = (

@@ -20,6 +20,7 @@ so that all save the same step.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -48,13 +49,20 @@ __all__ = [
     "prepare_run_dir",
     "prepare_shared_run_dir",
     "progress_text",
+    "run_tokenizer",
     "train",
 ]
 
 
 # ---------------------------------------------------------------------------------- run directory
 def _run_record(model_config: xLSTMLMConfig, tc: TrainConfig) -> dict[str, Any]:
-    return {"model": model_config.to_dict(), "train": tc.to_dict(), "tokenizer": "bytes"}
+    # "tokenizer" at the top level is what `generate --run-dir` reads
+    return {"model": model_config.to_dict(), "train": tc.to_dict(), "tokenizer": tc.tokenizer}
+
+
+# TrainConfig fields added after run directories were first written: an old run's config.json
+# lacks them and had their defaults
+_FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 
 
 def check_run_dir(model_config: xLSTMLMConfig, tc: TrainConfig, overwrite: bool = False) -> None:
@@ -93,7 +101,8 @@ def check_run_dir(model_config: xLSTMLMConfig, tc: TrainConfig, overwrite: bool 
             f"run directory {out!r} holds a model with a different config (fields {diff}); "
             "use another --out-dir or --overwrite"
         )
-    diff = sorted(k for k in RUN_DEFINING_FIELDS if have.get("train", {}).get(k) != want["train"][k])
+    had = have.get("train", {})
+    diff = sorted(k for k in RUN_DEFINING_FIELDS if had.get(k, _FIELD_DEFAULTS[k]) != want["train"][k])
     if diff:
         raise ValueError(
             f"run directory {out!r} was trained with different settings {diff}; resuming would "
@@ -151,10 +160,29 @@ def prepare_run_data(model_config: xLSTMLMConfig, tc: TrainConfig) -> RunData:
     file is written or any function is compiled.
     """
     check_run_settings(model_config, tc)
+    encode = None
+    if tc.tokenizer != "bytes":
+        tok = run_tokenizer(model_config, tc)
+        encode = tok.encode
     return prepare_data(
         tc.data, batch_size=tc.batch_size, seq_len=sequence_length(model_config, tc), seed=tc.seed,
         heldout_fraction=tc.heldout_fraction, eval_batches=tc.eval_batches, vocab_size=model_config.vocab_size,
+        encode=encode,
     )
+
+
+def run_tokenizer(model_config: xLSTMLMConfig, tc: TrainConfig):
+    """The tokenizer of the run (``tc.tokenizer`` through ``xlstm_jax.text.load_tokenizer``);
+    ``ValueError`` if it cannot be read or has more tokens than the model's vocabulary."""
+    from xlstm_jax.text import load_tokenizer
+
+    tok = load_tokenizer(tc.tokenizer)
+    if tok.vocab_size > model_config.vocab_size:
+        raise ValueError(
+            f"tokenizer {tok.name} has {tok.vocab_size} tokens, more than the model's vocabulary of "
+            f"{model_config.vocab_size}"
+        )
+    return tok
 
 
 def _truncate_metrics(path: str, last_step: int) -> None:
@@ -390,6 +418,9 @@ def train(
         f"corpus: {data.source}: {data.num_tokens:,} bytes ({len(data.train_tokens):,} train, "
         f"{len(data.heldout_tokens):,} held out); unigram entropy {h_uni:.3f} nats/byte = "
         f"{bits_per_byte(h_uni):.3f} bits/byte"
+        if tc.tokenizer == "bytes" else
+        f"corpus: {data.source}: {data.num_tokens:,} tokens of {tc.tokenizer} ({len(data.train_tokens):,} "
+        f"train, {len(data.heldout_tokens):,} held out); unigram entropy {h_uni:.3f} nats/token"
     )
     trainer = get_trainer(model_config, tc)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainer.abstract_state.params))
@@ -406,9 +437,11 @@ def train(
     prepare_shared_run_dir(model_config, tc, overwrite)
     store = ckpt.CheckpointStore(tc.out_dir, tc.keep_checkpoints) if tc.checkpoints else None
     try:
-        state, data_state, resumed = _init_or_resume(trainer, store)
+        state, data_state, resumed = _init_or_resume(trainer, store, tc.init_from)
         if resumed is not None:
             log.say(f"resumed from {store.directory}/{resumed} (data epoch {data_state.epoch}, batch {data_state.position})")
+        elif tc.init_from is not None:
+            log.say(f"initial parameters: the transformers checkpoint {tc.init_from}")
         step = int(state.step)
         log.start(total=tc.steps, initial=step, resumed_from=resumed)
         t_start = time.perf_counter()
@@ -448,8 +481,12 @@ def train(
     return summary
 
 
-def _init_or_resume(trainer: Trainer, store: ckpt.CheckpointStore | None) -> tuple[TrainState, DataState, int | None]:
-    """(state, data state, the step resumed from or None): from the newest checkpoint, or fresh."""
+def _init_or_resume(
+    trainer: Trainer, store: ckpt.CheckpointStore | None, init_from: str | None = None,
+) -> tuple[TrainState, DataState, int | None]:
+    """(state, data state, the step resumed from or None): from the newest checkpoint, or fresh
+    (parameters random from the seed, or those of the transformers checkpoint ``init_from``, placed
+    on the trainer's mesh)."""
     latest = store.latest_step() if store is not None else None
     if dist.process_count() > 1 and not dist.same_on_all_processes(repr(latest)):
         raise RuntimeError(
@@ -457,7 +494,12 @@ def _init_or_resume(trainer: Trainer, store: ckpt.CheckpointStore | None) -> tup
             "--out-dir must be on a file system shared by all processes of the run"
         )
     if latest is None:
-        return trainer.init_state(), DataState(), None
+        if init_from is None:
+            return trainer.init_state(), DataState(), None
+        from xlstm_jax.models.xlstm_lm.hf import load_pretrained
+
+        _, params = load_pretrained(init_from, config=trainer.model_config, mesh=trainer.mesh)
+        return trainer.init_state(params=params), DataState(), None
     abs_params, abs_rest = trainer.abstract_train_state()
     params, rest, meta = store.restore(latest, abs_params, abs_rest)
     state = TrainState(step=rest["step"], params=params, opt_state=rest["opt_state"], rng=rest["rng"])

@@ -123,6 +123,7 @@ class Trainer:
         self.schedule = make_schedule(train_config)
         self.abstract_state = jax.eval_shape(self._init, jax.random.key_data(jax.random.key(0)))
         self.batch_shape = (train_config.batch_size, self.seq_len + 1)
+        self._init_given_jit = None  # init_state(params=...), compiled on first use
         if self.mesh is None:
             self.state_shardings = None
             self.batch_sharding = None
@@ -187,11 +188,47 @@ class Trainer:
         return shd.named_shardings(specs, mesh)
 
     # ------------------------------------------------------------------ public API
-    def init_state(self, seed: int | None = None) -> TrainState:
-        """A fresh train state (placed on the mesh if there is one)."""
+    def init_state(self, seed: int | None = None, params: Any = None) -> TrainState:
+        """A fresh train state (placed on the mesh if there is one). ``params``: the initial
+        parameters (e.g. ``hf.load_pretrained(dir, config=model_config, mesh=trainer.mesh)``; the
+        structure, shapes and dtypes of this model's, placed as ``state_shardings.params``) instead
+        of random ones; the optimizer state and training RNG are those of a fresh run of ``seed``.
+        ``params`` is donated."""
         seed = self.tc.seed if seed is None else seed
         # host data (the same on every process), so that it can enter a mesh spanning processes
-        return self._init_jit(np.asarray(jax.random.key_data(jax.random.key(seed))))
+        rng_data = np.asarray(jax.random.key_data(jax.random.key(seed)))
+        if params is None:
+            return self._init_jit(rng_data)
+        want = self.abstract_state.params
+        if jax.tree.structure(params) != jax.tree.structure(want):
+            raise ValueError(
+                f"params do not have this model's structure: {jax.tree.structure(params)} vs {jax.tree.structure(want)}"
+            )
+        bad = [
+            f"{jax.tree_util.keystr(path)}: {tuple(x.shape)} {x.dtype} (want {tuple(w.shape)} {w.dtype})"
+            for (path, x), w in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(want))
+            if tuple(x.shape) != tuple(w.shape) or x.dtype != w.dtype
+        ]
+        if bad:
+            raise ValueError(f"params differ from this model's in shape or dtype: {bad[:4]}")
+        if self._init_given_jit is None:
+            if self.mesh is None:
+                self._init_given_jit = jax.jit(self._init_given, donate_argnums=(1,))
+            else:
+                self._init_given_jit = jax.jit(
+                    self._init_given, in_shardings=(shd.replicated(self.mesh), self.state_shardings.params),
+                    out_shardings=self.state_shardings, donate_argnums=(1,),
+                )
+        return self._init_given_jit(rng_data, params)
+
+    def _init_given(self, rng_data: jax.Array, params: Any) -> TrainState:
+        """``_init`` with the given parameters: the same split of the seed's key, so the training RNG
+        is that of a run with random initial parameters."""
+        _, k_train = jax.random.split(jax.random.wrap_key_data(rng_data))
+        return TrainState(
+            step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params),
+            rng=jax.random.key_data(k_train),
+        )
 
     @property
     def local_rows(self) -> slice | np.ndarray:
@@ -251,7 +288,8 @@ class Trainer:
 
 
 # Settings that do not change the compiled functions of a Trainer.
-_BOOKKEEPING = dict(out_dir="", log_every=1, eval_every=0, checkpoint_every=0, keep_checkpoints=1, checkpoints=True, data=())
+_BOOKKEEPING = dict(out_dir="", log_every=1, eval_every=0, checkpoint_every=0, keep_checkpoints=1, checkpoints=True, data=(),
+                   init_from=None, tokenizer="bytes")
 
 
 @functools.lru_cache(maxsize=4)

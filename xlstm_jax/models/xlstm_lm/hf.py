@@ -489,6 +489,42 @@ def _set(tree: dict, path: tuple[str, ...], value) -> None:
     tree[path[-1]] = value
 
 
+def _check_tensors(path: str, hf: dict[str, Any], config: xLSTMLMConfig) -> tuple[list[_Entry], dict[str, _Tensor]]:
+    weight_mode = hf.get("weight_mode", "single")
+    plan = _plan(config, weight_mode)
+    tensors = _checkpoint_tensors(path)
+    expected = {e.name for e in plan}
+    missing = sorted(expected - set(tensors))
+    unexpected = sorted(set(tensors) - expected)
+    if missing or unexpected:
+        raise ValueError(
+            f"checkpoint {path!r} (weight_mode {weight_mode!r}, use_bias {config.use_bias}) does not match the "
+            f"model: missing tensors {missing[:8]}{' ...' if len(missing) > 8 else ''}; unexpected tensors "
+            f"{unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}"
+        )
+    for e in plan:
+        if tensors[e.name].shape != e.shape:
+            raise ValueError(f"tensor {e.name} has shape {tensors[e.name].shape}; the config gives {e.shape}")
+    return plan, tensors
+
+
+def check_pretrained(path: str, config: xLSTMLMConfig | None = None) -> xLSTMLMConfig:
+    """Check, reading only ``config.json`` and the safetensors headers, that directory ``path`` is a
+    checkpoint ``load_pretrained(path, config=config)`` loads: ``config`` (default: the
+    checkpoint's own, ``read_pretrained_config``) computes its function and every tensor is there
+    with its shape. Returns the config; ``ValueError`` saying what is wrong."""
+    hf = read_hf_config(path)
+    ckpt_config = config_from_hf(hf)
+    if config is None:
+        config = ckpt_config
+    elif not isinstance(config, xLSTMLMConfig):
+        raise ValueError(f"config must be an xLSTMLMConfig; got {type(config).__name__}")
+    else:
+        _check_same_function(config, ckpt_config)
+    _check_tensors(path, hf, config)
+    return config
+
+
 def load_pretrained(
     path: str,
     *,
@@ -525,21 +561,7 @@ def load_pretrained(
         if not isinstance(config, xLSTMLMConfig):
             raise ValueError(f"config must be an xLSTMLMConfig; got {type(config).__name__}")
         _check_same_function(config, ckpt_config)
-    weight_mode = hf.get("weight_mode", "single")
-    plan = _plan(config, weight_mode)
-    tensors = _checkpoint_tensors(path)
-    expected = {e.name for e in plan}
-    missing = sorted(expected - set(tensors))
-    unexpected = sorted(set(tensors) - expected)
-    if missing or unexpected:
-        raise ValueError(
-            f"checkpoint {path!r} (weight_mode {weight_mode!r}, use_bias {config.use_bias}) does not match the "
-            f"model: missing tensors {missing[:8]}{' ...' if len(missing) > 8 else ''}; unexpected tensors "
-            f"{unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}"
-        )
-    for e in plan:
-        if tensors[e.name].shape != e.shape:
-            raise ValueError(f"tensor {e.name} has shape {tensors[e.name].shape}; the config gives {e.shape}")
+    plan, tensors = _check_tensors(path, hf, config)
 
     model = xLSTMLMModel(config, mesh=mesh, unrolled=unrolled)
     # parameter shapes do not depend on the kernels: trace them with the XLA backend
@@ -694,6 +716,7 @@ __all__ = [
     "DEFAULT_CONTEXT_LENGTH",
     "HONOURED_FIELDS",
     "IMPLEMENTATION_FIELDS",
+    "check_pretrained",
     "config_from_hf",
     "config_to_hf",
     "default_inference_backend",
