@@ -81,6 +81,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="compute dtype; auto: bfloat16 on a GPU, float32 on a CPU")
     m.add_argument("--remat", action=argparse.BooleanOptionalAction, default=None,
                    help="recompute block activations in the backward pass (default: the preset's)")
+    m.add_argument("--remat-policy", default=None, choices=["full", "dots"],
+                   help="what --remat keeps: full: nothing (recompute all), dots: the matrix products' outputs "
+                        "(default: the config's, full)")
+    m.add_argument("--fused-projections", action=argparse.BooleanOptionalAction, default=None,
+                   help="q/k/v/output-gate projections as one matrix product (speed only; default: the config's, off)")
     t = parser.add_argument_group("training")
     t.add_argument("--data", nargs="+", default=[], metavar="FILE",
                    help="UTF-8 text files to train on (default: the embedded CPython documentation corpus)")
@@ -109,6 +114,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--no-checkpoint", action="store_true", help="write no checkpoints (throughput runs)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.add_argument("--summary-json", default=None, help="also write the run summary to this file (default: no)")
+    t.add_argument("--cast-params", action="store_true",
+                   help="cast the weights to the compute dtype once per step (speed only)")
     t.add_argument("--peak-tflops", type=float_range(0.0, low_open=True), default=None,
                    help="peak TFLOP/s of one device for the MFU figure (default: the vendor's dense bf16 figure "
                         "for known GPUs, e.g. 989 for H100 SXM / H200; none on a CPU: MFU n/a)")
@@ -152,6 +159,10 @@ def build_configs(args: argparse.Namespace):
             overrides[name] = getattr(args, name)
     if args.remat is not None:
         overrides["remat"] = args.remat
+    if args.remat_policy is not None:
+        overrides["remat_policy"] = args.remat_policy
+    if args.fused_projections is not None:
+        overrides["fused_projections"] = args.fused_projections
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if jax.default_backend() == "gpu" else "float32")
     mesh = args.mesh
     if mesh is None and jax.process_count() > 1:
@@ -172,6 +183,7 @@ def build_configs(args: argparse.Namespace):
             weight_decay=args.weight_decay, eval_every=args.eval_every, eval_batches=args.eval_batches,
             checkpoint_every=args.checkpoint_every, log_every=args.log_every, seed=args.seed,
             mesh=mesh, checkpoints=not args.no_checkpoint, heldout_fraction=args.heldout_fraction,
+            cast_params=args.cast_params,
         )
     except ValueError as err:
         raise UsageError(str(err)) from None
