@@ -19,7 +19,7 @@ from xlstm_jax.testing import assert_close, assert_trees_close, to_float64
 from xlstm_jax.tools import trace_summary as ts
 from xlstm_jax.train import flops
 
-B, S = 2, 40  # S not a multiple of the chunk size 16: a partial chunk
+B, S = 2, 24
 
 
 @pytest.fixture
@@ -169,10 +169,14 @@ def test_trace_summary_on_real_cpu_trace(tmp_path):
 
 # ------------------------------------------------------------------------------ speed options
 def _config(dtype="float32", **kw):
+    # the quadratic parallel backend: the cheapest to compile (the options act outside the cell)
     return preset_config(
-        "tiny", mlstm_backend="fwbw_stabilized", mlstm_backend_kwargs={"chunk_size": 16}, dtype=dtype,
-        param_dtype=dtype, context_length=64, **kw,
+        "tiny", mlstm_backend="parallel_stabilized", dtype=dtype, param_dtype=dtype, context_length=64, **kw,
     )
+
+
+def _init(cfg, seed):
+    return jax.jit(lambda k: init_params(cfg, k))(jax.random.key(seed))
 
 
 def _loss_and_grads(cfg, params, tokens, cast=False):
@@ -191,12 +195,12 @@ def _loss_and_grads(cfg, params, tokens, cast=False):
 def test_fused_projections_keep_the_parameter_tree():
     """Same parameter names, shapes and initial values with and without fused projections (the HF
     mapping and checkpoints see no difference)."""
-    a = init_params(_config(), jax.random.key(5))
-    b = init_params(_config(fused_projections=True), jax.random.key(5))
+    a = _init(_config(), 5)
+    b = _init(_config(fused_projections=True), 5)
     assert jax.tree.structure(a) == jax.tree.structure(b)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         assert x.shape == y.shape and bool(jnp.all(x == y))
-    c = init_params(_config(use_bias=True, fused_projections=True), jax.random.key(5))
+    c = jax.eval_shape(lambda: init_params(_config(use_bias=True, fused_projections=True), jax.random.key(5)))
     assert set(c["blocks"]["mlstm"]["q"]) == {"kernel", "bias"}
 
 
@@ -206,7 +210,7 @@ def _baselines():
     preset with biases (non-zero, so that their paths count), options off; under ``x64``."""
     assert jax.config.jax_enable_x64, "call under the x64 fixture"
     tokens = jax.random.randint(jax.random.key(1), (B, S + 1), 0, 256, dtype=jnp.int32)
-    params64 = to_float64(init_params(_config(use_bias=True), jax.random.key(2)))
+    params64 = to_float64(_init(_config(use_bias=True), 2))
     params64 = jax.tree_util.tree_map_with_path(
         lambda p, x: x + 0.1 if str(getattr(p[-1], "key", "")) == "bias" else x, params64
     )
@@ -238,7 +242,7 @@ def test_cast_params_once_same_loss_and_gradients():
     """bfloat16 compute: casting the weights once before the forward gives the loss and gradients
     of casting at every use (the same roundings happen), and keeps the gates and embedding."""
     cfg = _config("bfloat16").replace(param_dtype="float32")
-    params = init_params(cfg, jax.random.key(7))
+    params = _init(cfg, 7)
     cast = cast_compute_params(params, cfg)
     assert cast["blocks"]["mlstm"]["q"]["kernel"].dtype == jnp.bfloat16
     assert cast["blocks"]["ffn"]["up"]["kernel"].dtype == jnp.bfloat16
@@ -274,7 +278,8 @@ def test_bench_train_cli_tiny(tmp_path, capsys):
     from xlstm_jax.cli import main
 
     out = tmp_path / "b.json"
-    rc = main(["bench-train", "--preset", "tiny", "--batch-size", "2", "--steps", "2", "--warmup", "0",
+    rc = main(["bench-train", "--preset", "tiny", "--backend", "parallel_stabilized", "--batch-size", "2",
+               "--steps", "2", "--warmup", "0",
                "--loss-steps", "2", "--fused-projections", "--remat", "dots", "--cast-params",
                "--profile", str(tmp_path / "prof"), "--profile-steps", "1", "--json", str(out)])
     assert rc == 0

@@ -100,7 +100,9 @@ class xLSTMLMConfig:
     fused_projections: bool = False
     """Compute the q, k, v and output-gate projections of each mLSTM layer as one matrix product with
     the four kernels concatenated at apply time (the parameter tree stays the same: four ``Dense``
-    entries). Speed only; the two float32 gate projections stay separate."""
+    entries). Speed only; the two float32 gate projections stay separate. Meant for meshes without a
+    tensor axis (one GPU, data / FSDP): with tensor parallelism the concatenation of column-sharded
+    kernels costs communication."""
     bos_token_id: int | None = None
     """Token id that starts a document (tokenizer metadata; None: none, as for the byte tokenizer)."""
     eos_token_id: int | None = None
