@@ -292,3 +292,10 @@ def test_bench_train_cli_tiny(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "tokens/s" in text and "op family" in text
     assert main(["bench-train", "--preset", "tiny", "--seq-len", "999"]) == 2
+
+
+def test_progress_text_shows_mfu():
+    from xlstm_jax.train.run import progress_text
+
+    assert progress_text(2.5, None, 1234.0, 0.256) == "loss 2.500  1,234 tok/s  MFU 25.6%"
+    assert progress_text(2.5, None, 1234.0) == "loss 2.500  1,234 tok/s"  # no peak known: no MFU
