@@ -46,9 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="rematerialisation: none, full (recompute everything), dots (keep the matrix products' "
                              "outputs); preset: the preset's (full for 350m / 1.3b)")
     parser.add_argument("--fused-projections", action=argparse.BooleanOptionalAction, default=False,
-                        help="q/k/v/output-gate projections as one matrix product")
+                        help="q/k/v/output-gate projections as one matrix product (default: off)")
     parser.add_argument("--cast-params", action=argparse.BooleanOptionalAction, default=False,
-                        help="cast the weights to the compute dtype once per step")
+                        help="cast the weights to the compute dtype once per step (default: off)")
     parser.add_argument("--seed", type=nonneg, default=0, help="seed of parameters and data order")
     parser.add_argument("--loss-steps", type=nonneg, default=0,
                         help="first run this many steps from the fresh state on the embedded corpus and record each loss")

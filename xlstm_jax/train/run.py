@@ -88,6 +88,10 @@ def check_run_dir(model_config: xLSTMLMConfig, tc: TrainConfig, overwrite: bool 
         return  # an empty directory, or one without a run yet
     have = ckpt.read_json(path)
     want = _run_record(model_config, tc)
+    try:  # a run written before a config field existed: the field's default (what it trained with)
+        have["model"] = xLSTMLMConfig.from_dict(have.get("model", {})).to_dict()
+    except (TypeError, ValueError):
+        pass  # unknown fields: compared as written (and reported as different below)
     if have.get("model") != want["model"]:
         diff = sorted(k for k in want["model"] if have.get("model", {}).get(k) != want["model"][k])
         raise ValueError(
