@@ -55,7 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--peak-tflops", type=float_range(0.0, low_open=True), default=None,
                         help="peak TFLOP/s of the device for MFU (default: the vendor's dense bf16 figure; none on a CPU)")
     parser.add_argument("--measure-peak", action="store_true", help="also measure the bf16 matmul rate and report MFU against it")
-    parser.add_argument("--profile", default=None, metavar="DIR", help="trace steps with jax.profiler into DIR and summarise them")
+    parser.add_argument("--profile", default=None, metavar="DIR", help="trace steps with jax.profiler into DIR and summarise them (default: none, no profile)")
     parser.add_argument("--profile-steps", type=positive, default=3, help="steps traced with --profile")
     parser.add_argument("--json", default=None, help="write all figures to this JSON file (default: none)")
 
