@@ -18,7 +18,7 @@ import sys
 from types import ModuleType
 from typing import NamedTuple
 
-from xlstm_jax.tools import bench, bench_decode, bench_generate, check, generate_cmd, train_cmd, tune
+from xlstm_jax.tools import bench, bench_decode, bench_generate, bench_train, check, generate_cmd, train_cmd, tune
 from xlstm_jax.tools.errors import UsageError
 from xlstm_jax.tools.options import HelpFormatter
 
@@ -40,6 +40,7 @@ COMMANDS: dict[str, Command] = {
     "bench-generate": Command(
         bench_generate, "time the xLSTM-7B model: prefill, time to first token, decode (random weights)"
     ),
+    "bench-train": Command(bench_train, "time the training step of a preset: tokens/s, MFU, memory, profile by op family"),
 }
 
 

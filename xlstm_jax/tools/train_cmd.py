@@ -37,7 +37,7 @@ from .options import float_range, int_at_least, int_triple, name_value
 
 # The model presets of ``xlstm_jax.models.xlstm_lm.config.PRESETS``, named here so that building the
 # parser imports no JAX (tests/test_tools_cli.py checks that the two agree).
-PRESET_NAMES = ("350m", "7b", "demo", "tiny")
+PRESET_NAMES = ("1.3b", "350m", "7b", "demo", "tiny")
 
 # The option of ``xlstm-jax train`` behind each setting that ``check_run_settings`` can refuse.
 _OPTION_OF_SETTING = {
@@ -100,6 +100,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="compute dtype; auto: bfloat16 on a GPU, float32 on a CPU")
     m.add_argument("--remat", action=argparse.BooleanOptionalAction, default=None,
                    help="recompute block activations in the backward pass (default: the preset's)")
+    m.add_argument("--remat-policy", default=None, choices=["full", "dots"],
+                   help="what --remat keeps: full: nothing (recompute all), dots: the matrix products' outputs "
+                        "(default: the config's, full)")
+    m.add_argument("--fused-projections", action=argparse.BooleanOptionalAction, default=None,
+                   help="q/k/v/output-gate projections as one matrix product (speed only; default: the config's, off)")
     t = parser.add_argument_group("training")
     t.add_argument("--data", nargs="+", default=[], metavar="FILE",
                    help="UTF-8 text files to train on (default: the embedded CPython documentation corpus)")
@@ -128,6 +133,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--no-checkpoint", action="store_true", help="write no checkpoints (throughput runs)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.add_argument("--summary-json", default=None, help="also write the run summary to this file (default: no)")
+    t.add_argument("--cast-params", action="store_true",
+                   help="cast the weights to the compute dtype once per step (speed only)")
+    t.add_argument("--peak-tflops", type=float_range(0.0, low_open=True), default=None,
+                   help="peak TFLOP/s of one device for the MFU figure (default: the vendor's dense bf16 figure "
+                        "for known GPUs, e.g. 989 for H100 SXM / H200; none on a CPU: MFU n/a)")
     d = parser.add_argument_group(
         "multi-process runs",
         "Every process runs the same command; the mesh spans the devices of all processes (default "
@@ -168,6 +178,10 @@ def build_configs(args: argparse.Namespace):
             overrides[name] = getattr(args, name)
     if args.remat is not None:
         overrides["remat"] = args.remat
+    if args.remat_policy is not None:
+        overrides["remat_policy"] = args.remat_policy
+    if args.fused_projections is not None:
+        overrides["fused_projections"] = args.fused_projections
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if jax.default_backend() == "gpu" else "float32")
     mesh = args.mesh
     if mesh is None and jax.process_count() > 1:
@@ -195,6 +209,7 @@ def build_configs(args: argparse.Namespace):
             checkpoint_every=args.checkpoint_every, log_every=args.log_every, seed=args.seed,
             mesh=mesh, checkpoints=not args.no_checkpoint, heldout_fraction=args.heldout_fraction,
             init_from=init_from, tokenizer=tokenizer,
+            cast_params=args.cast_params,
         )
     except ValueError as err:
         raise UsageError(str(err)) from None
@@ -371,7 +386,8 @@ def _train(args: argparse.Namespace) -> int:
     from xlstm_jax.train.data import bits_per_byte
     from xlstm_jax.train.run import train
 
-    summary = train(model_config, tc, progress=not args.no_progress, print_fn=print, data=data)
+    summary = train(model_config, tc, progress=not args.no_progress, print_fn=print, data=data,
+                    peak_tflops=args.peak_tflops)
     if dist.process_index() != 0:
         return 0
     if args.summary_json:
@@ -386,6 +402,10 @@ def _train(args: argparse.Namespace) -> int:
     if summary["tokens_per_s"]:
         procs = f" in {summary['processes']} processes" if summary["processes"] > 1 else ""
         print(f"throughput        {summary['tokens_per_s']:,.0f} tokens/s on {len(summary['devices'])} x {summary['devices'][0]}{procs}")
+        peak = summary["peak_tflops_per_device"]
+        mfu_txt = (f"{summary['mfu']:.1%} of {peak:g} TFLOP/s per device" if summary["mfu"] is not None
+                   else "n/a (no peak rate known for this device: --peak-tflops)")
+        print(f"MFU               {mfu_txt} ({summary['model_flops_per_token'] / 1e9:.2f} GFLOP per token)")
     mem = [m for m in summary["peak_memory_bytes"] if m is not None]
     if mem:
         print("peak memory       " + ", ".join(f"{m / 2**30:.2f} GiB" for m in mem) + " (per device" + (

@@ -78,6 +78,10 @@ class TrainConfig:
     """The tokenizer of the training text: "bytes" (UTF-8 bytes), or the path of a ``tokenizer.json``
     or of a directory with one (``xlstm_jax.text.load_tokenizer``); recorded in the run directory so
     that ``generate --run-dir`` uses the same one."""
+    cast_params: bool = False
+    """Cast the weights used in the compute dtype to it once per step, before the forward pass
+    (``xlstm_jax.models.xlstm_lm.model.cast_compute_params``; the float32 master parameters and the
+    optimizer are unchanged). Speed only, never results."""
 
     def __post_init__(self):
         object.__setattr__(self, "data", tuple(str(p) for p in self.data))
@@ -90,6 +94,8 @@ class TrainConfig:
             if len(mesh) != 3 or not all(_is_int(m) and m >= 1 for m in mesh):
                 raise ValueError(f"mesh must be three positive ints (data, fsdp, tensor); got {self.mesh!r}")
             object.__setattr__(self, "mesh", tuple(int(m) for m in mesh))
+        if not isinstance(self.cast_params, bool):
+            raise ValueError(f"cast_params must be a bool; got {self.cast_params!r}")
         for name in ("steps", "batch_size", "log_every", "keep_checkpoints"):
             value = getattr(self, name)
             if not _is_int(value) or value < 1:

@@ -39,6 +39,7 @@ from . import checkpoint as ckpt
 from . import distributed as dist
 from .config import RUN_DEFINING_FIELDS, TrainConfig, check_run_settings, sequence_length
 from .data import DataState, RunData, bits_per_byte, prepare_data
+from .flops import device_peak_tflops, mfu, model_flops
 from .trainer import Trainer, TrainState, get_trainer
 
 __all__ = [
@@ -95,6 +96,10 @@ def check_run_dir(model_config: xLSTMLMConfig, tc: TrainConfig, overwrite: bool 
         return  # an empty directory, or one without a run yet
     have = ckpt.read_json(path)
     want = _run_record(model_config, tc)
+    try:  # a run written before a config field existed: the field's default (what it trained with)
+        have["model"] = xLSTMLMConfig.from_dict(have.get("model", {})).to_dict()
+    except (TypeError, ValueError):
+        pass  # unknown fields: compared as written (and reported as different below)
     if have.get("model") != want["model"]:
         diff = sorted(k for k in want["model"] if have.get("model", {}).get(k) != want["model"][k])
         raise ValueError(
@@ -196,7 +201,9 @@ def _truncate_metrics(path: str, last_step: int) -> None:
 
 
 # ------------------------------------------------------------------------------------- the log
-def progress_text(loss: float | None, eval_loss: float | None, tokens_per_s: float | None) -> str:
+def progress_text(
+    loss: float | None, eval_loss: float | None, tokens_per_s: float | None, mfu: float | None = None
+) -> str:
     """The progress bar's text: only the figures known so far (None or NaN: not shown)."""
     parts = []
     if loss is not None and not math.isnan(loss):
@@ -205,6 +212,8 @@ def progress_text(loss: float | None, eval_loss: float | None, tokens_per_s: flo
         parts.append(f"eval {eval_loss:.3f}")
     if tokens_per_s is not None:
         parts.append(f"{tokens_per_s:,.0f} tok/s")
+    if mfu is not None:
+        parts.append(f"MFU {mfu:.1%}")
     return "  ".join(parts)
 
 
@@ -226,6 +235,7 @@ class RunLog:
         self.loss: float | None = None
         self.eval_loss: float | None = None
         self.tokens_per_s: float | None = None
+        self.mfu_of: Callable[[float | None], float | None] = lambda _: None  # tokens/s -> MFU
 
     def say(self, text: str) -> None:
         """A console line (above the progress bar)."""
@@ -259,7 +269,7 @@ class RunLog:
 
     def _refresh(self) -> None:
         if self._bar is not None:
-            self._bar.set_postfix_str(progress_text(self.loss, self.eval_loss, self.tokens_per_s))
+            self._bar.set_postfix_str(progress_text(self.loss, self.eval_loss, self.tokens_per_s, self.mfu_of(self.tokens_per_s)))
 
     def train_rows(self, rows: list[dict[str, Any]], tokens_per_s: float | None) -> None:
         """Append per-step training rows; the bar shows their mean loss and the throughput."""
@@ -397,12 +407,15 @@ def train(
     on_step: Callable[[int, dict[str, float]], None] | None = None,
     print_fn: Callable[[str], None] | None = None,
     data: RunData | None = None,
+    peak_tflops: float | None = None,
 ) -> dict[str, Any]:
     """Train (or resume) the run ``tc.out_dir``; returns the summary (also written to summary.json).
 
     ``data``: the result of ``prepare_run_data(model_config, tc)`` if the caller already made it
     (the CLI does, to report bad input before anything starts); otherwise it is made here.
     ``on_step(step, metrics)`` is called after every step (tests use it to send SIGINT).
+    ``peak_tflops``: the peak rate of one device for the MFU figure (default: the vendor figure of
+    ``flops.PEAK_TFLOPS`` for the device, none on a CPU: MFU n/a; see ``xlstm_jax.train.flops``).
 
     In a multi-process run (after ``jax.distributed.initialize``; see ``distributed``) every process
     calls ``train`` with the same configs (a mesh over all devices); process 0 writes and prints.
@@ -433,6 +446,10 @@ def train(
         f"NH={model_config.num_heads}, backend {model_config.mlstm_backend}; {mesh_txt} on "
         f"{trainer.devices()[0].platform} x{len(trainer.devices())}{procs_txt}; batch {tc.batch_size} x {seq_len} tokens"
     )
+
+    flops_per_token = model_flops(model_config, seq_len)["train"]
+    peak = peak_tflops if peak_tflops is not None else device_peak_tflops(trainer.devices()[0])
+    log.mfu_of = lambda tok_s: mfu(tok_s, flops_per_token, peak, len(trainer.devices()))
 
     prepare_shared_run_dir(model_config, tc, overwrite)
     store = ckpt.CheckpointStore(tc.out_dir, tc.keep_checkpoints) if tc.checkpoints else None
@@ -467,6 +484,9 @@ def train(
         "unigram_entropy_nats": h_uni,
         "unigram_entropy_bits": bits_per_byte(h_uni),
         "tokens_per_s": clock.tokens_per_s(),
+        "model_flops_per_token": flops_per_token,
+        "peak_tflops_per_device": peak,
+        "mfu": log.mfu_of(clock.tokens_per_s()),
         "elapsed_s": elapsed,
         "devices": [str(d) for d in trainer.devices()],
         "mesh": list(tc.mesh) if tc.mesh is not None else None,

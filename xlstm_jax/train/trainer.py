@@ -30,7 +30,7 @@ from jax.sharding import Mesh
 
 from xlstm_jax.models.xlstm_lm import sharding as shd
 from xlstm_jax.models.xlstm_lm.config import xLSTMLMConfig
-from xlstm_jax.models.xlstm_lm.model import xLSTMLMModel
+from xlstm_jax.models.xlstm_lm.model import cast_compute_params, xLSTMLMModel
 
 from . import checkpoint as ckpt
 from .config import TrainConfig, sequence_length
@@ -158,14 +158,17 @@ class Trainer:
         )
 
     def _loss(self, params, batch, rng):
+        if self.tc.cast_params:
+            params = cast_compute_params(params, self.model_config)
         logits = self.model.apply({"params": params}, batch[:, :-1], rngs={"dropout": rng})
         return lm_loss(logits, batch[:, 1:])
 
     def _step(self, state: TrainState, batch: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
         rng, step_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
         loss, grads = jax.value_and_grad(self._loss)(state.params, batch, step_rng)
-        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        with jax.named_scope("optimizer"):  # names the optimizer's ops in profiles (tools/trace_summary.py)
+            updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
         new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=jax.random.key_data(rng))
         grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
         return new_state, {"loss": loss, "grad_norm": grad_norm}

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 
 _DTYPES = ("float32", "bfloat16", "float16", "float64")
 MULTIHEAD_NORMS = ("layernorm", "rms")
+REMAT_POLICIES = ("full", "dots")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +91,18 @@ class xLSTMLMConfig:
     """Dtype of the parameters (and optimizer state)."""
     remat: bool = False
     """Recompute each block's activations in the backward pass (saves memory on large models)."""
+    remat_policy: str = "full"
+    """What ``remat`` keeps from the forward pass: ``"full"`` nothing but the block inputs (every
+    activation is recomputed), ``"dots"`` also the outputs of the matrix products without batch
+    dimensions (the projections and the feed-forward: ``jax.checkpoint_policies.
+    dots_with_no_batch_dims_saveable``; the cell and the element-wise work are recomputed). Speed and
+    memory only, never results; ignored when ``remat`` is False."""
+    fused_projections: bool = False
+    """Compute the q, k, v and output-gate projections of each mLSTM layer as one matrix product with
+    the four kernels concatenated at apply time (the parameter tree stays the same: four ``Dense``
+    entries). Speed only; the two float32 gate projections stay separate. Meant for meshes without a
+    tensor axis (one GPU, data / FSDP): with tensor parallelism the concatenation of column-sharded
+    kernels costs communication."""
     bos_token_id: int | None = None
     """Token id that starts a document (tokenizer metadata; None: none, as for the byte tokenizer)."""
     eos_token_id: int | None = None
@@ -115,7 +128,9 @@ class xLSTMLMConfig:
                 raise ValueError(f"{name} must be one of {_DTYPES}; got {getattr(self, name)!r}")
         if self.multihead_norm not in MULTIHEAD_NORMS:
             raise ValueError(f"multihead_norm must be one of {MULTIHEAD_NORMS}; got {self.multihead_norm!r}")
-        for name in ("use_bias", "tie_embeddings", "remat", "norm_reduction_force_float32"):
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"remat_policy must be one of {REMAT_POLICIES}; got {self.remat_policy!r}")
+        for name in ("use_bias", "tie_embeddings", "remat", "norm_reduction_force_float32", "fused_projections"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool; got {getattr(self, name)!r}")
         if not (isinstance(self.norm_eps, (int, float)) and self.norm_eps >= 0):
@@ -222,13 +237,19 @@ class xLSTMLMConfig:
 
 
 # Named sizes. "demo" is the default of `xlstm-jax train` (a few minutes on a CPU); "tiny" is for
-# tests; "350m" is the multi-GPU check (~354M parameters with the byte vocabulary); "7b" is the
+# tests; "350m" is the multi-GPU check (~354M parameters with the byte vocabulary); "1.3b" is the
+# one-GPU throughput size (~1.32B parameters with the byte vocabulary: E = 2048 with xLSTM-7B's head
+# dimensions DHQK = 256, DHV = 512 (NH = 4) and ratios, 26 blocks); "7b" is the
 # architecture of the released xLSTM-7B (NX-AI/xLSTM-7b: GPT-NeoX vocabulary of 50304, 6.9B
 # parameters; trained at context 8192), for benchmarks and as the shape of loaded checkpoints.
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(embedding_dim=32, num_heads=2, num_blocks=2, context_length=32, ffn_round_up_to_multiple_of=16),
     "demo": dict(embedding_dim=128, num_heads=4, num_blocks=4, context_length=128),
     "350m": dict(embedding_dim=1024, num_heads=8, num_blocks=28, context_length=2048, remat=True),
+    "1.3b": dict(
+        embedding_dim=2048, num_heads=4, num_blocks=26, context_length=2048, qk_dim_factor=0.5,
+        v_dim_factor=1.0, ffn_proj_factor=2.667, ffn_round_up_to_multiple_of=64, remat=True,
+    ),
     "7b": dict(
         vocab_size=50304, embedding_dim=4096, num_heads=8, num_blocks=32, context_length=8192,
         qk_dim_factor=0.5, v_dim_factor=1.0, ffn_proj_factor=2.667, ffn_round_up_to_multiple_of=64,

@@ -31,6 +31,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
 from xlstm_jax.inference import decode_step, mask_gates
@@ -139,6 +140,44 @@ class MultiHeadNorm(nn.Module):
         return y
 
 
+class DenseParams(nn.Module):
+    """The parameters of an ``nn.Dense(features)`` (the same names, shapes, initialisers and
+    initialisation RNG: ``kernel`` (D, features), then ``bias`` (features,) when ``use_bias``),
+    returned instead of applied, so that several of them can be applied as one matrix product."""
+
+    features: int
+    use_bias: bool = False
+    param_dtype: Any = jnp.float32
+    kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
+
+    @nn.compact
+    def __call__(self, in_features: int) -> tuple[jax.Array, jax.Array | None]:
+        kernel = self.param("kernel", self.kernel_init, (in_features, self.features), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype) if self.use_bias else None
+        return kernel, bias
+
+
+def fused_dense(
+    x: jax.Array, outputs: tuple[tuple[str, int], ...], *, use_bias: bool, dtype: Any, param_dtype: Any,
+    kernel_init: nn.initializers.Initializer,
+) -> list[jax.Array]:
+    """Several ``nn.Dense`` layers of the same input as one matrix product (call inside a compact
+    module): ``outputs`` lists (name, features); the parameters are those of ``nn.Dense(features,
+    name=name)`` each (``DenseParams``), concatenated along the output axis at apply time, and the
+    product (..., sum of features) is split back into one array per entry. Same function as the
+    separate layers (up to the summation order of the product)."""
+    parts = [
+        DenseParams(n, use_bias=use_bias, param_dtype=param_dtype, kernel_init=kernel_init, name=name)(x.shape[-1])
+        for name, n in outputs
+    ]
+    kernel = jnp.concatenate([k.astype(dtype) for k, _ in parts], axis=1)
+    y = jax.lax.dot_general(x.astype(dtype), kernel, (((x.ndim - 1,), (0,)), ((), ())))
+    if use_bias:
+        y = y + jnp.concatenate([b.astype(dtype) for _, b in parts])
+    splits = [int(v) for v in np.cumsum([n for _, n in outputs])[:-1]]
+    return jnp.split(y, splits, axis=-1)
+
+
 def _per_device(fn, mesh: Mesh | None, in_specs, out_specs):
     """``fn`` as is without a mesh, else ``fn`` under ``jax.shard_map`` over ``mesh``."""
     if mesh is None:
@@ -183,7 +222,8 @@ def mlstm_sequence(
     args = (matQ, matK, matV, vecI, vecF) + (tuple(state) if state is not None else ())
     in_specs = (_SPEC_QKV,) * 3 + (_SPEC_GATE,) * 2 + (tuple(_SPEC_STATE) if state is not None else ())
     out_specs = (_SPEC_QKV, _SPEC_STATE) if return_last_states else _SPEC_QKV
-    return _per_device(run, mesh, in_specs, out_specs)(*args)
+    with jax.named_scope("mlstm_cell"):  # names the cell's ops in profiles
+        return _per_device(run, mesh, in_specs, out_specs)(*args)
 
 
 def cell_options(config: xLSTMLMConfig) -> CellOptions:
@@ -256,10 +296,16 @@ class mLSTMLayer(nn.Module):
         dense = functools.partial(
             nn.Dense, use_bias=cfg.use_bias, dtype=dt, param_dtype=pdt, kernel_init=small_init(E)
         )
-        matQ = dense(NH * DHQK, name="q")(x)
-        matK = dense(NH * DHQK, name="k")(x)
-        matV = dense(NH * DHV, name="v")(x)
-        vecO = dense(NH * DHV, name="ogate")(x)
+        if cfg.fused_projections:
+            matQ, matK, matV, vecO = fused_dense(
+                x, (("q", NH * DHQK), ("k", NH * DHQK), ("v", NH * DHV), ("ogate", NH * DHV)),
+                use_bias=cfg.use_bias, dtype=dt, param_dtype=pdt, kernel_init=small_init(E),
+            )
+        else:
+            matQ = dense(NH * DHQK, name="q")(x)
+            matK = dense(NH * DHQK, name="k")(x)
+            matV = dense(NH * DHV, name="v")(x)
+            vecO = dense(NH * DHV, name="ogate")(x)
         gate = functools.partial(nn.Dense, NH, use_bias=True, dtype=gdt, param_dtype=pdt, kernel_init=small_init(E))
         vecI = gate(name="igate", bias_init=nn.initializers.constant(cfg.igate_bias_init))(x)
         vecF = gate(name="fgate", bias_init=linspace_init(*cfg.fgate_bias_init_range))(x)

@@ -18,7 +18,8 @@ real position's logits, not B * S * V of them).
 
 The block stack is one ``nn.scan`` by default (``unrolled=False``: parameters of the blocks stacked
 along a leading NB axis under ``"blocks"``; compile time independent of depth; ``config.remat``
-recomputes each block in the backward pass). ``unrolled=True`` runs the same blocks in a Python loop
+recomputes each block in the backward pass, keeping what ``config.remat_policy`` saves).
+``unrolled=True`` runs the same blocks in a Python loop
 over per-block parameters ``"blocks_0"``, ``"blocks_1"``, ... (``unstack_block_params`` /
 ``stack_block_params`` convert): no per-step slicing of stacked weights, for decoding. With a
 ``mesh`` (axes data, fsdp, tensor; see ``sharding.py``) the batch is constrained to (data, fsdp) and
@@ -135,7 +136,8 @@ class xLSTMLMModel(nn.Module):
 
         block = mLSTMBlock
         if cfg.remat:
-            block = nn.remat(block, prevent_cse=False)
+            policy = None if cfg.remat_policy == "full" else jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+            block = nn.remat(block, prevent_cse=False, policy=policy)
         keep_states = return_last_states or mode == "step"
         if self.unrolled:
             outs = []
@@ -178,6 +180,30 @@ def init_params(config: xLSTMLMConfig, key: jax.Array, batch_size: int = 1, seq_
     S = seq_len or min(config.context_length, 8)
     tokens = jnp.zeros((batch_size, S), jnp.int32)
     return xLSTMLMModel(config).init(key, tokens)["params"]
+
+
+# parameters that the model uses in a dtype of their own (float32 gates, the residual-dtype embedding)
+_OWN_DTYPE_PARAMS = ("igate", "fgate", "embedding")
+
+
+def cast_compute_params(params: Any, config: xLSTMLMConfig) -> Any:
+    """``params`` with every leaf that the model only ever uses cast to ``config.dtype`` cast to it
+    now (all but the gate projections, computed in float32, and the embedding, kept in the residual
+    dtype), so that a step casts each weight once instead of at every use (and again in each
+    rematerialised forward). The model computes the same function from the result; its gradient
+    with respect to ``params`` is the same as without the cast. Identity when ``config.dtype`` is
+    not narrower than ``config.param_dtype``."""
+    dt, pdt = config.compute_dtype, config.params_dtype
+    if jnp.dtype(dt).itemsize >= jnp.dtype(pdt).itemsize:
+        return params
+
+    def cast(path, leaf):
+        names = {str(getattr(p, "key", "")) for p in path}
+        if names & set(_OWN_DTYPE_PARAMS) or not jnp.issubdtype(leaf.dtype, jnp.floating):
+            return leaf
+        return leaf.astype(dt)
+
+    return jax.tree_util.tree_map_with_path(cast, params)
 
 
 def unstack_block_params(params: Any) -> Any:
