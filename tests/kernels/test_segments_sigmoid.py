@@ -217,6 +217,15 @@ def test_step_kernels_sigmoid(name):
     assert_trees_close(got, want, F32_TOL, f"{name} sigmoid steps")
 
 
+def test_segment_ids_of_one_step_and_empty_batch():
+    q, k, v, i, f, *_ = (x[:, :, :1] if x is not None and x.ndim > 2 else x for x in _inputs()[0])
+    kernel = get_mlstm_kernel("chunkwise_native", chunk_size=L)
+    h = kernel(q, k, v, i, f, segment_ids=jnp.zeros((B, 1), jnp.int32))
+    assert_trees_close({"h": h}, {"h": kernel(q, k, v, i, f)}, F64_TOL, "S = 1")
+    h0 = kernel(q[:0], k[:0], v[:0], i[:0], f[:0], segment_ids=jnp.zeros((0, 1), jnp.int32))
+    assert h0.shape == (0, NH, 1, DHV)
+
+
 def test_segment_ids_validation():
     q, k, v, i, f, *_ = _inputs()[0]
     kernel = get_mlstm_kernel("parallel_native")

@@ -114,7 +114,7 @@ def check_segment_ids(kernel: str, segment_ids, B: int, S: int) -> None:
 def document_starts(segment_ids: jax.Array) -> jax.Array:
     """(B, S) bool: t > 0 with ``segment_ids[:, t] != segment_ids[:, t-1]`` (a document starts at t)."""
     changed = segment_ids[:, 1:] != segment_ids[:, :-1]
-    return jnp.concatenate([jnp.zeros_like(changed[:, :1]), changed], axis=1)
+    return jnp.concatenate([jnp.zeros((segment_ids.shape[0], 1), bool), changed], axis=1)
 
 
 def apply_segments(vecF: jax.Array, segment_ids: jax.Array) -> jax.Array:
