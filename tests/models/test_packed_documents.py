@@ -70,3 +70,25 @@ def test_segment_ids_checked():
     params = xLSTMLMModel(cfg).init(jax.random.key(0), tokens)["params"]
     with pytest.raises(ValueError, match="segment_ids must be an int array of shape"):
         xLSTMLMModel(cfg).apply({"params": params}, tokens, segment_ids=jnp.zeros((1, 7), jnp.int32))
+
+
+@pytest.mark.parametrize("name", ["parallel_stabilized", "fwbw_stabilized", "recurrent"])
+def test_backends_take_segment_ids_and_the_sigmoid_gate(name):
+    """Every XLA backend with ``segment_ids`` and ``input_gate="sigmoid"`` equals the kernel
+    ``chunkwise_native`` with the same (float64; initial states given, so every form starts alike)."""
+    from xlstm_jax.kernels import get_mlstm_kernel
+    from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend import create_mlstm_backend
+    from xlstm_jax.testing import mlstm_inputs
+
+    B, NH, S = 2, 2, 20
+    q, k, v, i, f, c0, n0, m0 = mlstm_inputs(jax.random.key(9), B, NH, S, 16, 16, dtype=jnp.float64,
+                                             initial_states=True, gate_scale=2.0)
+    ids = jnp.asarray(np.repeat(np.array([[0, 4, 2], [1, 1, 1]]), [5, 1, 14], axis=1))
+    for gate in ("exp", "sigmoid"):
+        want = get_mlstm_kernel("chunkwise_native", chunk_size=8)(
+            q, k, v, i, f, c0, n0, m0, return_last_states=True, segment_ids=ids, input_gate=gate)
+        backend = create_mlstm_backend(name, input_gate=gate).clone(parent=None)
+        got = backend.apply({}, q, k, v, i, f, c0, n0, m0, return_last_states=True, segment_ids=ids)
+        assert_close(got[0], want[0], 1e-10, f"{name} {gate} h")
+        for a, b, what in zip(got[1], want[1], "Cnm"):
+            assert_close(a, b, 1e-10, f"{name} {gate} {what}")

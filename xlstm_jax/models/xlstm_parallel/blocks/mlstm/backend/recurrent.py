@@ -73,15 +73,13 @@ def recurrent_step_fw(
     i: jax.Array,  # (B, NH, 1)
     f: jax.Array,  # (B, NH, 1)
     eps: float = 1e-6,
-    input_gate: str = "exp",
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
     """One step of the mLSTM in recurrent form.
 
     Returns the hidden state h (B, NH, DHV) and the new states (c, n, m) with m of shape (B, NH, 1),
     in the dtype of the states.
     """
-    return _seed_step(get_mlstm_step_kernel("recurrent_native"), c, n, m, q, k, v, i, f, eps=eps,
-                      input_gate=input_gate)
+    return _seed_step(get_mlstm_step_kernel("recurrent_native"), c, n, m, q, k, v, i, f, eps=eps)
 
 
 def recurrent_sequence_fw(
@@ -115,6 +113,8 @@ def recurrent_sequence_fw(
     )
     CellOptions(eps=eps, input_gate=input_gate)  # validates input_gate
     step_options = {} if input_gate == "exp" else {"input_gate": input_gate}
+    if step_options and mlstm_step_fn is recurrent_step_fw:  # the seed step has no input_gate keyword
+        mlstm_step_fn = seed_step_fn("recurrent_native")
     state0 = call.state
     state_dtype = floating_dtype("state_dtype", state_dtype)
     if state_dtype is None:
