@@ -68,8 +68,11 @@ def _inputs(dtype=jnp.float32, seed=11):
     return inputs, cots
 
 
-def _reference(q, k, v, i, f, c0, n0, m0, starts, *, input_gate="exp", eps=1e-6, norm_val=1.0):
-    """The recurrent definition in float64; the empty state at every document start (module doc)."""
+def _reference(q, k, v, i, f, c0, n0, m0, starts, *, input_gate="exp", eps=1e-6, norm_val=1.0,
+               grad_mode="exact"):
+    """The recurrent definition in float64; the empty state at every document start (module doc).
+    ``grad_mode="tfla"``: the denominator (and m) held constant in the backward pass."""
+    sg = jax.lax.stop_gradient if grad_mode == "tfla" else (lambda x: x)
     qk_scale = q.shape[-1] ** -0.5
     sigmoid = input_gate == "sigmoid"
     if sigmoid:  # the state convention: (C, n, m) stands for (exp(m) C, exp(m) n)
@@ -88,12 +91,12 @@ def _reference(q, k, v, i, f, c0, n0, m0, starts, *, input_gate="exp", eps=1e-6,
         else:
             m = jnp.where(st, -jnp.inf, m)
             logf = jax.nn.log_sigmoid(ft)
-            m_new = jnp.maximum(logf + m, it)
+            m_new = sg(jnp.maximum(logf + m, it))
             fa, ia = jnp.exp(logf + m - m_new), jnp.exp(it - m_new)
             lam = norm_val * jnp.exp(-m_new)
         C = fa[..., None, None] * C + ia[..., None, None] * kt[..., :, None] * vt[..., None, :]
         n = fa[..., None] * n + ia[..., None] * kt
-        den = jnp.maximum(jnp.abs(jnp.einsum("bhd,bhd->bh", qs, n)), lam) + eps
+        den = sg(jnp.maximum(jnp.abs(jnp.einsum("bhd,bhd->bh", qs, n)), lam) + eps)
         return (C, n, m_new), jnp.einsum("bhd,bhdv->bhv", qs, C) / den[..., None]
 
     xs = tuple(jnp.moveaxis(x, 2, 0) for x in (q, k, v, i, f)) + (jnp.moveaxis(starts, 1, 0),)
@@ -115,18 +118,19 @@ def _loss_and_grads(fn, inputs, cots):
 
 
 @functools.lru_cache(maxsize=None)
-def _reference_fn(input_gate, packed):
+def _reference_fn(input_gate, packed, grad_mode="exact"):
     def run(inputs, cots):
         starts = _starts(segment_ids()) if packed else jnp.zeros((B, S), bool)
-        return _loss_and_grads(lambda *a: _reference(*a, starts, input_gate=input_gate), inputs, cots)
+        return _loss_and_grads(
+            lambda *a: _reference(*a, starts, input_gate=input_gate, grad_mode=grad_mode), inputs, cots)
 
     return jax.jit(run)
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel_fn(name, options, input_gate, packed):
+def _kernel_fn(name, options, input_gate, packed, grad_mode="exact"):
     kernel = get_mlstm_kernel(name, **dict(options))
-    opts = CellOptions(input_gate=input_gate)
+    opts = CellOptions(input_gate=input_gate, grad_mode=grad_mode)
 
     def fn(*a):
         seg = segment_ids() if packed else None
@@ -159,6 +163,16 @@ def test_kernels_against_float64_reference(name, options, input_gate, packed):
     if packed:  # the given f at a document start has no effect
         starts = np.asarray(_starts(segment_ids()))
         assert float(jnp.max(jnp.abs(got[1]["f"][np.broadcast_to(starts[:, None], (B, NH, S))]))) == 0.0
+
+
+@pytest.mark.parametrize("input_gate", ["exp", "sigmoid"])
+def test_chunkwise_pallas_tfla_gradients(input_gate):
+    """The TFLA gradient convention (denominator and m constant) with packed documents."""
+    inputs, cots = _inputs()
+    ref = _reference_fn(input_gate, True, "tfla")(to_float64(inputs), to_float64(cots))
+    got = _kernel_fn("chunkwise_pallas", (("chunk_size", L),), input_gate, True, "tfla")(inputs, cots)
+    assert_trees_close(got[0], ref[0], F32_TOL, f"tfla {input_gate} outputs")
+    assert_trees_close(got[1], ref[1], F32_TOL, f"tfla {input_gate} gradients")
 
 
 def test_segments_equal_documents_run_alone():
