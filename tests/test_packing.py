@@ -79,3 +79,21 @@ def test_packed_train_step_and_eval():
     assert np.isfinite(trainer.eval_loss(state.params, data.eval_batches))
     with pytest.raises(ValueError, match="pack must be a bool"):
         TrainConfig(pack="yes")
+
+
+def test_cli_options_of_packing_and_the_input_gate():
+    import argparse
+
+    from xlstm_jax.tools import train_cmd
+    from xlstm_jax.tools.errors import UsageError
+
+    parser = argparse.ArgumentParser()
+    train_cmd.add_arguments(parser)
+    model, tc = train_cmd.build_configs(parser.parse_args(["--preset", "tiny", "--backend", "fwbw_stabilized"]))
+    assert tc.pack is True and tc.doc_separator is None and model.input_gate == "exp"
+    args = parser.parse_args(["--preset", "tiny", "--backend", "fwbw_stabilized", "--no-pack",
+                              "--doc-separator", "\\n\\n\\n", "--input-gate", "sigmoid"])
+    model, tc = train_cmd.build_configs(args)
+    assert tc.pack is False and tc.doc_separator == "\n\n\n" and model.input_gate == "sigmoid"
+    with pytest.raises(UsageError, match="--doc-separator must not be empty"):
+        train_cmd.build_configs(parser.parse_args(["--preset", "tiny", "--doc-separator", ""]))
