@@ -92,3 +92,20 @@ def test_backends_take_segment_ids_and_the_sigmoid_gate(name):
         assert_close(got[0], want[0], 1e-10, f"{name} {gate} h")
         for a, b, what in zip(got[1], want[1], "Cnm"):
             assert_close(a, b, 1e-10, f"{name} {gate} {what}")
+
+
+def test_sigmoid_model_decodes_like_its_full_forward():
+    """Prefill then token-by-token decoding of a sigmoid-gate model equals the full forward (float64):
+    the step kernel gets the backend's input_gate."""
+    cfg = _config("fwbw_stabilized", "sigmoid", mlstm_backend_kwargs={"chunk_size": 8})
+    tokens = jax.random.randint(jax.random.key(2), (2, 12), 0, 256, dtype=jnp.int32)
+    model = xLSTMLMModel(cfg)
+    params = model.init(jax.random.key(1), tokens)["params"]
+    full = model.apply({"params": params}, tokens)
+    logits, states = model.apply({"params": params}, tokens[:, :8], return_last_states=True)
+    steps = [logits]
+    for t in range(8, 12):
+        out, states = model.apply({"params": params}, tokens[:, t:t + 1], states, mode="step")
+        steps.append(out)
+    assert_close(jnp.concatenate(steps, axis=1), full, 1e-8, "prefill + decode")
+    assert float(jnp.max(jnp.abs(states.scaM))) == 0.0  # the sigmoid cell has no max state
