@@ -175,6 +175,7 @@ def test_chunkwise_pallas_tfla_gradients(input_gate):
     assert_trees_close(got[1], ref[1], F32_TOL, f"tfla {input_gate} gradients")
 
 
+@pytest.mark.slow  # ~10 s unloaded; the float64-reference tests above cover the same property
 def test_segments_equal_documents_run_alone():
     """A packed row equals its documents as separate kernel calls (first with the initial states,
     the others from nothing), outputs and gradients; the row's last state is the last document's."""
