@@ -246,16 +246,11 @@ def test_seed_entry_points_validate_cell_options():
         _combined_fw.mlstm_chunkwise_fw(q, k, v, i, f, qk_scale=0.0)
 
 
-@pytest.mark.parametrize("name", KERNELS + [f"step:{n}" for n in STEP_KERNELS])
-def test_sigmoid_input_gate_is_not_implemented_yet(name):
-    opts = CellOptions(input_gate="sigmoid")
-    with pytest.raises(NotImplementedError, match="input_gate='sigmoid' arrives with issue 11"):
-        if name.startswith("step:"):
-            get_mlstm_step_kernel(name[5:])(*_step_inputs(), cell_options=opts)
-        else:
-            get_mlstm_kernel(name)(*_inputs(), cell_options=opts)
+def test_unknown_input_gate_is_refused():
     with pytest.raises(ValueError, match="input_gate must be one of"):
         CellOptions(input_gate="relu")
+    with pytest.raises(ValueError, match="input_gate must be one of"):
+        get_mlstm_kernel("parallel_native")(*_inputs(), input_gate="relu")
 
 
 def test_cell_options_api():
@@ -264,7 +259,7 @@ def test_cell_options_api():
     assert hash(opts) == hash(CellOptions(eps=1e-5, norm_val=2.0, stabilize_correctly=False, grad_mode="tfla"))
     assert opts.effective_qk_scale(16) == 0.25 and CellOptions(qk_scale=0.7).effective_qk_scale(16) == 0.7
     assert opts.as_kwargs() == dict(qk_scale=None, eps=1e-5, norm_val=2.0, stabilize_correctly=False,
-                                    grad_mode="tfla")
+                                    grad_mode="tfla", input_gate="exp")
     assert opts.replace(eps=0.0).eps == 0.0
     with pytest.raises(ValueError, match="eps must be finite"):
         opts.replace(eps=-1.0)

@@ -63,7 +63,7 @@ def test_step_kernel_options_follow_the_backend_cell_options():
         backend_kwargs={"eps": 1e-4, "norm_val": 2.0, "stabilize_correctly": False, "grad_mode": "tfla"},
     )
     assert step_kernel_options(model_config) == dict(
-        qk_scale=None, eps=1e-4, norm_val=2.0, stabilize_correctly=False, grad_mode="tfla"
+        qk_scale=None, eps=1e-4, norm_val=2.0, stabilize_correctly=False, grad_mode="tfla", input_gate="exp"
     )
     model_config.mlstm_backend, model_config.backend_kwargs = "recurrent", {"eps": 1e-5}
     assert step_kernel_options(model_config) == CellOptions(eps=1e-5).as_kwargs()

@@ -22,12 +22,14 @@ def test_signatures_and_defaults():
     assert _defaults(seed.recurrent_step_fw)["eps"] == 1e-6
     d = _defaults(seed.recurrent_sequence_fw)
     assert list(d) == ["queries", "keys", "values", "igate_preact", "fgate_preact", "c_initial", "n_initial",
-                       "m_initial", "return_last_states", "eps", "state_dtype", "use_scan", "mlstm_step_fn"]
+                       "m_initial", "return_last_states", "eps", "state_dtype", "use_scan", "mlstm_step_fn",
+                       "segment_ids", "input_gate"]  # the last two: issue 11, after the seed's own
     assert (d["c_initial"], d["n_initial"], d["m_initial"]) == (None, None, None)
     assert d["return_last_states"] is False and d["eps"] == 1e-6 and d["state_dtype"] is None
     assert d["use_scan"] is False and d["mlstm_step_fn"] is seed.recurrent_step_fw
     fields = {f.name: f.default for f in dataclasses.fields(seed.mLSTMBackendRecurrentConfig)}
-    assert fields == {"context_length": -1, "eps": 1e-6, "state_dtype": None, "use_scan": False}
+    assert fields == {"context_length": -1, "eps": 1e-6, "state_dtype": None, "use_scan": False,
+                      "input_gate": "exp"}  # input_gate: issue 11
     assert seed.mLSTMBackendRecurrent.config_class is seed.mLSTMBackendRecurrentConfig
     assert issubclass(seed.mLSTMBackendRecurrent, backend_config.mLSTMBackend)
     backend = seed.mLSTMBackendRecurrent(config=seed.mLSTMBackendRecurrentConfig())

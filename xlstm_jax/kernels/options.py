@@ -15,8 +15,8 @@ with ``lam_t = norm_val * exp(-m_t)`` (``stabilize_correctly=True``) or ``lam_t 
     stabilize_correctly  lower bound ``norm_val * exp(-m)`` (True) or ``norm_val`` (False)
     grad_mode            "exact": the gradient of the function above; "tfla": the TFLA kernels'
                          cheaper gradient, with the denominator and m held constant
-    input_gate           "exp" (the cell above) or "sigmoid" (mLSTMsig; arrives with issue 11:
-                         accepted here, refused by every kernel with ``NotImplementedError``)
+    input_gate           "exp" (the cell above) or "sigmoid" (mLSTMsig: input gate sigmoid(i), no
+                         max state, m_t = 0 and lower bound lam_t = norm_val; docs/design.md)
 
 It is validated once, in ``__post_init__``; ``resolve_cell_options`` is the one function through
 which every kernel turns its keyword arguments into a ``CellOptions``.
@@ -34,12 +34,7 @@ import numpy as np
 GRAD_MODES = ("exact", "tfla")
 """Valid ``grad_mode`` values."""
 INPUT_GATES = ("exp", "sigmoid")
-"""Valid ``input_gate`` values (``"sigmoid"`` is not implemented by any kernel yet)."""
-
-_SIGMOID_NOT_YET = (
-    "input_gate='sigmoid' arrives with issue 11 (the mLSTMsig cell); every kernel implements only "
-    "input_gate='exp' for now"
-)
+"""Valid ``input_gate`` values."""
 
 
 def _real(name: str, value: Any, *, allow_none: bool = False, positive: bool = False) -> float | None:
@@ -74,7 +69,7 @@ class CellOptions:
     grad_mode: str = "exact"
     """"exact" or "tfla" (denominator and m constant in the backward pass)."""
     input_gate: str = "exp"
-    """"exp" (implemented) or "sigmoid" (issue 11)."""
+    """"exp" (the exponential input gate with max state m) or "sigmoid" (mLSTMsig, m = 0)."""
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
@@ -96,11 +91,17 @@ class CellOptions:
         """The query scale for head dim ``DHQK``: ``qk_scale`` or ``DHQK ** -0.5``."""
         return DHQK**-0.5 if self.qk_scale is None else self.qk_scale
 
+    @property
+    def max_state(self) -> bool:
+        """Whether the cell has a max state m (``input_gate="exp"``); the sigmoid cell holds m = 0."""
+        return self.input_gate == "exp"
+
     def as_kwargs(self) -> dict[str, Any]:
-        """The flat keyword arguments of the kernels' call signature (without ``input_gate``)."""
+        """The flat keyword arguments of the kernels' call signature."""
         return dict(
             qk_scale=self.qk_scale, eps=self.eps, norm_val=self.norm_val,
             stabilize_correctly=self.stabilize_correctly, grad_mode=self.grad_mode,
+            input_gate=self.input_gate,
         )
 
     def replace(self, **changes: Any) -> "CellOptions":
@@ -108,13 +109,12 @@ class CellOptions:
         return dataclasses.replace(self, **changes)
 
     def require_implemented(self, kernel: str) -> "CellOptions":
-        """Return self, or raise ``NotImplementedError`` for a variant no kernel implements yet."""
-        if self.input_gate != "exp":
-            raise NotImplementedError(f"{kernel}: {_SIGMOID_NOT_YET}")
+        """Return self (every variant of the cell is implemented by every kernel)."""
+        del kernel
         return self
 
 
-FLAT_OPTIONS = ("qk_scale", "eps", "norm_val", "stabilize_correctly", "grad_mode")
+FLAT_OPTIONS = ("qk_scale", "eps", "norm_val", "stabilize_correctly", "grad_mode", "input_gate")
 """The cell options of the kernels' flat keyword call signature."""
 _DEFAULTS = CellOptions()
 
@@ -128,15 +128,16 @@ def resolve_cell_options(
     norm_val: float = 1.0,
     stabilize_correctly: bool = True,
     grad_mode: str = "exact",
+    input_gate: str = "exp",
 ) -> CellOptions:
     """The one place a kernel call's cell options are built and validated.
 
     Either ``cell_options`` (a ``CellOptions``) or the flat keywords (the documented call
     signature); a flat keyword that differs from its default next to ``cell_options`` is ambiguous
-    and raises ``ValueError``. Raises ``NotImplementedError`` for ``input_gate="sigmoid"``.
+    and raises ``ValueError``.
     """
     flat = dict(qk_scale=qk_scale, eps=eps, norm_val=norm_val,
-                stabilize_correctly=stabilize_correctly, grad_mode=grad_mode)
+                stabilize_correctly=stabilize_correctly, grad_mode=grad_mode, input_gate=input_gate)
     if cell_options is None:
         return CellOptions(**flat).require_implemented(kernel)
     if not isinstance(cell_options, CellOptions):

@@ -3,13 +3,14 @@
 Every registered kernel is called as::
 
     kernel(q, k, v, i, f, c_initial=None, n_initial=None, m_initial=None, *,
-           return_last_states=False, qk_scale=None, eps=1e-6, norm_val=1.0,
-           stabilize_correctly=True, grad_mode="exact", cell_options=None)
+           return_last_states=False, segment_ids=None, qk_scale=None, eps=1e-6, norm_val=1.0,
+           stabilize_correctly=True, grad_mode="exact", input_gate="exp", cell_options=None)
       -> h                                  # (B, NH, S, DHV), dtype of q
       or (h, (matC, vecN, scaM))            # with return_last_states, states in float32
 
 with q, k (B, NH, S, DHQK), v (B, NH, S, DHV), i, f (B, NH, S) or (B, NH, S, 1), and the initial
-states (B, NH, DHQK, DHV), (B, NH, DHQK), (B, NH). The cell options come either as the flat keywords
+states (B, NH, DHQK, DHV), (B, NH, DHQK), (B, NH); ``segment_ids`` (B, S) integers pack documents
+(each starts from the empty state, docs/design.md). The cell options come either as the flat keywords
 or as one ``cell_options=CellOptions(...)`` (``xlstm_jax.kernels.options``). Every kernel validates its
 call with ``xlstm_jax.kernels.validation.validate_sequence_call`` (shapes, floating dtypes, options;
 B == 0 or NH == 0 gives empty outputs). Kernel-specific options (a chunk size, tile sizes,
@@ -37,7 +38,8 @@ import functools
 from typing import Any, Callable
 
 COMMON_OPTIONS = (
-    "return_last_states", "qk_scale", "eps", "norm_val", "stabilize_correctly", "grad_mode", "cell_options",
+    "return_last_states", "segment_ids", "qk_scale", "eps", "norm_val", "stabilize_correctly", "grad_mode",
+    "input_gate", "cell_options",
 )
 
 

@@ -2,9 +2,12 @@
 
 Notation: see ``xlstm_jax.kernels._common``. One function per kind of call:
 
-    validate_sequence_call   q, k, v, i, f and the initial states of a sequence kernel, plus its cell
-                             options (``options.resolve_cell_options``): shapes, floating dtypes
+    validate_sequence_call   q, k, v, i, f, the initial states and ``segment_ids`` of a sequence
+                             kernel, plus its cell options (``options.resolve_cell_options``):
+                             shapes, dtypes; it also applies the two transformations every kernel
+                             shares (packed documents, the sigmoid input gate; below)
     validate_step_call       the state and inputs of one step (decode) and its cell options
+    sigmoid_step_inputs      the step's (C, n, m, i) for the sigmoid cell (below)
     floating_dtype           an ``output_dtype`` / ``state_dtype`` / ``autocast_kernel_dtype`` option
     check_shape              one array argument of a seed stage function against the others
 
@@ -15,6 +18,21 @@ and the shared conventions:
   arrays of the right shapes and dtypes (``empty_sequence_outputs``), and so are the gradients; an
   empty sequence (S == 0) or head dimension (DHQK or DHV == 0) is an error;
 * shapes that do not fit raise ``ValueError`` naming the argument and both shapes; never ``assert``.
+
+Packed documents (``segment_ids``, (B, S) integers). A document starts at every t > 0 with
+``segment_ids[b, t] != segment_ids[b, t-1]``; there the forget gate is set to exactly 0
+(``f := -inf`` through ``jnp.where``, so the gradient of the given f there is 0). Every kernel is
+exact for f = -inf (docs/design.md, "Extreme gates and resets"): the state before t is dropped and
+m_t = i_t, which is each document run on its own in the parallel form (whose first step's forget
+gate has no effect). The first document of a row starts from the initial states (or the kernel's
+zero state); the last states are those of each row's last document. Ids need not be consecutive.
+
+The sigmoid input gate (``input_gate="sigmoid"``, mLSTMsig). The sigmoid cell is the exponential
+cell with ``i := log_sigmoid(i)`` (computed here, in float32 or wider) and the max state held at
+m = 0; every log weight is then <= 0, so nothing overflows, and the lower bound is norm_val. Each
+kernel holds m at 0 under the static flag ``CellOptions.max_state``. Given initial states (C, n, m)
+are taken in the stabilized convention of the exponential cell and folded to m = 0:
+``C := exp(m) C``, ``n := exp(m) n`` (states returned by a sigmoid kernel have m = 0 already).
 """
 
 from __future__ import annotations
@@ -81,8 +99,48 @@ def check_shape(kernel: str, name: str, x, expected: tuple[int, ...], because: s
         raise ValueError(f"{kernel}: {name} has shape {shape_str(x)}; expected {tuple(expected)} {because}")
 
 
+def check_segment_ids(kernel: str, segment_ids, B: int, S: int) -> None:
+    """``ValueError`` unless ``segment_ids`` is an integer array of shape (B, S)."""
+    shape = tuple(getattr(segment_ids, "shape", ()))
+    dtype = getattr(segment_ids, "dtype", None)
+    if shape != (B, S):
+        raise ValueError(
+            f"{kernel}: segment_ids has shape {shape_str(segment_ids)}; expected (B, S) = {(B, S)} from q"
+        )
+    if dtype is None or not jnp.issubdtype(dtype, jnp.integer):
+        raise ValueError(f"{kernel}: segment_ids must be an integer array; got dtype {dtype} (shape {shape})")
+
+
+def document_starts(segment_ids: jax.Array) -> jax.Array:
+    """(B, S) bool: t > 0 with ``segment_ids[:, t] != segment_ids[:, t-1]`` (a document starts at t)."""
+    changed = segment_ids[:, 1:] != segment_ids[:, :-1]
+    return jnp.concatenate([jnp.zeros((segment_ids.shape[0], 1), bool), changed], axis=1)
+
+
+def apply_segments(vecF: jax.Array, segment_ids: jax.Array) -> jax.Array:
+    """vecF (B, NH, S) with f = -inf (a forget gate of 0) wherever a document starts."""
+    starts = document_starts(segment_ids)[:, None, :]
+    return jnp.where(starts, jnp.array(-jnp.inf, vecF.dtype), vecF)
+
+
+def sigmoid_input_gate(vecI: jax.Array) -> jax.Array:
+    """``log_sigmoid(i)`` in float32 or wider: the sigmoid cell's input gate as a log weight."""
+    return jax.nn.log_sigmoid(vecI.astype(jnp.promote_types(vecI.dtype, jnp.float32)))
+
+
+def fold_max_state(matC, vecN, scaM):
+    """States (C, n, m) as the same states with m = 0: (exp(m) C, exp(m) n, 0) (differentiable)."""
+    w = jnp.exp(scaM)
+    return MLSTMState(matC * w[..., None, None].astype(matC.dtype), vecN * w[..., None].astype(vecN.dtype),
+                      jnp.zeros_like(scaM))
+
+
 class SequenceCall(NamedTuple):
-    """A validated sequence call: gates as (B, NH, S), the initial state (or None), dims, options."""
+    """A validated sequence call: gates as (B, NH, S), the initial state (or None), dims, options.
+
+    ``vecF`` holds -inf at document starts (``segment_ids``); for ``input_gate="sigmoid"`` ``vecI``
+    is ``log_sigmoid(i)`` and the state is folded to m = 0 (module docstring).
+    """
 
     vecI: jax.Array  # (B, NH, S)
     vecF: jax.Array  # (B, NH, S)
@@ -104,6 +162,11 @@ class SequenceCall(NamedTuple):
         """The effective query scale."""
         return self.options.effective_qk_scale(self.DHQK)
 
+    @property
+    def max_state(self) -> bool:
+        """False for the sigmoid cell: the kernel holds m = 0 (and dm = 0)."""
+        return self.options.max_state
+
 
 def validate_sequence_call(
     kernel: str,
@@ -116,14 +179,16 @@ def validate_sequence_call(
     vecN_initial: jax.Array | None = None,  # (B, NH, DHQK)
     scaM_initial: jax.Array | None = None,  # (B, NH)
     *,
+    segment_ids: jax.Array | None = None,  # (B, S) integers
     cell_options: CellOptions | None = None,
     **flat_options: Any,
 ) -> SequenceCall:
     """Validate a sequence call (shapes, dtypes, cell options); ``ValueError`` naming the culprit.
 
     ``flat_options`` are the flat cell-option keywords (qk_scale, eps, norm_val,
-    stabilize_correctly, grad_mode); see ``options.resolve_cell_options``. Initial states are all
-    given or all None.
+    stabilize_correctly, grad_mode, input_gate); see ``options.resolve_cell_options``. Initial
+    states are all given or all None. ``segment_ids`` (B, S) integers mark packed documents; the
+    returned call has them applied to f, and the sigmoid input gate applied (module docstring).
     """
     options = resolve_cell_options(cell_options, kernel=kernel, **flat_options)
     shapes = (
@@ -160,6 +225,13 @@ def validate_sequence_call(
                 raise ValueError(f"{name} has shape {shape_str(got[name])}; expected {shape} for {shapes}")
             check_floating(name, got[name], kernel=kernel)
         state = MLSTMState(matC_initial, vecN_initial, scaM_initial)
+    if segment_ids is not None:
+        check_segment_ids(kernel, segment_ids, B, S)
+        vecF = apply_segments(vecF, segment_ids)
+    if not options.max_state:
+        vecI = sigmoid_input_gate(vecI)
+        if state is not None:
+            state = fold_max_state(*state)
     return SequenceCall(vecI, vecF, state, B, NH, S, DHQK, DHV, options)
 
 
@@ -235,6 +307,13 @@ def validate_step_call(
                     ("i", scaI), ("f", scaF)):
         check_floating(name, x, kernel=kernel)
     return StepCall(B, NH, DHQK, DHV, options)
+
+
+def sigmoid_step_inputs(matC, vecN, scaM, scaI):
+    """For the sigmoid cell: (C, n, m, i) as (exp(m) C, exp(m) n, 0, log_sigmoid(i)); the step then
+    runs the exponential step with m held at 0 (``CellOptions.max_state`` False)."""
+    state = fold_max_state(matC, vecN, scaM)
+    return state.matC, state.vecN, state.scaM, sigmoid_input_gate(scaI)
 
 
 def empty_step_outputs(matC, vecN, scaM, vecV, h_dtype):

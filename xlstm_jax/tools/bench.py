@@ -14,6 +14,12 @@ float32 with full-precision matrix products (``--check-precision``) on the same 
 ``chunkwise_pallas`` the rows also record the kernel parameters the call uses and where they came
 from (``kernel_params``, ``tuning_source``: a tuned table of ``xlstm-jax tune`` or the heuristics;
 ``--kernels chunkwise_pallas:tuned=false`` runs the heuristics).
+
+float32 with full-precision matrix products (``--check-precision``) on the same inputs.
+
+``--packed MIN,MAX`` adds cases of packed documents: every row is cut into documents of random
+lengths in [MIN, MAX] (seeded by B, S, MIN, MAX and the row) passed as ``segment_ids``; ``off`` is
+the unpacked case (default: only ``off``). ``--input-gate exp sigmoid`` times both cells.
 """
 
 from __future__ import annotations
@@ -46,6 +52,34 @@ def _shapes_type(text: str):
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+def _packed_type(text: str):
+    """``off`` (None) or ``MIN,MAX`` document lengths (1 <= MIN <= MAX)."""
+    if text == "off":
+        return None
+    try:
+        lo, hi = (int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected off or MIN,MAX (two ints); got {text!r}") from None
+    if not 1 <= lo <= hi:
+        raise argparse.ArgumentTypeError(f"document lengths need 1 <= MIN <= MAX; got {text!r}")
+    return (lo, hi)
+
+
+def packed_segment_ids(B: int, S: int, lengths: tuple[int, int]):
+    """(B, S) int32 segment ids: each row cut into documents of random lengths in [MIN, MAX]
+    (NumPy generator seeded by (B, S, MIN, MAX, row)), ids 0, 1, ... per row."""
+    import numpy as np
+
+    lo, hi = lengths
+    rows = []
+    for b in range(B):
+        rng = np.random.default_rng([B, S, lo, hi, b])
+        n = -(-S // lo) + 1
+        doc_len = rng.integers(lo, hi + 1, size=n)
+        rows.append(np.repeat(np.arange(n, dtype=np.int32), doc_len)[:S])
+    return np.stack(rows)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Options of ``xlstm-jax bench``."""
     p.add_argument("--kernels", nargs="+", default=None, metavar="NAME[:KEY=VALUE,...]",
@@ -60,6 +94,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"], help="input dtype")
     p.add_argument("--grad-mode", nargs="+", default=["exact"], choices=["exact", "tfla"],
                    help="gradient conventions (default: exact)")
+    p.add_argument("--input-gate", nargs="+", default=["exp"], choices=["exp", "sigmoid"],
+                   help="input gate(s) of the cell: exp (default) and/or sigmoid (mLSTMsig)")
+    p.add_argument("--packed", nargs="+", type=_packed_type, default=[None], metavar="off|MIN,MAX",
+                   help="packed documents of random lengths in [MIN, MAX] (seeded), passed as segment_ids; "
+                        "off: unpacked (default: off); e.g. --packed off 100,4000 times both")
     p.add_argument("--modes", nargs="+", default=["fw", "fwbw"], choices=["fw", "fwbw"],
                    help="what to time (default: fw fwbw)")
     p.add_argument("--reps", type=int_at_least(1), default=20, help="timed calls per measurement")
@@ -144,27 +183,38 @@ def _inputs(seed: int, B: int, NH: int, S: int, DHQK: int, DHV: int, dtype):
     return (q, k, v, i, f), dh
 
 
-def _fw_fwbw(kernel, grad_mode):
+def _fw_fwbw(kernel, grad_mode, input_gate="exp", segment_ids=None):
+    """Jitted fw(q, k, v, i, f) and fwbw(q, k, v, i, f, dh); ``segment_ids`` (B, S) are closed over
+    (a device array, not a constant folded into the program)."""
     import jax
     import jax.numpy as jnp
 
-    fw = jax.jit(lambda q, k, v, i, f: kernel(q, k, v, i, f, grad_mode=grad_mode))
+    seg = None if segment_ids is None else jnp.asarray(segment_ids)
 
-    def loss(q, k, v, i, f, dh):
-        h = kernel(q, k, v, i, f, grad_mode=grad_mode)
-        return jnp.sum(h.astype(jnp.float32) * dh.astype(jnp.float32))
+    def call(q, k, v, i, f, seg):
+        return kernel(q, k, v, i, f, grad_mode=grad_mode, input_gate=input_gate, segment_ids=seg)
 
-    return fw, jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))
+    fw_seg = jax.jit(call)
+
+    def loss(q, k, v, i, f, dh, seg):
+        return jnp.sum(call(q, k, v, i, f, seg).astype(jnp.float32) * dh.astype(jnp.float32))
+
+    fwbw_seg = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))
+    fw = lambda q, k, v, i, f: fw_seg(q, k, v, i, f, seg)  # noqa: E731
+    fwbw = lambda q, k, v, i, f, dh: fwbw_seg(q, k, v, i, f, dh, seg)  # noqa: E731
+    fw.lower = lambda *a: fw_seg.lower(*a, seg)
+    fwbw.lower = lambda *a: fwbw_seg.lower(*a, seg)
+    return fw, fwbw
 
 
-def _reference(x, dh, grad_mode, precision):
+def _reference(x, dh, grad_mode, precision, input_gate="exp", segment_ids=None):
     """h and the five gradients of ``chunkwise_native`` (chunk 64) in float32 at ``precision``."""
     import jax
     import jax.numpy as jnp
 
     from xlstm_jax.kernels import get_mlstm_kernel
 
-    fw, fwbw = _fw_fwbw(get_mlstm_kernel("chunkwise_native", chunk_size=64), grad_mode)
+    fw, fwbw = _fw_fwbw(get_mlstm_kernel("chunkwise_native", chunk_size=64), grad_mode, input_gate, segment_ids)
     x32 = tuple(a.astype(jnp.float32) for a in x)
     with jax.default_matmul_precision(precision):
         return fw(*x32), fwbw(*x32, dh.astype(jnp.float32))
@@ -227,7 +277,8 @@ def run(args) -> int:
         print(f"ceilings: bf16 matmul {ceilings['matmul_tflops']:.0f} TFLOP/s, copy {ceilings['copy_tbps']:.2f} TB/s "
               f"(best of {', '.join(f'{k} {v:.2f}' for k, v in ceilings['copy_tbps_all'].items())})")
 
-    total = len(groups) * len(args.grad_mode) * len(kernels)
+    variants = [(ig, pk) for pk in args.packed for ig in args.input_gate]
+    total = len(groups) * len(args.grad_mode) * len(kernels) * len(variants)
     bar = tqdm(total=total, desc="bench", unit="case")
     results = []
     for heads, B, S in groups:
@@ -235,14 +286,17 @@ def run(args) -> int:
         sets = [_inputs(seed, B, NH, S, DHQK, DHV, dtype) for seed in (B * S, B * S + 1)]
         fw_sets = [x for x, _ in sets]
         bw_sets = [x + (dh,) for x, dh in sets]
-        for gm in args.grad_mode:
-            ref = _reference(*sets[0], gm, args.check_precision) if args.check else None
+        for gm, (ig, packed) in ((gm, v) for gm in args.grad_mode for v in variants):
+            seg = packed_segment_ids(B, S, packed) if packed else None
+            ref = _reference(*sets[0], gm, args.check_precision, ig, seg) if args.check else None
             for name, opts, kernel in kernels:
-                fw, fwbw = _fw_fwbw(kernel, gm)
+                fw, fwbw = _fw_fwbw(kernel, gm, ig, seg)
                 for mode in args.modes:
                     fn, arg_sets = (fw, fw_sets) if mode == "fw" else (fwbw, bw_sets)
                     row = {"kernel": name, "options": opts, "heads": heads.name, "NH": NH, "DHQK": DHQK,
-                           "DHV": DHV, "grad_mode": gm, "B": B, "S": S, "mode": mode}
+                           "DHV": DHV, "grad_mode": gm, "B": B, "S": S, "mode": mode, "input_gate": ig,
+                           "packed": list(packed) if packed else None,
+                           "documents": int((seg[:, 1:] != seg[:, :-1]).sum() + B) if packed else B}
                     if name == "chunkwise_pallas":
                         row.update(pallas_kernel_params(opts, B, NH, S, DHQK, DHV, dtype, gm))
                     try:
@@ -277,11 +331,13 @@ def run(args) -> int:
             del ref
     bar.close()
 
-    print(f"\n{'kernel':<36}{'heads':>10}{'grad':>6}{'B':>4}{'S':>7}{'mode':>6}{'ms':>10}{'TFLOP/s':>9}"
+    print(f"\n{'kernel':<36}{'heads':>10}{'grad':>6}{'gate':>8}{'packed':>11}{'B':>4}{'S':>7}{'mode':>6}{'ms':>10}{'TFLOP/s':>9}"
           f"{'floor%':>8}{'mem GB':>8}" + ("  max rel. error" if args.check else ""))
     for r in results:
         label = r["kernel"] + ("" if not r["options"] else ":" + ",".join(f"{k}={v}" for k, v in r["options"].items()))
-        head = f"{label[:35]:<36}{r['heads'][:9]:>10}{r['grad_mode']:>6}{r['B']:>4}{r['S']:>7}{r['mode']:>6}"
+        packed = "off" if not r["packed"] else f"{r['packed'][0]},{r['packed'][1]}"
+        head = (f"{label[:35]:<36}{r['heads'][:9]:>10}{r['grad_mode']:>6}{r['input_gate']:>8}{packed:>11}"
+                f"{r['B']:>4}{r['S']:>7}{r['mode']:>6}")
         if "error" in r:
             print(head + "  ERROR " + r["error"][:120])
             continue

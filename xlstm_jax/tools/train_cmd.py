@@ -98,6 +98,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="step kernel used when generating from the run (checked now)")
     m.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="compute dtype; auto: bfloat16 on a GPU, float32 on a CPU")
+    m.add_argument("--input-gate", default=None, choices=["exp", "sigmoid"],
+                   help="input gate of the mLSTM cell: exp (xLSTM-7B) or sigmoid (mLSTMsig) (default: the preset's)")
     m.add_argument("--remat", action=argparse.BooleanOptionalAction, default=None,
                    help="recompute block activations in the backward pass (default: the preset's)")
     m.add_argument("--remat-policy", default=None, choices=["full", "dots"],
@@ -108,6 +110,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t = parser.add_argument_group("training")
     t.add_argument("--data", nargs="+", default=[], metavar="FILE",
                    help="UTF-8 text files to train on (default: the embedded CPython documentation corpus)")
+    t.add_argument("--doc-separator", default=None, metavar="TEXT",
+                   help="split every --data file into documents on TEXT (Python escapes such as \\n are "
+                        "decoded; default: one document per file)")
+    t.add_argument("--no-pack", action="store_true",
+                   help="do not pack documents: train on one token stream, with no segment ids and no "
+                        "masked targets at document borders (default: pack)")
     t.add_argument("--out-dir", default="runs/default", help="run directory (checkpoints, metrics)")
     t.add_argument("--steps", type=positive, default=600, help="total optimizer steps of the run")
     t.add_argument("--batch-size", type=positive, default=16, help="global batch size (sequences per step)")
@@ -182,6 +190,16 @@ def build_configs(args: argparse.Namespace):
         overrides["remat_policy"] = args.remat_policy
     if args.fused_projections is not None:
         overrides["fused_projections"] = args.fused_projections
+    if args.input_gate is not None:
+        overrides["input_gate"] = args.input_gate
+    doc_separator = args.doc_separator
+    if doc_separator is not None:
+        try:
+            doc_separator = doc_separator.encode("utf-8").decode("unicode_escape").encode("latin-1").decode("utf-8")
+        except (UnicodeDecodeError, UnicodeEncodeError):
+            raise UsageError(f"--doc-separator {args.doc_separator!r} is not valid text with Python escapes") from None
+        if not doc_separator:
+            raise UsageError("--doc-separator must not be empty")
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if jax.default_backend() == "gpu" else "float32")
     mesh = args.mesh
     if mesh is None and jax.process_count() > 1:
@@ -210,6 +228,7 @@ def build_configs(args: argparse.Namespace):
             mesh=mesh, checkpoints=not args.no_checkpoint, heldout_fraction=args.heldout_fraction,
             init_from=init_from, tokenizer=tokenizer,
             cast_params=args.cast_params,
+            pack=not args.no_pack, doc_separator=doc_separator,
         )
     except ValueError as err:
         raise UsageError(str(err)) from None

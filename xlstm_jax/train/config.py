@@ -18,7 +18,7 @@ from typing import Any, Sequence
 # The others (steps, intervals, mesh, run directory) may change between the segments of one run.
 RUN_DEFINING_FIELDS = (
     "data", "batch_size", "seq_len", "seed", "learning_rate", "warmup_steps", "min_lr_ratio",
-    "weight_decay", "grad_clip", "b1", "b2", "heldout_fraction", "init_from", "tokenizer",
+    "weight_decay", "grad_clip", "b1", "b2", "heldout_fraction", "init_from", "tokenizer", "pack", "doc_separator",
 )
 
 
@@ -82,6 +82,11 @@ class TrainConfig:
     """Cast the weights used in the compute dtype to it once per step, before the forward pass
     (``xlstm_jax.models.xlstm_lm.model.cast_compute_params``; the float32 master parameters and the
     optimizer are unchanged). Speed only, never results."""
+    pack: bool = True
+    """Pack documents: batches carry segment ids, every document starts from the empty cell state
+    and no target is predicted across a document border (``packing.py``); False: one token stream."""
+    doc_separator: str | None = None
+    """Split every ``data`` file into documents on this string (None: one document per file)."""
 
     def __post_init__(self):
         object.__setattr__(self, "data", tuple(str(p) for p in self.data))
@@ -116,6 +121,10 @@ class TrainConfig:
             value = getattr(self, name)
             if not _finite(value) or not 0 <= value < 1:
                 raise ValueError(f"{name} must lie in [0, 1); got {value!r}")
+        if not isinstance(self.pack, bool):
+            raise ValueError(f"pack must be a bool; got {self.pack!r}")
+        if self.doc_separator is not None and (not isinstance(self.doc_separator, str) or not self.doc_separator):
+            raise ValueError(f"doc_separator must be None or a non-empty string; got {self.doc_separator!r}")
         if not _finite(self.heldout_fraction) or not 0 < self.heldout_fraction < 1:
             raise ValueError(f"heldout_fraction must lie in (0, 1); got {self.heldout_fraction!r}")
 

@@ -173,6 +173,7 @@ def prepare_run_data(model_config: xLSTMLMConfig, tc: TrainConfig) -> RunData:
         tc.data, batch_size=tc.batch_size, seq_len=sequence_length(model_config, tc), seed=tc.seed,
         heldout_fraction=tc.heldout_fraction, eval_batches=tc.eval_batches, vocab_size=model_config.vocab_size,
         encode=encode,
+        pack=tc.pack, doc_separator=tc.doc_separator,
     )
 
 

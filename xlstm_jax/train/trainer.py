@@ -1,7 +1,8 @@
 """The train state, the optimizer and the jitted train / eval steps of one configuration.
 
-Notation: tokens (B, S + 1) int32 per batch (inputs ``[:, :-1]``, next-token targets ``[:, 1:]``);
-losses are mean cross entropies in nats per byte token.
+Notation: tokens (B, S + 1) int32 per batch (inputs ``[:, :-1]``, next-token targets ``[:, 1:]``),
+or packed (B, 2, S + 1) tokens and segment ids (``packing.py``: targets across a document border are
+masked out); losses are mean cross entropies in nats per byte token.
 
 ``Trainer(model_config, train_config)`` builds the model, the AdamW optimizer (``make_schedule``:
 linear warm-up counted from the first update, then cosine decay; global-norm clipping, weight decay
@@ -36,6 +37,7 @@ from . import checkpoint as ckpt
 from .config import TrainConfig, sequence_length
 from .data import HeldoutBatches
 from .distributed import process_rows
+from .packing import masked_lm_loss, split_batch
 
 __all__ = [
     "TrainConfig",
@@ -122,7 +124,8 @@ class Trainer:
         self.tx = make_optimizer(train_config)
         self.schedule = make_schedule(train_config)
         self.abstract_state = jax.eval_shape(self._init, jax.random.key_data(jax.random.key(0)))
-        self.batch_shape = (train_config.batch_size, self.seq_len + 1)
+        # packed batches carry the segment ids next to the tokens (``packing.py``)
+        self.batch_shape = (train_config.batch_size,) + ((2,) if train_config.pack else ()) + (self.seq_len + 1,)
         self._init_given_jit = None  # init_state(params=...), compiled on first use
         if self.mesh is None:
             self.state_shardings = None
@@ -133,7 +136,7 @@ class Trainer:
             self._init_jit = jax.jit(self._init)
         else:
             self.state_shardings = self._state_shardings(self.abstract_state)
-            self.batch_sharding = shd.batch_sharding(self.mesh, 2)
+            self.batch_sharding = shd.batch_sharding(self.mesh, len(self.batch_shape))
             self._local_rows = process_rows(self.batch_sharding, self.batch_shape)
             rep = shd.replicated(self.mesh)
             self._train_step = jax.jit(
@@ -160,8 +163,9 @@ class Trainer:
     def _loss(self, params, batch, rng):
         if self.tc.cast_params:
             params = cast_compute_params(params, self.model_config)
-        logits = self.model.apply({"params": params}, batch[:, :-1], rngs={"dropout": rng})
-        return lm_loss(logits, batch[:, 1:])
+        inputs, targets, segment_ids, mask = split_batch(batch)
+        logits = self.model.apply({"params": params}, inputs, rngs={"dropout": rng}, segment_ids=segment_ids)
+        return masked_lm_loss(logits, targets, mask)
 
     def _step(self, state: TrainState, batch: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
         rng, step_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
@@ -174,7 +178,8 @@ class Trainer:
         return new_state, {"loss": loss, "grad_norm": grad_norm}
 
     def _eval(self, params, batch: jax.Array) -> jax.Array:
-        return lm_loss(self.model.apply({"params": params}, batch[:, :-1]), batch[:, 1:])
+        inputs, targets, segment_ids, mask = split_batch(batch)
+        return masked_lm_loss(self.model.apply({"params": params}, inputs, segment_ids=segment_ids), targets, mask)
 
     def _state_shardings(self, abstract_state: TrainState) -> TrainState:
         mesh = self.mesh

@@ -68,14 +68,17 @@ def _chunk_gates(vecI, vecLogF):
     return vecB, vecG, vecA
 
 
-def _border_states(matK, matV, vecI, vecLogF, matC0, vecN0, scaM0, *, sg):
+def _border_states(matK, matV, vecI, vecLogF, matC0, vecN0, scaM0, *, sg, max_state=True):
     """Inter-chunk recurrence. Chunked inputs (B, NH, NC, L, ...); returns states (B, NH, NC+1, ...)."""
     _, vecG, vecA = _chunk_gates(vecI, vecLogF)
 
     def body(carry, x):
         matC, vecN, scaM = carry
         k, v, g, a = x  # (B, NH, L, DHQK), (B, NH, L, DHV), (B, NH), (B, NH, L)
-        scaM_new = sg(jnp.maximum(g + scaM, jnp.max(a, axis=-1)))
+        if max_state:
+            scaM_new = sg(jnp.maximum(g + scaM, jnp.max(a, axis=-1)))
+        else:  # the sigmoid cell: m is held at 0
+            scaM_new = jnp.zeros_like(scaM)
         scaDecay = jnp.exp(g + scaM - scaM_new)
         vecW = jnp.exp(a - scaM_new[..., None])  # (B, NH, L)
         kw = k * vecW[..., None]
@@ -106,7 +109,10 @@ def _chunk_outputs(matQ, matK, matV, vecI, vecLogF, matC_prev, vecN_prev, scaM_p
     vecB = jnp.cumsum(vecLogF, axis=-1)  # (B, NH, NC, L)
     matLogD = stablef_log_decay(vecLogF) + vecI[..., None, :]  # (B, NH, NC, L, L)
     vecLogInter = vecB + scaM_prev[..., None]  # (B, NH, NC, L)
-    vecM = sg(jnp.maximum(jnp.max(matLogD, axis=-1), vecLogInter))
+    if opts["max_state"]:
+        vecM = sg(jnp.maximum(jnp.max(matLogD, axis=-1), vecLogInter))
+    else:  # the sigmoid cell: m is held at 0
+        vecM = jnp.zeros_like(vecLogInter)
     qs = matQ * opts["qk_scale"]
     matS = jnp.einsum("bhctd,bhcsd->bhcts", qs, matK)
     matCt = matS * jnp.exp(matLogD - vecM[..., None])
@@ -130,7 +136,7 @@ def _forward(inputs, opts, L):
     NC = S // L
     qc, kc, vc = (_to_chunks(x, NC, L) for x in (q, k, v))
     ic, fc = _to_chunks(i, NC, L), _to_chunks(logf, NC, L)
-    borders = _border_states(kc, vc, ic, fc, C0, n0, m0, sg=sg)
+    borders = _border_states(kc, vc, ic, fc, C0, n0, m0, sg=sg, max_state=opts["max_state"])
     prev = tuple(x[:, :, :-1] for x in borders)
     h, vecNorm, vecM = _chunk_outputs(qc, kc, vc, ic, fc, *prev, opts=opts, sg=sg)
     h = h.reshape(B, NH, S, -1)
@@ -175,7 +181,7 @@ def _core_bwd(opts, L, res, cts):
     )
 
     def border_fn(kc, vc, ic, fc, C0, n0, m0):
-        return _border_states(kc, vc, ic, fc, C0, n0, m0, sg=sg)
+        return _border_states(kc, vc, ic, fc, C0, n0, m0, sg=sg, max_state=opts["max_state"])
 
     _, vjp_border = jax.vjp(border_fn, kc, vc, ic, fc, C0, n0, m0)
     dkc_b, dvc_b, dic_b, dfc_b, dC0, dn0, dm0 = vjp_border(dborders)
@@ -202,11 +208,13 @@ def mlstm_chunkwise(
     m_initial: jax.Array | None = None,  # (B, NH)
     *,
     return_last_states: bool = False,
+    segment_ids: jax.Array | None = None,  # (B, S) integers: packed documents
     qk_scale: float | None = None,
     eps: float = 1e-6,
     norm_val: float = 1.0,
     stabilize_correctly: bool = True,
     grad_mode: str = "exact",
+    input_gate: str = "exp",
     cell_options: CellOptions | None = None,
     chunk_size: int = 64,
     return_normalizer: bool = False,
@@ -220,8 +228,8 @@ def mlstm_chunkwise(
     """
     call = validate_sequence_call(
         "chunkwise_native", matQ, matK, matV, vecI, vecF, c_initial, n_initial, m_initial,
-        cell_options=cell_options, qk_scale=qk_scale, eps=eps, norm_val=norm_val,
-        stabilize_correctly=stabilize_correctly, grad_mode=grad_mode,
+        segment_ids=segment_ids, cell_options=cell_options, qk_scale=qk_scale, eps=eps, norm_val=norm_val,
+        stabilize_correctly=stabilize_correctly, grad_mode=grad_mode, input_gate=input_gate,
     )
     vecI, vecF, state0, cell = call.vecI, call.vecF, call.state, call.options
     B, NH, S, DHQK, DHV = call.B, call.NH, call.S, call.DHQK, call.DHV
@@ -240,7 +248,7 @@ def mlstm_chunkwise(
     logf = _pad_to_chunks(jax.nn.log_sigmoid(vecF.astype(dt)), S_pad, 0.0)
     opts = dict(
         qk_scale=call.qk_scale, eps=cell.eps, norm_val=cell.norm_val,
-        stabilize_correctly=cell.stabilize_correctly, grad_mode=cell.grad_mode,
+        stabilize_correctly=cell.stabilize_correctly, grad_mode=cell.grad_mode, max_state=cell.max_state,
     )
     inputs = (q, k, v, i, logf, *(x.astype(dt) for x in state0))
     if return_normalizer:

@@ -20,6 +20,10 @@ exp(-inf) = 0, i = -inf makes its step's weights 0.
 
 ``grad_mode="tfla"`` holds the denominator and m constant in the backward pass (the TFLA kernels'
 cheaper gradient); ``"exact"`` (default) is the exact gradient of the function.
+
+``input_gate="sigmoid"``: i arrives as log_sigmoid(i) (``validation``) and m is held at 0.
+``segment_ids``: f arrives as -inf at document starts (``validation``), which makes every weight
+across a document border exactly 0.
 """
 
 from __future__ import annotations
@@ -58,12 +62,14 @@ def mlstm_parallel(
     m_initial: jax.Array | None = None,  # (B, NH)
     *,
     return_last_states: bool = False,
+    segment_ids: jax.Array | None = None,  # (B, S) integers: packed documents
     return_normalizer: bool = False,
     qk_scale: float | None = None,
     eps: float = 1e-6,
     norm_val: float = 1.0,
     stabilize_correctly: bool = True,
     grad_mode: str = "exact",
+    input_gate: str = "exp",
     cell_options: CellOptions | None = None,
 ):
     """Stabilized parallel mLSTM. Memory is quadratic in S: a reference, not a training kernel.
@@ -75,8 +81,8 @@ def mlstm_parallel(
     """
     call = validate_sequence_call(
         "parallel_native", matQ, matK, matV, vecI, vecF, c_initial, n_initial, m_initial,
-        cell_options=cell_options, qk_scale=qk_scale, eps=eps, norm_val=norm_val,
-        stabilize_correctly=stabilize_correctly, grad_mode=grad_mode,
+        segment_ids=segment_ids, cell_options=cell_options, qk_scale=qk_scale, eps=eps, norm_val=norm_val,
+        stabilize_correctly=stabilize_correctly, grad_mode=grad_mode, input_gate=input_gate,
     )
     vecI, vecF, state0, opts = call.vecI, call.vecF, call.state, call.options
     B, NH, S, DHQK = matQ.shape
@@ -100,6 +106,8 @@ def mlstm_parallel(
         vecLogInit = scaM0[..., None] + logF_cum  # (B, NH, S)
         vecM = jnp.maximum(vecM, vecLogInit)
     vecM = sg(jnp.where(vecM == -jnp.inf, 0.0, vecM))  # nothing contributes to the row: m = 0
+    if not call.max_state:  # the sigmoid cell: every log weight is <= 0, m is held at 0
+        vecM = jnp.zeros_like(vecM)
 
     qs = q * qk_scale
     matS = jnp.einsum("bhtd,bhsd->bhts", qs, k)  # (B, NH, S, S)
@@ -124,6 +132,8 @@ def mlstm_parallel(
         scaLogInit = (scaM0 if state0 is not None else jnp.zeros((B, NH), dt)) + logF_cum[..., -1]
         scaM = jnp.maximum(jnp.max(vecLogLast, axis=-1), scaLogInit)  # (B, NH)
         scaM = sg(jnp.where(scaM == -jnp.inf, 0.0, scaM))
+        if not call.max_state:
+            scaM = jnp.zeros_like(scaM)
         vecW = jnp.exp(vecLogLast - scaM[..., None])  # (B, NH, S)
         matC = jnp.einsum("bhs,bhsd,bhsv->bhdv", vecW, k, v)
         vecN = jnp.einsum("bhs,bhsd->bhd", vecW, k)

@@ -31,6 +31,7 @@ from ..validation import (
     empty_sequence_outputs,
     empty_step_outputs,
     floating_dtype,
+    sigmoid_step_inputs,
     validate_sequence_call,
     validate_step_call,
 )
@@ -51,6 +52,7 @@ def mlstm_recurrent_step(
     norm_val: float = 1.0,
     stabilize_correctly: bool = True,
     grad_mode: str = "exact",
+    input_gate: str = "exp",
     cell_options: CellOptions | None = None,
 ) -> tuple[jax.Array, MLSTMState]:
     """One mLSTM step. Returns ``h`` (B, NH, DHV) and the new state, all in the states' dtype.
@@ -61,8 +63,10 @@ def mlstm_recurrent_step(
     call = validate_step_call(
         "recurrent_native step", matC, vecN, scaM, vecQ, vecK, vecV, scaI, scaF,
         cell_options=cell_options, qk_scale=qk_scale, eps=eps, norm_val=norm_val,
-        stabilize_correctly=stabilize_correctly, grad_mode=grad_mode,
+        stabilize_correctly=stabilize_correctly, grad_mode=grad_mode, input_gate=input_gate,
     )
+    if not call.options.max_state:
+        matC, vecN, scaM, scaI = sigmoid_step_inputs(matC, vecN, scaM, scaI)
     return _step(matC, vecN, scaM, vecQ, vecK, vecV, scaI, scaF, call.options)
 
 
@@ -76,7 +80,10 @@ def _step(matC, vecN, scaM, vecQ, vecK, vecV, scaI, scaF, opts: CellOptions):
     sg = jax.lax.stop_gradient if opts.grad_mode == "tfla" else (lambda x: x)
     q, k, v, i, f = (x.astype(dt) for x in (vecQ, vecK, vecV, scaI, scaF))
     logF = jax.nn.log_sigmoid(f)
-    scaM_new = sg(jnp.maximum(logF + scaM, i))  # (B, NH)
+    if opts.max_state:
+        scaM_new = sg(jnp.maximum(logF + scaM, i))  # (B, NH)
+    else:  # the sigmoid cell (i is log_sigmoid of the gate): m stays 0
+        scaM_new = jnp.zeros_like(scaM)
     scaFa = jnp.exp(logF + scaM - scaM_new)
     scaIa = jnp.exp(i - scaM_new)
     matC_new = scaFa[..., None, None] * matC + scaIa[..., None, None] * (k[..., :, None] * v[..., None, :])
@@ -101,11 +108,13 @@ def mlstm_recurrent_sequence(
     m_initial: jax.Array | None = None,  # (B, NH)
     *,
     return_last_states: bool = False,
+    segment_ids: jax.Array | None = None,  # (B, S) integers: packed documents
     qk_scale: float | None = None,
     eps: float = 1e-6,
     norm_val: float = 1.0,
     stabilize_correctly: bool = True,
     grad_mode: str = "exact",
+    input_gate: str = "exp",
     cell_options: CellOptions | None = None,
     use_scan: bool = True,
     state_dtype=None,
@@ -121,8 +130,8 @@ def mlstm_recurrent_sequence(
     """
     call = validate_sequence_call(
         "recurrent_native", matQ, matK, matV, vecI, vecF, c_initial, n_initial, m_initial,
-        cell_options=cell_options, qk_scale=qk_scale, eps=eps, norm_val=norm_val,
-        stabilize_correctly=stabilize_correctly, grad_mode=grad_mode,
+        segment_ids=segment_ids, cell_options=cell_options, qk_scale=qk_scale, eps=eps, norm_val=norm_val,
+        stabilize_correctly=stabilize_correctly, grad_mode=grad_mode, input_gate=input_gate,
     )
     vecI, vecF, state0 = call.vecI, call.vecF, call.state
     B, NH, S, DHQK, DHV = call.B, call.NH, call.S, call.DHQK, call.DHV

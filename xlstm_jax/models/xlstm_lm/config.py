@@ -24,6 +24,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from xlstm_jax.kernels.options import INPUT_GATES
+
 _DTYPES = ("float32", "bfloat16", "float16", "float64")
 MULTIHEAD_NORMS = ("layernorm", "rms")
 REMAT_POLICIES = ("full", "dots")
@@ -83,6 +85,9 @@ class xLSTMLMConfig:
     """Name of the mLSTM backend that runs the cell over a sequence (training, prefill)."""
     mlstm_backend_kwargs: tuple[tuple[str, Any], ...] = ()
     """Config fields of that backend, as (name, value) pairs (a dict is accepted and converted)."""
+    input_gate: str = "exp"
+    """Input gate of the mLSTM cell: "exp" (xLSTM-7B) or "sigmoid" (mLSTMsig: no max state); given
+    to the backend (and so to decoding) as its ``input_gate`` cell option."""
     mlstm_step_kernel: str = "recurrent_native"
     """Name of the single-step kernel used for token-by-token decoding."""
     dtype: str = "float32"
@@ -126,6 +131,13 @@ class xLSTMLMConfig:
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in _DTYPES:
                 raise ValueError(f"{name} must be one of {_DTYPES}; got {getattr(self, name)!r}")
+        if self.input_gate not in INPUT_GATES:
+            raise ValueError(f"input_gate must be one of {INPUT_GATES}; got {self.input_gate!r}")
+        if dict(kw).get("input_gate", self.input_gate) != self.input_gate:
+            raise ValueError(
+                f"mlstm_backend_kwargs input_gate={dict(kw)['input_gate']!r} differs from input_gate="
+                f"{self.input_gate!r}; set the model config's input_gate"
+            )
         if self.multihead_norm not in MULTIHEAD_NORMS:
             raise ValueError(f"multihead_norm must be one of {MULTIHEAD_NORMS}; got {self.multihead_norm!r}")
         if self.remat_policy not in REMAT_POLICIES:
@@ -193,8 +205,11 @@ class xLSTMLMConfig:
 
     @property
     def backend_kwargs(self) -> dict[str, Any]:
-        """``mlstm_backend_kwargs`` as a dict."""
-        return dict(self.mlstm_backend_kwargs)
+        """``mlstm_backend_kwargs`` as a dict, with ``input_gate`` when it is not the default "exp"."""
+        kw = dict(self.mlstm_backend_kwargs)
+        if self.input_gate != "exp":
+            kw["input_gate"] = self.input_gate
+        return kw
 
     def num_params(self) -> int:
         """Exact parameter count of the model this config builds."""

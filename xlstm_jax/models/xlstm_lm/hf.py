@@ -202,9 +202,12 @@ def _cell_eps(config: xLSTMLMConfig) -> float:
         opts = opts._asdict()
     elif dataclasses.is_dataclass(opts):
         opts = dataclasses.asdict(opts)
-    bad = {k: opts[k] for k, want in (("norm_val", 1.0), ("stabilize_correctly", True)) if k in opts and opts[k] != want}
+    bad = {k: opts[k] for k, want in (("norm_val", 1.0), ("stabilize_correctly", True), ("input_gate", "exp"))
+           if k in opts and opts[k] != want}
     if bad:
-        raise ValueError(f"transformers' xLSTM cell has norm_val=1.0, stabilize_correctly=True; this config has {bad}")
+        raise ValueError(
+            f"transformers' xLSTM cell has norm_val=1.0, stabilize_correctly=True, input_gate='exp'; this config has {bad}"
+        )
     if opts.get("qk_scale") is not None:
         raise ValueError(f"transformers' xLSTM cell scales q by DHQK ** -0.5; this config has qk_scale={opts['qk_scale']}")
     return float(opts.get("eps", 1e-6))

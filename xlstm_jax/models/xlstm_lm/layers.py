@@ -202,25 +202,31 @@ def mlstm_sequence(
     vecF: jax.Array,  # (B, NH, S)
     state: MLSTMState | None = None,  # initial state or None (zeros)
     return_last_states: bool = False,
+    segment_ids: jax.Array | None = None,  # (B, S) integers: packed documents
 ):
     """Run the mLSTM cell over a sequence with the configured backend (per device with a mesh).
 
     Returns h (B, NH, S, DHV), and with ``return_last_states`` also the last ``MLSTMState``.
+    ``segment_ids`` marks packed documents: each starts from the empty state (``kernels.validation``).
     """
     # an unbound backend module, built from the registry: the model config fills what the backend needs
     backend = create_mlstm_backend(
         config.mlstm_backend, model_config=config, **config.backend_kwargs
     ).clone(parent=None)
 
-    def run(q, k, v, i, f, *st):
-        out = backend.apply({}, q, k, v, i, f, *st, return_last_states=return_last_states)
+    def run(q, k, v, i, f, *rest):
+        seg, st = (rest[0], rest[1:]) if segment_ids is not None else (None, rest)
+        kw = {} if seg is None else {"segment_ids": seg}
+        out = backend.apply({}, q, k, v, i, f, *st, return_last_states=return_last_states, **kw)
         if return_last_states:
             h, last = out
             return h, MLSTMState(*last)
         return out
 
-    args = (matQ, matK, matV, vecI, vecF) + (tuple(state) if state is not None else ())
-    in_specs = (_SPEC_QKV,) * 3 + (_SPEC_GATE,) * 2 + (tuple(_SPEC_STATE) if state is not None else ())
+    seg_args = (segment_ids,) if segment_ids is not None else ()
+    args = (matQ, matK, matV, vecI, vecF) + seg_args + (tuple(state) if state is not None else ())
+    in_specs = ((_SPEC_QKV,) * 3 + (_SPEC_GATE,) * 2 + (P(BATCH_AXES, None),) * len(seg_args)
+                + (tuple(_SPEC_STATE) if state is not None else ()))
     out_specs = (_SPEC_QKV, _SPEC_STATE) if return_last_states else _SPEC_QKV
     with jax.named_scope("mlstm_cell"):  # names the cell's ops in profiles
         return _per_device(run, mesh, in_specs, out_specs)(*args)
@@ -284,6 +290,7 @@ class mLSTMLayer(nn.Module):
         x: jax.Array,  # (B, S, E), already normalised
         state: MLSTMState | None = None,  # per-layer state or None
         mask: jax.Array | None = None,  # (B, S) bool: real tokens (sequence mode); None: all
+        segment_ids: jax.Array | None = None,  # (B, S) integers: packed documents (sequence mode)
     ) -> tuple[jax.Array, MLSTMState | None]:
         cfg = self.config
         if self.mode not in MODES:
@@ -318,6 +325,8 @@ class mLSTMLayer(nn.Module):
             if self.mode == "step":
                 raise ValueError("mask applies to sequence mode only (every decoded token is real)")
             vecI, vecF = mask_gates(vecI, vecF, mask)
+        if segment_ids is not None and self.mode == "step":
+            raise ValueError("segment_ids apply to sequence mode only (decode a new document from zero states)")
 
         new_state = None
         if self.mode == "step":
@@ -330,9 +339,9 @@ class mLSTMLayer(nn.Module):
             )
             h = h[:, :, None]
         elif self.return_last_states:
-            h, new_state = mlstm_sequence(cfg, self.mesh, matQ, matK, matV, vecI, vecF, state, True)
+            h, new_state = mlstm_sequence(cfg, self.mesh, matQ, matK, matV, vecI, vecF, state, True, segment_ids)
         else:
-            h = mlstm_sequence(cfg, self.mesh, matQ, matK, matV, vecI, vecF, state, False)
+            h = mlstm_sequence(cfg, self.mesh, matQ, matK, matV, vecI, vecF, state, False, segment_ids)
         h = h.transpose(0, 2, 1, 3)  # (B, S, NH, DHV)
         h = MultiHeadNorm(
             eps=cfg.norm_eps, dtype=dt, param_dtype=pdt, kind=cfg.multihead_norm, use_bias=cfg.use_bias,
@@ -363,8 +372,8 @@ class FeedForward(nn.Module):
 class mLSTMBlock(nn.Module):
     """Pre-norm residual block: x + mLSTMLayer(norm(x)), then x + FeedForward(norm(x)).
 
-    Called as ``(x, state) -> (x, new_state)`` (with ``mask`` (B, S) as an optional third argument, the
-    same for every block) so that ``nn.scan`` can stack the blocks.
+    Called as ``(x, state) -> (x, new_state)`` (with ``mask`` and ``segment_ids`` (B, S) as optional
+    third and fourth arguments, the same for every block) so that ``nn.scan`` can stack the blocks.
     """
 
     config: xLSTMLMConfig
@@ -373,7 +382,8 @@ class mLSTMBlock(nn.Module):
     return_last_states: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array, state: MLSTMState | None, mask: jax.Array | None = None):
+    def __call__(self, x: jax.Array, state: MLSTMState | None, mask: jax.Array | None = None,
+                 segment_ids: jax.Array | None = None):
         # x (B, S, E) in the residual dtype; mask (B, S) bool or None
         cfg = self.config
         norm = functools.partial(
@@ -382,7 +392,7 @@ class mLSTMBlock(nn.Module):
         )
         h, new_state = mLSTMLayer(
             cfg, self.mesh, self.mode, self.return_last_states, name="mlstm"
-        )(norm(name="norm_mlstm")(x), state, mask)
+        )(norm(name="norm_mlstm")(x), state, mask, segment_ids)
         x = x + h.astype(x.dtype)
         x = x + FeedForward(cfg, name="ffn")(norm(name="norm_ffn")(x)).astype(x.dtype)
         return x, new_state

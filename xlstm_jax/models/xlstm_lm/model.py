@@ -14,7 +14,8 @@ Calls:
 Serving options of the sequence mode: ``mask`` (B, S) bool marks the real tokens of right-padded
 rows (padded positions leave every cell state untouched, see ``layers.py``), and ``logits_at`` (B,)
 int computes the LM head at one position per row only (logits (B, 1, V): a prefill needs the last
-real position's logits, not B * S * V of them).
+real position's logits, not B * S * V of them). ``segment_ids`` (B, S) int packs documents into a
+row: each document starts from the empty cell state (the kernels' ``segment_ids``; training packs).
 
 The block stack is one ``nn.scan`` by default (``unrolled=False``: parameters of the blocks stacked
 along a leading NB axis under ``"blocks"``; compile time independent of depth; ``config.remat``
@@ -98,6 +99,7 @@ class xLSTMLMModel(nn.Module):
         *,
         mask: jax.Array | None = None,  # (B, S) bool: real tokens (sequence mode); None: all real
         logits_at: jax.Array | None = None,  # (B,) int: the one position per row to compute logits at
+        segment_ids: jax.Array | None = None,  # (B, S) int: packed documents (sequence mode)
     ):
         cfg = self.config
         if mode not in MODES:
@@ -112,6 +114,14 @@ class xLSTMLMModel(nn.Module):
                 raise ValueError("mask applies to mode='sequence' only")
             if tuple(mask.shape) != (B, S) or mask.dtype != jnp.bool_:
                 raise ValueError(f"mask must be a bool array of shape (B, S) = {(B, S)}; got {mask.dtype} {mask.shape}")
+        if segment_ids is not None:
+            if mode == "step":
+                raise ValueError("segment_ids apply to mode='sequence' only")
+            if tuple(segment_ids.shape) != (B, S) or not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+                raise ValueError(
+                    f"segment_ids must be an int array of shape (B, S) = {(B, S)}; got {segment_ids.dtype} "
+                    f"{segment_ids.shape}"
+                )
         if logits_at is not None:
             if tuple(logits_at.shape) != (B,) or not jnp.issubdtype(logits_at.dtype, jnp.integer):
                 raise ValueError(f"logits_at must be an int array of shape (B,) = {(B,)}; got {logits_at.dtype} {logits_at.shape}")
@@ -143,7 +153,7 @@ class xLSTMLMModel(nn.Module):
             outs = []
             for idx in range(cfg.num_blocks):
                 st = None if states is None else jax.tree.map(lambda a, idx=idx: a[idx], states)
-                x, new = block(cfg, self.mesh, mode, keep_states, name=f"blocks_{idx}")(x, st, mask)
+                x, new = block(cfg, self.mesh, mode, keep_states, name=f"blocks_{idx}")(x, st, mask, segment_ids)
                 outs.append(new)
             new_states = jax.tree.map(lambda *a: jnp.stack(a), *outs) if keep_states else None
         else:
@@ -151,11 +161,11 @@ class xLSTMLMModel(nn.Module):
                 block,
                 variable_axes={"params": 0},
                 split_rngs={"params": True},
-                in_axes=(0, nn.broadcast),
+                in_axes=(0, nn.broadcast, nn.broadcast),
                 out_axes=0,
                 length=cfg.num_blocks,
             )(cfg, self.mesh, mode, keep_states, name="blocks")
-            x, new_states = stack(x, states, mask)
+            x, new_states = stack(x, states, mask, segment_ids)
         x = self._constrain(x)
 
         if logits_at is not None:

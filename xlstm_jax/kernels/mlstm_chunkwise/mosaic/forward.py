@@ -172,6 +172,8 @@ def mlstm_chunkwise_mosaic(
     norm_val: float = 1.0,
     stabilize_correctly: bool = True,
     grad_mode: str = "exact",
+    input_gate: str = "exp",
+    segment_ids: jax.Array | None = None,  # (B, S) integers: packed documents
     cell_options: CellOptions | None = None,
     chunk_size: int | None = None,
     chunk_size_inter: int | None = None,
@@ -204,12 +206,20 @@ def mlstm_chunkwise_mosaic(
     The kernel dtype must be bfloat16 or float16 (``NotImplementedError`` for float32).
     Differentiating raises ``NotImplementedError``. ``interpret``: None or False compile (an
     NVIDIA Hopper GPU, else ``RuntimeError``); True runs Mosaic GPU's interpret mode (CPU).
+    ``segment_ids`` (packed documents) are applied by the validation layer like in every kernel;
+    ``input_gate="sigmoid"`` is not implemented in this family yet (``NotImplementedError``).
     """
     call = validate_sequence_call(
         KERNEL_NAME, matQ, matK, matV, vecI, vecF, c_initial, n_initial, m_initial,
-        cell_options=cell_options, qk_scale=qk_scale, eps=eps, norm_val=norm_val,
-        stabilize_correctly=stabilize_correctly, grad_mode=grad_mode,
+        segment_ids=segment_ids, cell_options=cell_options, qk_scale=qk_scale, eps=eps,
+        norm_val=norm_val, stabilize_correctly=stabilize_correctly, grad_mode=grad_mode,
+        input_gate=input_gate,
     )
+    if not call.options.max_state:
+        raise NotImplementedError(
+            f"{KERNEL_NAME}: input_gate='sigmoid' is not implemented in the Mosaic GPU family yet "
+            "(its gate preparation keeps the max state); use chunkwise_pallas"
+        )
     _fixed_options(dict(
         siz_b_L_parallel=siz_b_L_parallel, siz_b_L_loop=siz_b_L_loop, siz_b_DH_loop=siz_b_DH_loop,
         num_warps_intra=num_warps_intra, num_stages_intra=num_stages_intra,

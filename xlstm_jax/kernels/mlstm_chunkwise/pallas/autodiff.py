@@ -65,6 +65,8 @@ class CoreConfig:
     h_dtype: jnp.dtype
     recompute_states_in_bw: bool
     interpret: bool
+    max_state: bool = True
+    """False for the sigmoid cell (``input_gate="sigmoid"``): m == 0 and dm == 0."""
 
 
 class ForwardOut(NamedTuple):
@@ -91,7 +93,10 @@ def chunkwise_forward(
 ) -> ForwardOut:
     """The forward pass on padded, flattened arrays."""
     p = cfg.params
-    vecM = gates.max_state_scan(vecI, vecLogF, scaM0)
+    if cfg.max_state:
+        vecM = gates.max_state_scan(vecI, vecLogF, scaM0)
+    else:  # the sigmoid cell: i is log_sigmoid of the gate, every log weight <= 0, m held at 0
+        vecM = jnp.zeros_like(vecI)
     g = gates.kernel_gates(vecI, vecLogF, vecM, scaM0, p.chunk_size_intra)
     matC_states, vecN_states = recurrent_fw_states(
         matK, matV, g.vecWstate, g.vecDecay, matC0, vecN0, params=p, interpret=cfg.interpret
@@ -173,7 +178,9 @@ def chunkwise_backward(
     )
     matDC0, vecDN0 = matDC_states[:, 0], vecDN_states[:, 0]
     scaDM0 = jnp.sum(matDC0 * matC0, axis=(1, 2)) + jnp.sum(vecDN0 * vecN0, axis=1)
-    if exact:
+    if not cfg.max_state:  # m == 0 is a constant: no cotangent to pull back, m0 enters nothing
+        scaDM0 = jnp.zeros_like(scaDM0)
+    elif exact:
         vecDM = vecDm.at[:, -1].add(scaDM_last - scaDlast)
         dI_m, dLogF_m, dM0_m = gates.max_state_pullback(vecI, vecLogF, scaM0, vecDM)
         vecDI, vecDLogF, scaDM0 = vecDI + dI_m, vecDLogF + dLogF_m, scaDM0 + dM0_m
@@ -329,6 +336,7 @@ def core_config(prep: Prepared, *, h_dtype, recompute_states_in_bw: bool, interp
         params=prep.params, qk_scale=float(prep.qk_scale), eps=opts.eps, norm_val=opts.norm_val,
         stabilize_correctly=opts.stabilize_correctly, grad_mode=opts.grad_mode, h_dtype=jnp.dtype(h_dtype),
         recompute_states_in_bw=bool(recompute_states_in_bw), interpret=resolve_interpret(interpret),
+        max_state=opts.max_state,
     )
 
 
@@ -343,11 +351,13 @@ def mlstm_chunkwise_pallas(
     m_initial: jax.Array | None = None,  # (B, NH)
     *,
     return_last_states: bool = False,
+    segment_ids: jax.Array | None = None,  # (B, S) integers: packed documents
     qk_scale: float | None = None,
     eps: float = 1e-6,
     norm_val: float = 1.0,
     stabilize_correctly: bool = True,
     grad_mode: str = "exact",
+    input_gate: str = "exp",
     cell_options: CellOptions | None = None,
     chunk_size: int | None = None,
     chunk_size_inter: int | None = None,
@@ -396,8 +406,8 @@ def mlstm_chunkwise_pallas(
     )
     call = validate_sequence_call(
         "chunkwise_pallas", matQ, matK, matV, vecI, vecF, c_initial, n_initial, m_initial,
-        cell_options=cell_options, qk_scale=qk_scale, eps=eps, norm_val=norm_val,
-        stabilize_correctly=stabilize_correctly, grad_mode=grad_mode,
+        segment_ids=segment_ids, cell_options=cell_options, qk_scale=qk_scale, eps=eps, norm_val=norm_val,
+        stabilize_correctly=stabilize_correctly, grad_mode=grad_mode, input_gate=input_gate,
     )
     h_dtype = h_kernel_dtype(output_dtype, matQ.dtype)
     out_dtype = jnp.dtype(matQ.dtype if output_dtype is None else output_dtype)

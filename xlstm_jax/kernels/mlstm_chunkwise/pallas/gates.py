@@ -50,8 +50,12 @@ and is returned as 0. Every f = -inf is a reset; a finite logf > -104 + (m_t - m
 one, so ordinary gates are computed exactly as without resets. The m scan needs no reset: it adds
 and compares only, and a sum holding -inf or -1e30 simply loses the max.
 
-Packed documents (issue 11) will pass explicit resets (``vecReset``): there the state before t is
-dropped and m_{t-1} is taken as 0, i.e. the (max, +) map of step t becomes x -> max(logf_t, i_t).
+Packed documents (``segment_ids``) arrive as f = -inf at every document start (``validation``), so
+they are ordinary resets. (``vecReset``, explicit resets where m_{t-1} is taken as 0, i.e. the
+(max, +) map of step t becomes x -> max(logf_t, i_t), is kept for callers that want that start.)
+The sigmoid input gate (``input_gate="sigmoid"``) runs with vecM = 0 (``autodiff.CoreConfig.
+max_state`` False): every log weight is then <= 0 and a reset drops a term below exp(-104) |C| in
+absolute size, the denominator being at least norm_val.
 
 Gradients: with every m held fixed, i_s multiplies each occurrence of k_s by exp(i_s), so
 d i_s = <dk_s, k_s>; logf_r scales every term that spans r, which ``gate_gradients`` sums chunk by

@@ -50,6 +50,7 @@ def mlstm_step_kernel(
     norm_val: float,
     stabilize_correctly: bool,
     acc_dtype,
+    max_state: bool = True,
 ):
     """One mLSTM step for one (batch, head) and one DHV tile; see the module docstring."""
     DHQK_p = vecQ_ref.shape[0]
@@ -60,7 +61,12 @@ def mlstm_step_kernel(
     scaM_old = scaM_ref[...].astype(acc_dtype)
     scaI = scaI_ref[...].astype(acc_dtype)
     scaLogF = _log_sigmoid(scaF_ref[...].astype(acc_dtype))
-    scaM_new = jnp.maximum(scaLogF + scaM_old, scaI)
+    if max_state:
+        scaM_new = jnp.maximum(scaLogF + scaM_old, scaI)
+    else:  # the sigmoid cell: input gate log_sigmoid(i), m held at 0 (an old m != 0 is folded into
+        # the old state's weight exp(logf + m_old - 0))
+        scaI = _log_sigmoid(scaI)
+        scaM_new = jnp.zeros((), acc_dtype)
     scaM_new = scaM_new.astype(scaMout_ref.dtype).astype(acc_dtype)  # the m that is stored
     scaFa = jnp.exp(scaLogF + scaM_old - scaM_new)
     scaIa = jnp.exp(scaI - scaM_new)

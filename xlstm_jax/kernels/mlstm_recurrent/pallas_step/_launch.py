@@ -142,6 +142,7 @@ def launch_step(
     norm_val: float,
     stabilize_correctly: bool,
     interpret: bool,
+    max_state: bool = True,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """One ``pallas_call``: returns h (BNH, DHV_p) and the new matC (in place), vecN, scaM."""
     BNH, DHQK_p, DHV_p = matC.shape
@@ -155,6 +156,7 @@ def launch_step(
         norm_val=float(norm_val),
         stabilize_correctly=bool(stabilize_correctly),
         acc_dtype=acc_dtype,
+        max_state=bool(max_state),
     )
     spec_C = pl.BlockSpec((None, DHQK_p, bV), lambda b, j: (b, 0, j))
     spec_QK = pl.BlockSpec((None, DHQK_p), lambda b, j: (b, 0))

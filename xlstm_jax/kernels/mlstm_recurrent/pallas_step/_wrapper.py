@@ -63,6 +63,7 @@ def mlstm_recurrent_step_pallas(
     norm_val: float = 1.0,
     stabilize_correctly: bool = True,
     grad_mode: str = "exact",
+    input_gate: str = "exp",
     cell_options: CellOptions | None = None,
     block_dhqk: int | None = None,
     block_dhv: int | None = None,
@@ -86,7 +87,7 @@ def mlstm_recurrent_step_pallas(
     """
     call = validate_step_inputs(
         matC, vecN, scaM, vecQ, vecK, vecV, scaI, scaF, cell_options=cell_options, qk_scale=qk_scale,
-        eps=eps, norm_val=norm_val, stabilize_correctly=stabilize_correctly, grad_mode=grad_mode,
+        eps=eps, norm_val=norm_val, stabilize_correctly=stabilize_correctly, grad_mode=grad_mode, input_gate=input_gate,
     )
     B, NH, DHQK, DHV = call.B, call.NH, call.DHQK, call.DHV
     opts = call.options
@@ -117,6 +118,7 @@ def mlstm_recurrent_step_pallas(
         C, n, m, q, k, v, i, f,
         tiling=tiling, h_dtype=matC.dtype, qk_scale=qk_scale, eps=eps, norm_val=norm_val,
         stabilize_correctly=stabilize_correctly, interpret=_triton.default_interpret(interpret),
+        max_state=opts.max_state,
     )
     if padded:
         C = C[:, :DHQK, :DHV]

@@ -6,7 +6,8 @@ gathered into one ``xlstm_jax.kernels.CellOptions`` by ``mLSTMBackendConfig.cell
 validated when the config is created.
 Call signature of every backend (the seeds')::
 
-    backend(q, k, v, i, f, c_initial=None, n_initial=None, m_initial=None, return_last_states=False)
+    backend(q, k, v, i, f, c_initial=None, n_initial=None, m_initial=None, return_last_states=False,
+            segment_ids=None)
 
 q, k (B, NH, S, DHQK); v (B, NH, S, DHV); i, f (B, NH, S) or (B, NH, S, 1); initial states
 (B, NH, DHQK, DHV), (B, NH, DHQK), (B, NH). Returns h (B, NH, S, DHV), and with
@@ -82,10 +83,11 @@ class mLSTMBackend(nn.Module):
         n_initial: jax.Array | None = None,  # (B, NH, DHQK)
         m_initial: jax.Array | None = None,  # (B, NH)
         return_last_states: bool = False,
+        segment_ids: jax.Array | None = None,  # (B, S) integers: packed documents
     ):
         name, options, call_options = self.kernel_call(q.shape[2])
         kernel = get_mlstm_kernel(name, **options)
         return kernel(
             q, k, v, i, f, c_initial, n_initial, m_initial,
-            return_last_states=return_last_states, **call_options,
+            return_last_states=return_last_states, segment_ids=segment_ids, **call_options,
         )

@@ -26,6 +26,8 @@ class mLSTMBackendFwbwConfig(mLSTMBackendConfig):
     """Scale norm_val by exp(-m) (True) or use norm_val itself (False)."""
     grad_mode: str = "exact"
     """'exact' gradients, or 'tfla' (denominator and m constant in the backward)."""
+    input_gate: str = "exp"
+    """Input gate: "exp" (the exponential gate with max state) or "sigmoid" (mLSTMsig, no max state)."""
 
     def __post_init__(self):
         validate_chunk_size("chunk_size", self.chunk_size)

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from xlstm_jax.kernels import (
+    CellOptions,
     MLSTMState,
     floating_dtype,
     get_mlstm_kernel,
@@ -47,16 +48,18 @@ def _check_step_shapes(c, n, m, q, k, v, i, f) -> None:
         )
 
 
-def _seed_step(step_kernel: Callable, c, n, m, q, k, v, i, f, eps: float = 1e-6):
+def _seed_step(step_kernel: Callable, c, n, m, q, k, v, i, f, eps: float = 1e-6, input_gate: str = "exp"):
     """A registered step kernel (m, i, f of shape (B, NH)) in the seed-004 step signature."""
     _check_step_shapes(c, n, m, q, k, v, i, f)
-    h, (c_new, n_new, m_new) = step_kernel(c, n, m[..., 0], q, k, v, i[..., 0], f[..., 0], eps=eps)
+    h, (c_new, n_new, m_new) = step_kernel(
+        c, n, m[..., 0], q, k, v, i[..., 0], f[..., 0], eps=eps, input_gate=input_gate
+    )
     return h, (c_new, n_new, m_new[..., None])
 
 
 def seed_step_fn(name: str, **options: Any) -> Callable:
     """The registered step kernel ``name`` (with its ``options``) as a ``recurrent_step_fw``-style
-    step: ``step(c, n, m, q, k, v, i, f, eps=1e-6)`` with m, i, f of shape (B, NH, 1)."""
+    step: ``step(c, n, m, q, k, v, i, f, eps=1e-6, input_gate="exp")`` with m, i, f of shape (B, NH, 1)."""
     return functools.partial(_seed_step, get_mlstm_step_kernel(name, **options))
 
 
@@ -93,17 +96,25 @@ def recurrent_sequence_fw(
     state_dtype: str | jnp.dtype | None = None,
     use_scan: bool = False,
     mlstm_step_fn: Callable = recurrent_step_fw,
+    segment_ids: jax.Array | None = None,  # (B, S) integers: packed documents
+    input_gate: str = "exp",
 ):
     """Forward pass of the mLSTM cell in recurrent form on a full sequence.
 
     ``state_dtype`` None: the initial states' dtype if given, else the gate pre-activations' dtype.
     ``mlstm_step_fn`` has the signature of ``recurrent_step_fw``. Returns h (B, NH, S, DHV) (dtype of
     the queries), and with ``return_last_states`` also ``(c, n, m)`` with m of shape (B, NH).
+    ``segment_ids`` (B, S) marks packed documents (each starts from the empty state);
+    ``input_gate="sigmoid"`` is passed to the step (``mlstm_step_fn`` then takes ``input_gate``).
     """
     call = validate_sequence_call(
         "recurrent_sequence_fw", queries, keys, values, igate_preact, fgate_preact, c_initial, n_initial,
-        m_initial, eps=eps,
+        m_initial, eps=eps, segment_ids=segment_ids,
     )
+    CellOptions(eps=eps, input_gate=input_gate)  # validates input_gate
+    step_options = {} if input_gate == "exp" else {"input_gate": input_gate}
+    if step_options and mlstm_step_fn is recurrent_step_fw:  # the seed step has no input_gate keyword
+        mlstm_step_fn = seed_step_fn("recurrent_native")
     state0 = call.state
     state_dtype = floating_dtype("state_dtype", state_dtype)
     if state_dtype is None:
@@ -111,7 +122,8 @@ def recurrent_sequence_fw(
     eps = call.options.eps
 
     def step(C, N, M, q, k, v, i, f):
-        h, (C, N, M) = mlstm_step_fn(C, N, M[..., None], q, k, v, i[..., None], f[..., None], eps=eps)
+        h, (C, N, M) = mlstm_step_fn(C, N, M[..., None], q, k, v, i[..., None], f[..., None], eps=eps,
+                                     **step_options)
         return h, MLSTMState(C, N, M[..., 0])
 
     kernel = get_mlstm_kernel("recurrent_native", use_scan=use_scan, state_dtype=state_dtype, step_fn=step)
@@ -129,6 +141,8 @@ class mLSTMBackendRecurrentConfig(mLSTMBackendConfig):
     """Context length of the model (informational for this backend); taken from the model config."""
     eps: float = 1e-6
     """Epsilon added to the normalizer."""
+    input_gate: str = "exp"
+    """Input gate: "exp" (the exponential gate with max state) or "sigmoid" (mLSTMsig, no max state)."""
     state_dtype: str | None = None
     """Dtype of the states; None: see ``recurrent_sequence_fw``."""
     use_scan: bool = False
@@ -149,12 +163,14 @@ class mLSTMBackendRecurrent(mLSTMBackend):
     config: mLSTMBackendRecurrentConfig
     config_class = mLSTMBackendRecurrentConfig
 
-    def __call__(self, q, k, v, i, f, c_initial=None, n_initial=None, m_initial=None, return_last_states=False):
+    def __call__(self, q, k, v, i, f, c_initial=None, n_initial=None, m_initial=None, return_last_states=False,
+                 segment_ids=None):
         """Run the sequence; see ``recurrent_sequence_fw``."""
         return recurrent_sequence_fw(
             q, k, v, i, f, c_initial, n_initial, m_initial,
             return_last_states=return_last_states, eps=self.config.eps,
             state_dtype=self.config.state_dtype, use_scan=self.config.use_scan,
+            segment_ids=segment_ids, input_gate=self.config.input_gate,
         )
 
     @property

@@ -30,6 +30,8 @@ class mLSTMBackendRecurrentTritonConfig(mLSTMBackendConfig):
     """Context length of the model (informational for this backend); taken from the model config."""
     eps: float = 1e-6
     """Epsilon added to the normalizer."""
+    input_gate: str = "exp"
+    """Input gate: "exp" (the exponential gate with max state) or "sigmoid" (mLSTMsig, no max state)."""
     state_dtype: str | None = None
     """Dtype of the states (float32, or bfloat16 to halve the state bytes); None: the initial states'
     dtype if given, else the gate pre-activations' dtype (``recurrent_sequence_fw``)."""
@@ -68,6 +70,7 @@ class mLSTMBackendRecurrentTriton(mLSTMBackend):
         n_initial: jax.Array | None = None,  # (B, NH, DHQK)
         m_initial: jax.Array | None = None,  # (B, NH)
         return_last_states: bool = False,
+        segment_ids: jax.Array | None = None,  # (B, S) integers: packed documents
     ):
         """Run the sequence; see ``recurrent_sequence_fw``. Returns h (and the last states)."""
         c = self.config
@@ -79,6 +82,7 @@ class mLSTMBackendRecurrentTriton(mLSTMBackend):
             q, k, v, i, f, c_initial, n_initial, m_initial,
             return_last_states=return_last_states, eps=c.eps, state_dtype=c.state_dtype,
             use_scan=c.use_scan, mlstm_step_fn=seed_step_fn("recurrent_pallas"),
+            segment_ids=segment_ids, input_gate=c.input_gate,
         )
         if return_last_states:
             h, states = out

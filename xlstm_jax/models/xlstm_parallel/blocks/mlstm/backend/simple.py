@@ -25,6 +25,8 @@ class mLSTMBackendParallelConfig(mLSTMBackendConfig):
     """Scale norm_val by exp(-m) (True) or use norm_val itself (False)."""
     grad_mode: str = "exact"
     """'exact' gradients, or 'tfla' (denominator and m constant in the backward)."""
+    input_gate: str = "exp"
+    """Input gate: "exp" (the exponential gate with max state) or "sigmoid" (mLSTMsig, no max state)."""
 
     def assign_model_config_params(self, model_config: Any) -> None:
         """Take ``context_length`` from the model config."""

@@ -68,6 +68,8 @@ class mLSTMBackendTritonConfig(mLSTMBackendConfig):
     grad_mode: str = "exact"
     """Gradient convention: "exact" (the gradient of the cell) or "tfla" (denominator and m held
     constant in the backward pass, as the TFLA kernels; not a seed field)."""
+    input_gate: str = "exp"
+    """Input gate: "exp" (the exponential gate with max state) or "sigmoid" (mLSTMsig, no max state)."""
 
     def __post_init__(self):
         names = get_args(BackendNameType)
