@@ -1,6 +1,7 @@
 """Pallas chunkwise mLSTM kernels with the TFLA structure (forward and backward), one kernel family.
 
 Modules (one thing each): ``gates`` (log-sigmoid, m scan, per-chunk gate vectors, gate gradients),
+``gate_kernels`` (the same gate vectors and gate gradients as Pallas row kernels),
 ``heuristics`` (every default kernel parameter), ``fw_recurrent`` / ``fw_parallel`` (forward
 kernels), ``bw_recurrent`` / ``bw_parallel_dq`` / ``bw_parallel_dk`` / ``bw_parallel_dv`` (backward
 kernels), ``autodiff`` (casting, padding, ``jax.custom_vjp``). Registered in the kernel registry as
@@ -34,6 +35,10 @@ KERNEL_OPTIONS = {
     "output_dtype": None,
     "recompute_states_in_bw": True,
     "interpret": None,
+    "m_scan": None,
+    "gates_impl": None,
+    "gate_grads_impl": None,
+    "states_bf16": None,
 }
 
 
