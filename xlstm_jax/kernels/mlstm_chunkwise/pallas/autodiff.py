@@ -14,6 +14,25 @@ decays by chunk-local sums (``gates.gate_gradients``). ``grad_mode="exact"`` (de
 (dnq) and pulls dm back through the m scan (``jax.vjp``); ``grad_mode="tfla"`` treats the
 denominator and m as constants, the convention of the TFLA kernels (docs/design.md, section 1).
 
+Variant paths (``ChunkwiseKernelParams`` fields, keywords of ``mlstm_chunkwise_pallas`` and of
+the registry entry; the defaults are the paths above; ``heuristics.VARIANT_CHOICES``):
+
+* ``m_scan="linear"``: the m scan as an associative scan inside each chunk plus a sequential
+  ``lax.scan`` over the chunk borders (``gates.max_state_scan_linear``); its ``jax.vjp`` is the
+  pull-back in exact mode.
+* ``gates_impl="pallas"``: the gate vectors from m in one Pallas kernel, one program per (row,
+  chunk) (``gate_kernels.gate_vectors``), in the forward pass and again in the backward pass.
+* ``gate_grads_impl="pallas"``: the recurrent backward kernel also returns the decay terms
+  vecDecay_k (<dC_k, C_{k-1}> + <dn_k, n_{k-1}>) (it holds dC_k in registers and loads the C_{k-1}
+  tile), and the per-chunk logf-gradient sums run in one Pallas kernel
+  (``gate_kernels.gate_gradients``); the XLA einsum over both state arrays is gone.
+* ``states_bf16=True`` (16-bit kernel dtypes only): the recurrent kernels store the C and dC border
+  states in the kernel dtype, which the parallel kernels' products cast them to anyway (bit-equal
+  h, dq, dk, dv); the recurrences accumulate in fp32, and the last state C_NC and dC_0 come from
+  extra fp32 outputs. Only the decay terms of the logf gradient see the rounded states.
+
+The dh -> (1/den, dnq, dm) step and the m pull-back stay in XLA.
+
 Inputs may be float32, bfloat16, float16 (float64 inputs run in float32); q, k, v are cast to the
 kernel dtype (``autocast_kernel_dtype``, default: the dtype of q), gates, states and all
 accumulation are float32. Inputs are validated by ``xlstm_jax.kernels.validation`` (B == 0 or
@@ -144,14 +163,17 @@ def chunkwise_backward(
     matH: jax.Array | None,  # (BH, S, DHV), needed for grad_mode="exact"
     matC_states: jax.Array | None,  # (BH, NC+1, DHQK, DHV); None: recompute
     vecN_states: jax.Array | None,  # (BH, NC+1, DHQK)
-    matC_last_kept: jax.Array | None,  # (BH, DHQK, DHV) fp32, with the kept states
     matDH: jax.Array,  # (BH, S, DHV)
     matDC_last: jax.Array,  # (BH, DHQK, DHV)
     vecDN_last: jax.Array,  # (BH, DHQK)
     scaDM_last: jax.Array,  # (BH,)
     cfg: CoreConfig,
+    matC_last_kept: jax.Array | None = None,  # (BH, DHQK, DHV) fp32 last state (16-bit kept states)
 ):
-    """The backward pass: (dQ, dK, dV, dI, dLogF, dC0, dN0, dM0) on padded, flattened arrays."""
+    """The backward pass: (dQ, dK, dV, dI, dLogF, dC0, dN0, dM0) on padded, flattened arrays.
+
+    With kept states, ``matC_last_kept`` is the fp32 last state (default: ``matC_states[:, -1]``).
+    """
     p = cfg.params
     exact = cfg.grad_mode == "exact"
     dtype = matQ.dtype
@@ -159,7 +181,7 @@ def chunkwise_backward(
     if matC_states is None:
         matC_states, vecN_states, matC_last = _fw_states(matK, matV, g, matC0, vecN0, cfg)
     else:
-        matC_last = matC_last_kept
+        matC_last = matC_states[:, -1].astype(_F32) if matC_last_kept is None else matC_last_kept
     if exact:
         vecDhh = jnp.sum(matDH.astype(_F32) * matH.astype(_F32), axis=-1)
     else:
@@ -241,7 +263,8 @@ def _core_fwd(matQ, matK, matV, vecI, vecLogF, matC0, vecN0, scaM0, cfg: CoreCon
 
 def _core_bwd(cfg: CoreConfig, res, cts):
     matDH, matDC_last, vecDN_last, scaDM_last = cts
-    grads = chunkwise_backward(*res, matDH, matDC_last, vecDN_last, scaDM_last, cfg)
+    grads = chunkwise_backward(*res[:-1], matDH, matDC_last, vecDN_last, scaDM_last, cfg,
+                               matC_last_kept=res[-1])
     primals = res[:8]
     return tuple(gr.astype(x.dtype) for gr, x in zip(grads, primals))
 

@@ -105,7 +105,7 @@ def gate_vectors_kernel(
     vecB = jnp.sum(jnp.where((s_ <= t_) & (s_ > latest[:, None]), logf[None, :], 0.0), axis=1)
     rev_excl = jnp.sum(jnp.where(s_ > t_, logf[None, :], 0.0), axis=1)  # row s: sum_{r > s}
     vecA = jnp.where(idx < last, -jnp.inf, vecI + rev_excl)
-    b_end = jnp.sum(jnp.where(idx > last, logf, 0.0))
+    b_end = jnp.sum(jnp.where(idx == L - 1, vecB, 0.0))  # b_{L-1}: the same rounding as vecB
     scaG = jnp.where(last >= 0, -jnp.inf, b_end)
     seen = latest >= 0
     vecQlog_ref[...] = (vecB - vecM) * gates.LOG2_E

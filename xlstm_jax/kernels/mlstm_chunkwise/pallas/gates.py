@@ -145,7 +145,8 @@ def max_state_scan_linear(
 ) -> jax.Array:  # (BH, S)
     """``max_state_scan`` in two levels (``m_scan="linear"``): the (max, +) maps of every chunk
     composed by an associative scan of depth log2(L) (all chunks at once), then a sequential
-    ``lax.scan`` over the NC chunk borders carrying only m_k. S must be a multiple of ``L``.
+    ``lax.scan`` over the NC chunk borders carrying only m_k (unrolled up to NC = 512). S must be a
+    multiple of ``L``.
 
     The same maps, composed in another order: equal to ``max_state_scan`` up to rounding of the
     partial sums of logf (all <= 0, no cancellation); ``jax.vjp`` is again the exact pull-back.
@@ -167,8 +168,11 @@ def max_state_scan_linear(
         m = jnp.maximum(m_prev + a, b)
         return m, m_prev
 
+    # unrolled (up to 512 chunks): one straight-line chain on (BH,) vectors that XLA fuses, instead
+    # of NC while-loop iterations of tiny kernels
     _, m_entering = jax.lax.scan(
-        border, scaM0, (jnp.moveaxis(vecAm[..., -1], 1, 0), jnp.moveaxis(vecBm[..., -1], 1, 0))
+        border, scaM0, (jnp.moveaxis(vecAm[..., -1], 1, 0), jnp.moveaxis(vecBm[..., -1], 1, 0)),
+        unroll=NC if NC <= 512 else 8,
     )
     m_entering = jnp.moveaxis(m_entering, 0, 1)[..., None]  # (BH, NC, 1): m before each chunk
     return jnp.maximum(m_entering + vecAm, vecBm).reshape(BH, S)
