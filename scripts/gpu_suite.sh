@@ -1,45 +1,113 @@
 #!/usr/bin/env bash
 # The project's one GPU script: runs on the GPU machine (device tool) from the repository root; the
 # package is used from the working tree (PYTHONPATH, `python3 -m xlstm_jax`), nothing is installed.
-#   SECTIONS    space-separated subset of: env tests check bench infer peers   (default: all)
-#   TESTS       pytest selection for the tests section (default: tests/kernels tests/models)
-#   CHECK_ARGS  extra arguments of `xlstm-jax check` (every sequence and step kernel vs float64)
-#   BENCH_ARGS  extra arguments of `xlstm-jax bench` (default workload: the three head presets;
-#               e.g. --heads standard --kernels chunkwise_pallas --grad-mode exact tfla --check)
-#   DECODE_ARGS extra arguments of `xlstm-jax bench-decode` (e.g. --sweep, --dump-hlo DIR)
-# Full logs and JSON results go to $OUT (or /tmp/xlstm_out); a short table is printed last.
+# Each section runs in its own processes under a time limit and adds one line to the summary printed
+# last; full logs and JSON go to $OUT (or /tmp/xlstm_out).
+#   SECTIONS    space-separated subset of (default: env tests check bench):
+#     env       GPU, driver, versions
+#     tests     compiled GPU tests: TESTS (default: the kernel tests), split by file over TEST_JOBS
+#               parallel pytest processes (Triton compiles are CPU-bound; the GPU is shared), each
+#               under TEST_LIMIT seconds
+#     check     `xlstm-jax check` (every sequence and step kernel vs float64), CHECK_ARGS
+#     bench     `xlstm-jax bench`, BENCH_ARGS (default: the three head presets)
+#     packed    issue 11 figures: standard workload B8 S8192 bf16, chunkwise_pallas, exact and tfla,
+#               exp and sigmoid input gates, unpacked and packed documents of 100-4000 tokens
+#     baseline  same-run comparison with the package of another commit (BASELINE_DIR, default
+#               .baseline, carried): chunkwise_pallas at the standard workload B8 S8192 through the
+#               peers' timer (.peers/peer_shapes.py ours_exact), old then new
+#     speed     scripts/gpu_speed.sh (tune + seven-row table against the peer); these four write
+#               into $OUT/<section>/
+#     train     scripts/gpu_train.sh (bench-train: MFU, profiles, old vs new settings)
+#     generate  scripts/gpu_infer.sh (bench-generate: prefill, time to first token, decode)
+#     decode    `xlstm-jax bench-decode`, DECODE_ARGS
+#     mosaic    scripts/gpu_mosaic.sh (the Mosaic GPU family: tests, forward timings)
+#     peers     the peers of docs/benchmarks.md (carry .whl and .peers)
 set -u
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-OUT=${OUT:-/tmp/xlstm_out}; mkdir -p "$OUT"
-SECTIONS=${SECTIONS:-env tests check bench infer peers}
+export PYTHON=${PYTHON:-python3}
+OUT=${OUT:-/tmp/xlstm_out}; mkdir -p "$OUT"; export OUT
+SECTIONS=${SECTIONS:-env tests check bench}
 has() { [[ " $SECTIONS " == *" $1 "* ]]; }
 summary=()
+t_all=$(date +%s)
+since() { echo "$(( $(date +%s) - $1 )) s"; }
 
 if has env; then
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv | tee "$OUT/env.txt"
   python3 -c "import jax, jaxlib, flax, optax; print('jax', jax.__version__, 'jaxlib', jaxlib.__version__, 'flax', flax.__version__, jax.devices())" | tee -a "$OUT/env.txt"
+  git log --oneline -1 2>/dev/null | tee -a "$OUT/env.txt"
 fi
 
 if has tests; then
   t0=$(date +%s)
-  python3 -m pytest -q -x ${TESTS:-tests/kernels tests/models} -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -n 30
-  rc=${PIPESTATUS[0]}
-  summary+=("tests: rc=$rc $(grep -E '[0-9]+ (passed|failed)' "$OUT/tests.log" | tail -n 1) ($(( $(date +%s) - t0 )) s)")
+  files=(${TESTS:-tests/kernels/test_chunkwise_pallas.py tests/kernels/test_extreme_gates.py tests/kernels/test_segments_sigmoid.py tests/kernels/test_pallas_variants.py tests/kernels/test_recurrent_step_pallas.py tests/kernels/test_tuning.py})
+  jobs_n=${TEST_JOBS:-4}
+  for ((j = 0; j < jobs_n; j++)); do
+    shard=()
+    for ((x = j; x < ${#files[@]}; x += jobs_n)); do shard+=("${files[$x]}"); done
+    [ ${#shard[@]} -eq 0 ] && continue
+    timeout -k 10 "${TEST_LIMIT:-240}" python3 -m pytest -q ${TEST_SELECT:-} "${shard[@]}" -p no:cacheprovider \
+      > "$OUT/tests_$j.log" 2>&1 &
+  done
+  wait
+  for f in "$OUT"/tests_*.log; do
+    echo "--- $f: $(grep -E '[0-9]+ (passed|failed|error)' "$f" | tail -n 1)"
+    grep -E "^(FAILED|ERROR)" "$f" | head -n 20
+  done
+  summary+=("tests: $(cat "$OUT"/tests_*.log | grep -E '[0-9]+ (passed|failed|error)' | tr '\n' ';') ($(since $t0))")
 fi
 
 if has check; then
-  python3 -m xlstm_jax check ${CHECK_ARGS:-} --json "$OUT/check.json" 2>&1 | tee "$OUT/check.log" | tail -n 20
+  timeout -k 10 "${CHECK_LIMIT:-300}" python3 -m xlstm_jax check ${CHECK_ARGS:-} --json "$OUT/check.json" 2>&1 | tee "$OUT/check.log" | tail -n 20
   summary+=("check: rc=${PIPESTATUS[0]} ($(grep -E 'all within|FAILED' "$OUT/check.log" | tail -n 1 | sed -E 's/.*\((all within|FAILED)\).*/\1/'))")
 fi
 
 if has bench; then
-  python3 -m xlstm_jax bench ${BENCH_ARGS:-} --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" | tail -n 60
+  timeout -k 10 "${BENCH_LIMIT:-400}" python3 -m xlstm_jax bench ${BENCH_ARGS:-} --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" | tail -n 60
   summary+=("bench: rc=${PIPESTATUS[0]} (table above, JSON in bench.json)")
 fi
 
-if has infer; then
-  python3 -m xlstm_jax bench-decode ${DECODE_ARGS:-} --json "$OUT/bench_decode.json" 2>&1 | tee "$OUT/bench_decode.log" | tail -n 30
-  summary+=("infer: rc=${PIPESTATUS[0]} (bench-decode table above, JSON in bench_decode.json)")
+if has packed; then
+  t0=$(date +%s)
+  timeout -k 10 "${PACKED_LIMIT:-150}" python3 -m xlstm_jax bench --heads standard --shapes 8,8192 \
+    --kernels chunkwise_pallas --grad-mode exact tfla --input-gate exp sigmoid --packed off 100,4000 \
+    --reps "${PACKED_REPS:-10}" --no-ceilings --json "$OUT/bench_packed.json" > "$OUT/bench_packed.log" 2>&1
+  rc=$?
+  sed -n '/^kernel /,$p' "$OUT/bench_packed.log" | head -n 30
+  summary+=("packed: rc=$rc ($(since $t0); table above, JSON in bench_packed.json)")
+fi
+
+if has baseline; then
+  t0=$(date +%s)
+  BASE=${BASELINE_DIR:-.baseline}
+  if [ -f .peers/peer_shapes.py ] && [ -d "$BASE/xlstm_jax" ]; then
+    for side in old new; do
+      path=$PWD; [ $side = old ] && path=$PWD/$BASE
+      PYTHONPATH=$path timeout -k 10 120 python3 .peers/peer_shapes.py ours_exact std "8,8192" \
+        > "$OUT/baseline_$side.log" 2>&1
+      echo "$side: $(grep '^RESULT' "$OUT/baseline_$side.log")"
+    done
+    summary+=("baseline: $(grep -h '^RESULT' "$OUT"/baseline_old.log "$OUT"/baseline_new.log | sed -E 's/.*"fw_ms": ([0-9.]+), "fwbw_ms": ([0-9.]+).*/\1\/\2 ms/' | tr '\n' ' ')(old, new; $(since $t0))")
+  else
+    summary+=("baseline: skipped (carry .peers and $BASE)")
+  fi
+fi
+
+for name in speed train generate mosaic; do
+  if has $name; then
+    script=scripts/gpu_$name.sh; [ $name = generate ] && script=scripts/gpu_infer.sh
+    t0=$(date +%s)
+    mkdir -p "$OUT/$name"
+    OUT="$OUT/$name" bash "$script" > "$OUT/section_$name.log" 2>&1
+    rc=$?
+    tail -n "${TAIL_LINES:-40}" "$OUT/section_$name.log"
+    summary+=("$name: rc=$rc ($(since $t0); log section_$name.log)")
+  fi
+done
+
+if has decode; then
+  timeout -k 10 "${DECODE_LIMIT:-200}" python3 -m xlstm_jax bench-decode ${DECODE_ARGS:-} --json "$OUT/bench_decode.json" 2>&1 | tee "$OUT/bench_decode.log" | tail -n 30
+  summary+=("decode: rc=${PIPESTATUS[0]} (bench-decode table above, JSON in bench_decode.json)")
 fi
 
 if has peers; then
@@ -52,5 +120,5 @@ if has peers; then
   fi
 fi
 
-echo "==================== summary ===================="
+echo "==================== summary ($(since $t_all)) ===================="
 for line in "${summary[@]}"; do echo "$line"; done

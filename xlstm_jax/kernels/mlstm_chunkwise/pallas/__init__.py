@@ -1,6 +1,7 @@
 """Pallas chunkwise mLSTM kernels with the TFLA structure (forward and backward), one kernel family.
 
 Modules (one thing each): ``gates`` (log-sigmoid, m scan, per-chunk gate vectors, gate gradients),
+``gate_kernels`` (the same gate vectors and gate gradients as Pallas row kernels),
 ``heuristics`` (every default kernel parameter), ``tuning`` (tuned parameter tables, looked up
 at trace time; ``xlstm-jax tune`` fills them), ``fw_recurrent`` / ``fw_parallel`` (forward
 kernels), ``bw_recurrent`` / ``bw_parallel_dq`` / ``bw_parallel_dk`` / ``bw_parallel_dv`` (backward
@@ -36,6 +37,10 @@ KERNEL_OPTIONS = {
     "recompute_states_in_bw": None,
     "tuned": None,
     "interpret": None,
+    "m_scan": None,
+    "gates_impl": None,
+    "gate_grads_impl": None,
+    "states_bf16": None,
 }
 
 

@@ -14,6 +14,25 @@ decays by chunk-local sums (``gates.gate_gradients``). ``grad_mode="exact"`` (de
 (dnq) and pulls dm back through the m scan (``jax.vjp``); ``grad_mode="tfla"`` treats the
 denominator and m as constants, the convention of the TFLA kernels (docs/design.md, section 1).
 
+Variant paths (``ChunkwiseKernelParams`` fields, keywords of ``mlstm_chunkwise_pallas`` and of
+the registry entry; the defaults are the paths above; ``heuristics.VARIANT_CHOICES``):
+
+* ``m_scan="linear"``: the m scan as an associative scan inside each chunk plus a sequential
+  ``lax.scan`` over the chunk borders (``gates.max_state_scan_linear``); its ``jax.vjp`` is the
+  pull-back in exact mode.
+* ``gates_impl="pallas"``: the gate vectors from m in one Pallas kernel, one program per (row,
+  chunk) (``gate_kernels.gate_vectors``), in the forward pass and again in the backward pass.
+* ``gate_grads_impl="pallas"``: the recurrent backward kernel also returns the decay terms
+  vecDecay_k (<dC_k, C_{k-1}> + <dn_k, n_{k-1}>) (it holds dC_k in registers and loads the C_{k-1}
+  tile), and the per-chunk logf-gradient sums run in one Pallas kernel
+  (``gate_kernels.gate_gradients``); the XLA einsum over both state arrays is gone.
+* ``states_bf16=True`` (16-bit kernel dtypes only): the recurrent kernels store the C and dC border
+  states in the kernel dtype, which the parallel kernels' products cast them to anyway (bit-equal
+  h, dq, dk, dv); the recurrences accumulate in fp32, and the last state C_NC and dC_0 come from
+  extra fp32 outputs. Only the decay terms of the logf gradient see the rounded states.
+
+The dh -> (1/den, dnq, dm) step and the m pull-back stay in XLA.
+
 Inputs may be float32, bfloat16, float16 (float64 inputs run in float32); q, k, v are cast to the
 kernel dtype (``autocast_kernel_dtype``, default: the dtype of q), gates, states and all
 accumulation are float32. Inputs are validated by ``xlstm_jax.kernels.validation`` (B == 0 or
@@ -39,7 +58,7 @@ from ...validation import (
     floating_dtype,
     validate_sequence_call,
 )
-from . import gates, tuning
+from . import gate_kernels, gates, tuning
 from .bw_parallel_dk import parallel_bw_dk
 from .bw_parallel_dq import parallel_bw_dq
 from .bw_parallel_dv import parallel_bw_dv
@@ -78,6 +97,7 @@ class ForwardOut(NamedTuple):
     matC_states: jax.Array  # (BH, NC+1, DHQK, DHV)
     vecN_states: jax.Array  # (BH, NC+1, DHQK)
     scaM_borders: jax.Array  # (BH, NC+1)
+    matC_last: jax.Array  # (BH, DHQK, DHV) float32 (matC_states may be 16-bit: ``states_bf16``)
 
 
 def chunkwise_forward(
@@ -94,19 +114,44 @@ def chunkwise_forward(
     """The forward pass on padded, flattened arrays."""
     p = cfg.params
     if cfg.max_state:
-        vecM = gates.max_state_scan(vecI, vecLogF, scaM0)
+        vecM = gates.max_state_scan_for(p.m_scan, p.chunk_size_intra)(vecI, vecLogF, scaM0)
     else:  # the sigmoid cell: i is log_sigmoid of the gate, every log weight <= 0, m held at 0
         vecM = jnp.zeros_like(vecI)
-    g = gates.kernel_gates(vecI, vecLogF, vecM, scaM0, p.chunk_size_intra)
-    matC_states, vecN_states = recurrent_fw_states(
-        matK, matV, g.vecWstate, g.vecDecay, matC0, vecN0, params=p, interpret=cfg.interpret
-    )
+    g = _kernel_gates(vecI, vecLogF, vecM, scaM0, cfg)
+    matC_states, vecN_states, matC_last = _fw_states(matK, matV, g, matC0, vecN0, cfg)
     matH, vecNq = parallel_fw_h(
         matQ, matK, matV, g.vecQlog, g.vecKlog, g.vecWinter, vecM, g.vecStart, matC_states, vecN_states,
         params=p, qk_scale=cfg.qk_scale, eps=cfg.eps, norm_val=cfg.norm_val,
         stabilize_correctly=cfg.stabilize_correctly, output_dtype=cfg.h_dtype, interpret=cfg.interpret,
     )
-    return ForwardOut(matH, vecNq, vecM, matC_states, vecN_states, g.scaM_borders)
+    return ForwardOut(matH, vecNq, vecM, matC_states, vecN_states, g.scaM_borders, matC_last)
+
+
+def _kernel_gates(vecI, vecLogF, vecM, scaM0, cfg: CoreConfig) -> gates.KernelGates:
+    """The kernel gate vectors by ``params.gates_impl`` (XLA or the Pallas row kernel)."""
+    p = cfg.params
+    if p.gates_impl == "pallas":
+        return gate_kernels.gate_vectors(vecI, vecLogF, vecM, scaM0, params=p, interpret=cfg.interpret)
+    return gates.kernel_gates(vecI, vecLogF, vecM, scaM0, p.chunk_size_intra)
+
+
+def _states_dtype(cfg: CoreConfig, kernel_dtype):
+    """The storage dtype of the C / dC border states: the 16-bit kernel dtype with ``states_bf16``."""
+    if cfg.params.states_bf16 and jnp.dtype(kernel_dtype) != jnp.dtype(_F32):
+        return jnp.dtype(kernel_dtype)
+    return None
+
+
+def _fw_states(matK, matV, g, matC0, vecN0, cfg: CoreConfig):
+    """(matC_states, vecN_states, matC_last fp32) from the recurrent forward kernel."""
+    sdt = _states_dtype(cfg, matK.dtype)
+    out = recurrent_fw_states(
+        matK, matV, g.vecWstate, g.vecDecay, matC0, vecN0, params=cfg.params, interpret=cfg.interpret,
+        states_dtype=sdt,
+    )
+    if sdt is None:
+        return out[0], out[1], out[0][:, -1]
+    return out
 
 
 def chunkwise_backward(
@@ -128,16 +173,20 @@ def chunkwise_backward(
     vecDN_last: jax.Array,  # (BH, DHQK)
     scaDM_last: jax.Array,  # (BH,)
     cfg: CoreConfig,
+    matC_last_kept: jax.Array | None = None,  # (BH, DHQK, DHV) fp32 last state (16-bit kept states)
 ):
-    """The backward pass: (dQ, dK, dV, dI, dLogF, dC0, dN0, dM0) on padded, flattened arrays."""
+    """The backward pass: (dQ, dK, dV, dI, dLogF, dC0, dN0, dM0) on padded, flattened arrays.
+
+    With kept states, ``matC_last_kept`` is the fp32 last state (default: ``matC_states[:, -1]``).
+    """
     p = cfg.params
     exact = cfg.grad_mode == "exact"
     dtype = matQ.dtype
-    g = gates.kernel_gates(vecI, vecLogF, vecM, scaM0, p.chunk_size_intra)
+    g = _kernel_gates(vecI, vecLogF, vecM, scaM0, cfg)
     if matC_states is None:
-        matC_states, vecN_states = recurrent_fw_states(
-            matK, matV, g.vecWstate, g.vecDecay, matC0, vecN0, params=p, interpret=cfg.interpret
-        )
+        matC_states, vecN_states, matC_last = _fw_states(matK, matV, g, matC0, vecN0, cfg)
+    else:
+        matC_last = matC_states[:, -1].astype(_F32) if matC_last_kept is None else matC_last_kept
     if exact:
         vecDhh = jnp.sum(matDH.astype(_F32) * matH.astype(_F32), axis=-1)
     else:
@@ -148,10 +197,15 @@ def chunkwise_backward(
     )
     matDH = matDH.astype(dtype)
     kw = dict(params=p, qk_scale=cfg.qk_scale, interpret=cfg.interpret)
-    matDC_states, vecDN_states = recurrent_bw_states(
+    sdt = _states_dtype(cfg, dtype)
+    fused_decay = p.gate_grads_impl == "pallas"
+    bw = recurrent_bw_states(
         matQ, matDH, g.vecWinter, vecDenInv, vecDnq, g.vecDecay,
-        matDC_last.astype(_F32), vecDN_last.astype(_F32), **kw,
+        matDC_last.astype(_F32), vecDN_last.astype(_F32), **kw, states_dtype=sdt,
+        matC_states=matC_states if fused_decay else None, vecN_states=vecN_states if fused_decay else None,
     )
+    matDC_states, vecDN_states = bw[0], bw[1]
+    matDC0 = bw[2] if sdt is not None else matDC_states[:, 0]
     matDQ, vecDqq = parallel_bw_dq(
         matQ, matK, matV, matDH, g.vecQlog, g.vecKlog, g.vecWinter, vecDenInv, vecDnq, g.vecStart,
         matC_states, vecN_states, output_dtype=dtype, **kw,
@@ -164,25 +218,32 @@ def chunkwise_backward(
         matQ, matK, matDH, g.vecQlog, g.vecKlog, g.vecWstate, vecDenInv, g.vecStart, matDC_states,
         output_dtype=dtype, **kw,
     )
-    matC_last, vecN_last = matC_states[:, -1], vecN_states[:, -1]
+    vecN_last = vecN_states[:, -1]
     scaDlast = jnp.sum(matDC_last * matC_last, axis=(1, 2)) + jnp.sum(vecDN_last * vecN_last, axis=1)
-    # <dC_k, decay_k C_{k-1}> + <dn_k, decay_k n_{k-1}> for every chunk k (one pass over the states)
-    scaDdecay = g.vecDecay * (
-        jnp.einsum("bkij,bkij->bk", matDC_states[:, 1:], matC_states[:, :-1],
-                   precision=jax.lax.Precision.HIGHEST)
-        + jnp.einsum("bki,bki->bk", vecDN_states[:, 1:], vecN_states[:, :-1],
-                     precision=jax.lax.Precision.HIGHEST)
-    )
-    vecDI, vecDLogF = gates.gate_gradients(
-        vecDqq, vecDkk, vecDkkState, scaDdecay, g.vecReset, p.chunk_size_intra
-    )
-    matDC0, vecDN0 = matDC_states[:, 0], vecDN_states[:, 0]
+    if fused_decay:
+        scaDdecay = bw[-1]  # from the recurrent backward kernel
+        vecDI, vecDLogF = gate_kernels.gate_gradients(
+            vecDqq, vecDkk, vecDkkState, scaDdecay, g.vecReset, params=p, interpret=cfg.interpret
+        )
+    else:
+        # <dC_k, decay_k C_{k-1}> + <dn_k, decay_k n_{k-1}> for every chunk k (one pass over the states)
+        scaDdecay = g.vecDecay * (
+            jnp.einsum("bkij,bkij->bk", matDC_states[:, 1:].astype(_F32), matC_states[:, :-1].astype(_F32),
+                       precision=jax.lax.Precision.HIGHEST)
+            + jnp.einsum("bki,bki->bk", vecDN_states[:, 1:], vecN_states[:, :-1],
+                         precision=jax.lax.Precision.HIGHEST)
+        )
+        vecDI, vecDLogF = gates.gate_gradients(
+            vecDqq, vecDkk, vecDkkState, scaDdecay, g.vecReset, p.chunk_size_intra
+        )
+    vecDN0 = vecDN_states[:, 0]
     scaDM0 = jnp.sum(matDC0 * matC0, axis=(1, 2)) + jnp.sum(vecDN0 * vecN0, axis=1)
     if not cfg.max_state:  # m == 0 is a constant: no cotangent to pull back, m0 enters nothing
         scaDM0 = jnp.zeros_like(scaDM0)
     elif exact:
         vecDM = vecDm.at[:, -1].add(scaDM_last - scaDlast)
-        dI_m, dLogF_m, dM0_m = gates.max_state_pullback(vecI, vecLogF, scaM0, vecDM)
+        scan = gates.max_state_scan_for(p.m_scan, p.chunk_size_intra)
+        dI_m, dLogF_m, dM0_m = gates.max_state_pullback(vecI, vecLogF, scaM0, vecDM, scan=scan)
         vecDI, vecDLogF, scaDM0 = vecDI + dI_m, vecDLogF + dLogF_m, scaDM0 + dM0_m
     return matDQ, matDK, matDV, vecDI, vecDLogF, matDC0, vecDN0, scaDM0
 
@@ -190,7 +251,7 @@ def chunkwise_backward(
 @functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
 def _core(matQ, matK, matV, vecI, vecLogF, matC0, vecN0, scaM0, cfg: CoreConfig):
     out = chunkwise_forward(matQ, matK, matV, vecI, vecLogF, matC0, vecN0, scaM0, cfg)
-    return out.matH, out.matC_states[:, -1], out.vecN_states[:, -1], out.scaM_borders[:, -1]
+    return out.matH, out.matC_last, out.vecN_states[:, -1], out.scaM_borders[:, -1]
 
 
 def _core_fwd(matQ, matK, matV, vecI, vecLogF, matC0, vecN0, scaM0, cfg: CoreConfig):
@@ -201,14 +262,16 @@ def _core_fwd(matQ, matK, matV, vecI, vecLogF, matC0, vecN0, scaM0, cfg: CoreCon
         out.matH if cfg.grad_mode == "exact" else None,
         out.matC_states if keep_states else None,
         out.vecN_states if keep_states else None,
+        out.matC_last if keep_states else None,
     )
-    prim = (out.matH, out.matC_states[:, -1], out.vecN_states[:, -1], out.scaM_borders[:, -1])
+    prim = (out.matH, out.matC_last, out.vecN_states[:, -1], out.scaM_borders[:, -1])
     return prim, res
 
 
 def _core_bwd(cfg: CoreConfig, res, cts):
     matDH, matDC_last, vecDN_last, scaDM_last = cts
-    grads = chunkwise_backward(*res, matDH, matDC_last, vecDN_last, scaDM_last, cfg)
+    grads = chunkwise_backward(*res[:-1], matDH, matDC_last, vecDN_last, scaDM_last, cfg,
+                               matC_last_kept=res[-1])
     primals = res[:8]
     return tuple(gr.astype(x.dtype) for gr, x in zip(grads, primals))
 
@@ -377,6 +440,10 @@ def mlstm_chunkwise_pallas(
     recompute_states_in_bw: bool | None = None,
     tuned: bool | None = None,
     interpret: bool | None = None,
+    m_scan: str | None = None,
+    gates_impl: str | None = None,
+    gate_grads_impl: str | None = None,
+    states_bf16: bool | None = None,
 ):
     """Chunkwise mLSTM with the Pallas TFLA kernels, differentiable (``jax.custom_vjp``).
 
@@ -394,7 +461,9 @@ def mlstm_chunkwise_pallas(
     table's choice, else True). Parameters not given come from the tuned tables of ``tuning`` for
     this device and shape, else the heuristics; ``tuned=False`` (or ``XLSTM_JAX_TUNING=off``) skips
     the tables (lookup at trace time, pure Python; see ``tuning``). ``interpret``:
-    None compiles on an NVIDIA GPU and interprets elsewhere.
+    None compiles on an NVIDIA GPU and interprets elsewhere. ``m_scan``, ``gates_impl``,
+    ``gate_grads_impl``, ``states_bf16`` select the variant paths of ``heuristics.VARIANT_CHOICES``
+    (None: the tuned table's choice, else the default, today's path).
     """
     tile_params = dict(
         chunk_size_inter=chunk_size_inter, chunk_size_intra=chunk_size_intra,
@@ -403,6 +472,7 @@ def mlstm_chunkwise_pallas(
         siz_b_DHQK_inter=siz_b_DHQK_inter, siz_b_DHV_inter=siz_b_DHV_inter,
         num_warps_intra=num_warps_intra, num_warps_inter=num_warps_inter,
         num_stages_intra=num_stages_intra, num_stages_inter=num_stages_inter,
+        m_scan=m_scan, gates_impl=gates_impl, gate_grads_impl=gate_grads_impl, states_bf16=states_bf16,
     )
     call = validate_sequence_call(
         "chunkwise_pallas", matQ, matK, matV, vecI, vecF, c_initial, n_initial, m_initial,

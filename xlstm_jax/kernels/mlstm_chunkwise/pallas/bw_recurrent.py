@@ -10,6 +10,16 @@ convention). With dC_NC = dC_last, going backwards over the chunks k = NC .. 1:
 Index k of the output is the cotangent of the state after chunk k (index 0: the initial state).
 Grid (DHQK / bK, DHV / bV, BH); each program keeps an fp32 (bK, bV) tile and walks the chunks in
 reverse, L / Li matrix products of (bK, Li) x (Li, bV) per chunk.
+
+Options. ``states_dtype`` (``states_bf16``): dC is stored in the 16-bit kernel dtype (the dK / dV
+kernels cast it to that dtype for their products anyway), with dC_0 also written in fp32.
+``decay_grads`` (``gate_grads_impl="pallas"``): the program also loads the forward state tile
+C_{k-1} (and n_{k-1}) of every chunk and writes the partial inner product
+
+    vecDecay_k (<dC_k, C_{k-1}>_tile + [first DHV tile] <dn_k, n_{k-1}>_tile)
+
+into a (DHQK / bK, DHV / bV, BH, NC) output, summed over the tiles by the launcher: the term
+``scaDdecay`` of the logf gradients, without an XLA pass that reads both state arrays again.
 """
 
 from __future__ import annotations
@@ -35,23 +45,37 @@ def recurrent_bw_kernel(
     vecDecay_ref,  # (NC,)
     matDC_last_ref,  # (bK, bV)
     vecDN_last_ref,  # (bK,)
-    matDC_states_ref,  # out (NC+1, bK, bV)
-    vecDN_states_ref,  # out (NC+1, bK)
-    *,
+    *refs,  # [matC_states (NC+1, bK, bV), vecN_states (NC+1, bK)] if decay_grads, then the outputs:
+    # matDC_states (NC+1, bK, bV), vecDN_states (NC+1, bK), [matDC0 (bK, bV) fp32 if split],
+    # [scaDdecay partial (NC,) if decay_grads]
     NC: int,
     L: int,
     L_inter: int,
     qk_scale: float,
+    split: bool = False,
+    decay_grads: bool = False,
 ):
     """Kernel body of one (DHQK tile, DHV tile, batch*head) program."""
     dtype = matQ_ref.dtype
+    refs = list(refs)
+    if decay_grads:
+        matC_states_ref, vecN_states_ref = refs.pop(0), refs.pop(0)
+    matDC_states_ref, vecDN_states_ref = refs.pop(0), refs.pop(0)
+    matDC0_ref = refs.pop(0) if split else None
+    scaDdecay_ref = refs.pop(0) if decay_grads else None
+    first_v_tile = pl.program_id(1) == 0
 
     def chunk(jj, carry):
         matDC, vecDN = carry
         k = NC - jj  # border after chunk k (1-based chunk index)
-        matDC_states_ref[k, :, :] = matDC
+        matDC_states_ref[k, :, :] = matDC.astype(matDC_states_ref.dtype)
         vecDN_states_ref[k, :] = vecDN
         scaDecay = vecDecay_ref[k - 1]
+        if decay_grads:
+            matC_prev = matC_states_ref[k - 1, :, :].astype(_F32)
+            vecN_prev = vecN_states_ref[k - 1, :]
+            part_n = jnp.where(first_v_tile, jnp.sum(vecDN * vecN_prev), 0.0)
+            scaDdecay_ref[k - 1] = scaDecay * (jnp.sum(matDC * matC_prev) + part_n)
         matDC = matDC * scaDecay
         vecDN = vecDN * scaDecay
         for j in range(L // L_inter):
@@ -68,8 +92,10 @@ def recurrent_bw_kernel(
 
     init = (matDC_last_ref[...].astype(_F32), vecDN_last_ref[...].astype(_F32))
     matDC, vecDN = jax.lax.fori_loop(jnp.int32(0), jnp.int32(NC), chunk, init)
-    matDC_states_ref[0, :, :] = matDC
+    matDC_states_ref[0, :, :] = matDC.astype(matDC_states_ref.dtype)
     vecDN_states_ref[0, :] = vecDN
+    if split:
+        matDC0_ref[...] = matDC
 
 
 def recurrent_bw_states(
@@ -85,39 +111,64 @@ def recurrent_bw_states(
     params: ChunkwiseKernelParams,
     qk_scale: float,
     interpret: bool,
-) -> tuple[jax.Array, jax.Array]:
-    """Launch ``recurrent_bw_kernel``: (BH, NC+1, DHQK, DHV) and (BH, NC+1, DHQK), fp32."""
+    states_dtype=None,
+    matC_states: jax.Array | None = None,  # (BH, NC+1, DHQK, DHV): given -> decay_grads
+    vecN_states: jax.Array | None = None,  # (BH, NC+1, DHQK)
+):
+    """Launch ``recurrent_bw_kernel``: (BH, NC+1, DHQK, DHV) and (BH, NC+1, DHQK), fp32.
+
+    With ``states_dtype`` (16-bit) the dC states come in that dtype and dC_0 (BH, DHQK, DHV) fp32
+    is returned next; with the forward states given, scaDdecay (BH, NC) is returned last.
+    """
     BH, S, DHQK = matQ.shape
     DHV = matDH.shape[-1]
     L, L_inter = params.chunk_size_intra, params.chunk_size_inter
     NC = S // L
     bK = params.tile("siz_b_DHQK_inter", DHQK)
     bV = params.tile("siz_b_DHV_inter", DHV)
+    cdt = _F32 if states_dtype is None else jnp.dtype(states_dtype)
+    split = cdt != jnp.dtype(_F32)
+    decay_grads = matC_states is not None
+    nK, nV = DHQK // bK, DHV // bV
     kernel = functools.partial(
-        recurrent_bw_kernel, NC=NC, L=L, L_inter=L_inter, qk_scale=float(qk_scale)
+        recurrent_bw_kernel, NC=NC, L=L, L_inter=L_inter, qk_scale=float(qk_scale), split=split,
+        decay_grads=decay_grads,
     )
     seq = pl.BlockSpec((None, S), lambda ik, iv, b: (b, 0))
-    return launch(
+    state_spec = pl.BlockSpec((None, NC + 1, bK, bV), lambda ik, iv, b: (b, 0, ik, iv))
+    vec_state_spec = pl.BlockSpec((None, NC + 1, bK), lambda ik, iv, b: (b, 0, ik))
+    tile_spec = pl.BlockSpec((None, bK, bV), lambda ik, iv, b: (b, ik, iv))
+    extra_in = [matC_states, vecN_states] if decay_grads else []
+    out_specs = [state_spec, vec_state_spec]
+    out_shape = [
+        jax.ShapeDtypeStruct((BH, NC + 1, DHQK, DHV), cdt),
+        jax.ShapeDtypeStruct((BH, NC + 1, DHQK), _F32),
+    ]
+    if split:
+        out_specs.append(tile_spec)
+        out_shape.append(jax.ShapeDtypeStruct((BH, DHQK, DHV), _F32))
+    if decay_grads:
+        out_specs.append(pl.BlockSpec((None, None, None, NC), lambda ik, iv, b: (ik, iv, b, 0)))
+        out_shape.append(jax.ShapeDtypeStruct((nK, nV, BH, NC), _F32))
+    out = launch(
         kernel,
-        grid=(DHQK // bK, DHV // bV, BH),
+        grid=(nK, nV, BH),
         in_specs=[
             pl.BlockSpec((None, S, bK), lambda ik, iv, b: (b, 0, ik)),
             pl.BlockSpec((None, S, bV), lambda ik, iv, b: (b, 0, iv)),
             seq, seq, seq,
             pl.BlockSpec((None, NC), lambda ik, iv, b: (b, 0)),
-            pl.BlockSpec((None, bK, bV), lambda ik, iv, b: (b, ik, iv)),
+            tile_spec,
             pl.BlockSpec((None, bK), lambda ik, iv, b: (b, ik)),
-        ],
-        out_specs=[
-            pl.BlockSpec((None, NC + 1, bK, bV), lambda ik, iv, b: (b, 0, ik, iv)),
-            pl.BlockSpec((None, NC + 1, bK), lambda ik, iv, b: (b, 0, ik)),
-        ],
-        out_shape=[
-            jax.ShapeDtypeStruct((BH, NC + 1, DHQK, DHV), _F32),
-            jax.ShapeDtypeStruct((BH, NC + 1, DHQK), _F32),
-        ],
+        ] + ([state_spec, vec_state_spec] if decay_grads else []),
+        out_specs=out_specs,
+        out_shape=out_shape,
         num_warps=params.num_warps_inter,
         num_stages=params.num_stages_inter,
         interpret=interpret,
         name="mlstm_chunkwise_recurrent_bw",
-    )(matQ, matDH, vecWinter, vecDenInv, vecDnq, vecDecay, matDC_last, vecDN_last)
+    )(matQ, matDH, vecWinter, vecDenInv, vecDnq, vecDecay, matDC_last, vecDN_last, *extra_in)
+    out = list(out)
+    if decay_grads:
+        out[-1] = jnp.sum(out[-1], axis=(0, 1))
+    return tuple(out)

@@ -9,6 +9,11 @@ Grid (DHQK / bK, DHV / bV, BH); each program walks the NC chunks in order, keeps
 in registers, stores it at every chunk border (index 0: the initial state), and folds each chunk in
 with L / Li matrix products of (bK, Li) x (Li, bV) (bf16/fp16 operands, fp32 accumulation).
 The stabilizers m are not computed here: they come from ``gates.max_state_scan``.
+
+``states_dtype`` (``states_bf16``): the border states C are stored in the 16-bit kernel dtype
+(the dtype the parallel kernels' products cast them to anyway: half the bytes written here and read
+there), while the recurrence stays in fp32 registers; the last state C_NC is also written in fp32
+(an extra (bK, bV) output). n stays fp32.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ def recurrent_fw_kernel(
     vecN0_ref,  # (bK,)
     matC_states_ref,  # out (NC+1, bK, bV)
     vecN_states_ref,  # out (NC+1, bK)
-    *,
+    *rest,  # (matC_last_ref,) out (bK, bV) fp32 when the states are stored in a 16-bit dtype
     NC: int,
     L: int,
     L_inter: int,
@@ -44,7 +49,7 @@ def recurrent_fw_kernel(
 
     def chunk(k, carry):
         matC, vecN = carry
-        matC_states_ref[k, :, :] = matC
+        matC_states_ref[k, :, :] = matC.astype(matC_states_ref.dtype)
         vecN_states_ref[k, :] = vecN
         scaDecay = vecDecay_ref[k]
         matC = matC * scaDecay
@@ -61,8 +66,10 @@ def recurrent_fw_kernel(
 
     init = (matC0_ref[...].astype(_F32), vecN0_ref[...].astype(_F32))
     matC, vecN = jax.lax.fori_loop(jnp.int32(0), jnp.int32(NC), chunk, init)
-    matC_states_ref[NC, :, :] = matC
+    matC_states_ref[NC, :, :] = matC.astype(matC_states_ref.dtype)
     vecN_states_ref[NC, :] = vecN
+    if rest:
+        rest[0][...] = matC
 
 
 def recurrent_fw_states(
@@ -75,8 +82,13 @@ def recurrent_fw_states(
     *,
     params: ChunkwiseKernelParams,
     interpret: bool,
-) -> tuple[jax.Array, jax.Array]:
-    """Launch ``recurrent_fw_kernel``: states (BH, NC+1, DHQK, DHV) and (BH, NC+1, DHQK), fp32."""
+    states_dtype=None,
+):
+    """Launch ``recurrent_fw_kernel``: states (BH, NC+1, DHQK, DHV) and (BH, NC+1, DHQK), fp32.
+
+    With ``states_dtype`` (a 16-bit dtype) the C states come in that dtype and a third output, the
+    last state C_NC (BH, DHQK, DHV) in fp32, is returned.
+    """
     BH, S, DHQK = matK.shape
     DHV = matV.shape[-1]
     L, L_inter = params.chunk_size_intra, params.chunk_size_inter
@@ -84,8 +96,10 @@ def recurrent_fw_states(
     bK = params.tile("siz_b_DHQK_inter", DHQK)
     bV = params.tile("siz_b_DHV_inter", DHV)
     grid = (DHQK // bK, DHV // bV, BH)
+    cdt = _F32 if states_dtype is None else jnp.dtype(states_dtype)
+    split = cdt != jnp.dtype(_F32)
     kernel = functools.partial(recurrent_fw_kernel, NC=NC, L=L, L_inter=L_inter)
-    return launch(
+    out = launch(
         kernel,
         grid=grid,
         in_specs=[
@@ -99,13 +113,14 @@ def recurrent_fw_states(
         out_specs=[
             pl.BlockSpec((None, NC + 1, bK, bV), lambda ik, iv, b: (b, 0, ik, iv)),
             pl.BlockSpec((None, NC + 1, bK), lambda ik, iv, b: (b, 0, ik)),
-        ],
+        ] + ([pl.BlockSpec((None, bK, bV), lambda ik, iv, b: (b, ik, iv))] if split else []),
         out_shape=[
-            jax.ShapeDtypeStruct((BH, NC + 1, DHQK, DHV), _F32),
+            jax.ShapeDtypeStruct((BH, NC + 1, DHQK, DHV), cdt),
             jax.ShapeDtypeStruct((BH, NC + 1, DHQK), _F32),
-        ],
+        ] + ([jax.ShapeDtypeStruct((BH, DHQK, DHV), _F32)] if split else []),
         num_warps=params.num_warps_inter,
         num_stages=params.num_stages_inter,
         interpret=interpret,
         name="mlstm_chunkwise_recurrent_fw",
     )(matK, matV, vecWstate, vecDecay, matC0, vecN0)
+    return tuple(out) if split else (out[0], out[1])

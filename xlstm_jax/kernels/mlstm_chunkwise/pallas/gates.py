@@ -140,6 +140,57 @@ def max_state_scan(
     return jnp.maximum(scaM0[:, None] + vecAm, vecBm)
 
 
+def max_state_scan_linear(
+    vecI: jax.Array,  # (BH, S)
+    vecLogF: jax.Array,  # (BH, S)
+    scaM0: jax.Array,  # (BH,)
+    L: int,
+    vecReset: jax.Array | None = None,  # (BH, S) bool, explicit resets
+) -> jax.Array:  # (BH, S)
+    """``max_state_scan`` in two levels (``m_scan="linear"``): the (max, +) maps of every chunk
+    composed by an associative scan of depth log2(L) (all chunks at once), then a sequential
+    ``lax.scan`` over the NC chunk borders carrying only m_k (unrolled up to NC = 512). S must be a
+    multiple of ``L``.
+
+    The same maps, composed in another order: equal to ``max_state_scan`` up to rounding of the
+    partial sums of logf (all <= 0, no cancellation); ``jax.vjp`` is again the exact pull-back.
+    """
+    BH, S = vecI.shape
+    if S % L:
+        raise ValueError(f"max_state_scan_linear: S={S} must be a multiple of L={L}")
+    NC = S // L
+    vecAm, vecBm = vecLogF, vecI
+    if vecReset is not None:
+        vecAm = jnp.where(vecReset, -jnp.inf, vecLogF)
+        vecBm = jnp.where(vecReset, jnp.maximum(vecLogF, vecI), vecI)
+    vecAm, vecBm = jax.lax.associative_scan(
+        _compose, (vecAm.reshape(BH, NC, L), vecBm.reshape(BH, NC, L)), axis=2
+    )
+
+    def border(m_prev, ab):
+        a, b = ab
+        m = jnp.maximum(m_prev + a, b)
+        return m, m_prev
+
+    # unrolled (up to 512 chunks): one straight-line chain on (BH,) vectors that XLA fuses, instead
+    # of NC while-loop iterations of tiny kernels
+    _, m_entering = jax.lax.scan(
+        border, scaM0, (jnp.moveaxis(vecAm[..., -1], 1, 0), jnp.moveaxis(vecBm[..., -1], 1, 0)),
+        unroll=NC if NC <= 512 else 8,
+    )
+    m_entering = jnp.moveaxis(m_entering, 0, 1)[..., None]  # (BH, NC, 1): m before each chunk
+    return jnp.maximum(m_entering + vecAm, vecBm).reshape(BH, S)
+
+
+def max_state_scan_for(m_scan: str, L: int):
+    """The m scan selected by ``ChunkwiseKernelParams.m_scan``: (vecI, vecLogF, scaM0) -> vecM."""
+    if m_scan == "associative":
+        return max_state_scan
+    if m_scan == "linear":
+        return lambda vecI, vecLogF, scaM0: max_state_scan_linear(vecI, vecLogF, scaM0, L)
+    raise ValueError(f"m_scan must be 'associative' or 'linear'; got {m_scan!r}")
+
+
 def previous_max_states(vecM: jax.Array, scaM0: jax.Array) -> jax.Array:
     """(BH, S): m_{t-1} of every step (m0 before the first)."""
     return jnp.concatenate([scaM0[:, None].astype(vecM.dtype), vecM[:, :-1]], axis=1)
@@ -380,9 +431,11 @@ def max_state_pullback(
     vecLogF: jax.Array,  # (BH, S)
     scaM0: jax.Array,  # (BH,)
     vecDM: jax.Array,  # (BH, S) cotangent of every m_t
+    scan=None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(dI, dLogF, dM0): the cotangents of the m scan pulled back to its inputs."""
-    _, vjp = jax.vjp(max_state_scan, vecI, vecLogF, scaM0)
+    """(dI, dLogF, dM0): the cotangents of the m scan pulled back to its inputs (``scan``: the
+    scan function of the forward pass, default ``max_state_scan``)."""
+    _, vjp = jax.vjp(max_state_scan if scan is None else scan, vecI, vecLogF, scaM0)
     return vjp(vecDM.astype(vecI.dtype))
 
 

@@ -60,6 +60,11 @@ class ChunkwiseKernelParams:
     num_warps_inter: int
     num_stages_intra: int
     num_stages_inter: int
+    # variant options (issue 9, "a backward that does less"); the defaults are the original paths
+    m_scan: str = "associative"
+    gates_impl: str = "xla"
+    gate_grads_impl: str = "xla"
+    states_bf16: bool = False
 
     def tile(self, name: str, dim: int) -> int:
         """Head-dim tile ``name`` clamped to the (padded) head dim ``dim``."""
@@ -67,6 +72,39 @@ class ChunkwiseKernelParams:
 
 
 OVERRIDABLE = tuple(f.name for f in dataclasses.fields(ChunkwiseKernelParams))
+
+VARIANT_CHOICES = {
+    "m_scan": ("associative", "linear"),
+    "gates_impl": ("xla", "pallas"),
+    "gate_grads_impl": ("xla", "pallas"),
+    "states_bf16": (False, True),
+}
+"""The variant options and their values (the first is the default).
+
+* m_scan: the max-state scan over the sequence, ``"associative"`` (one associative scan over S)
+  or ``"linear"`` (associative inside each chunk, a sequential ``lax.scan`` over the chunk borders).
+* gates_impl: the forward gate vectors from m (``gates.kernel_gates``) in XLA or in one Pallas
+  kernel per (batch, head) row (``gate_kernels.py``).
+* gate_grads_impl: the backward glue in XLA, or in Pallas: the state-decay inner products
+  <dC_k, C_{k-1}> fused into the recurrent backward kernel and the per-chunk gate-gradient sums in a
+  Pallas kernel (``gate_kernels.py``).
+* states_bf16: store the chunk-border states C and dC (not n) in the 16-bit kernel dtype that
+  the parallel kernels' products take anyway (the recurrences still accumulate in float32; the last
+  state and dC0 stay float32). No effect for float32 kernels.
+"""
+
+
+def _variant_options(ov: dict) -> dict:
+    out = {}
+    for name, choices in VARIANT_CHOICES.items():
+        value = ov.get(name, choices[0])
+        if isinstance(choices[0], bool):
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be a bool; got {value!r}")
+        elif value not in choices:
+            raise ValueError(f"{name} must be one of {list(choices)}; got {value!r}")
+        out[name] = value
+    return out
 
 
 def chunkwise_kernel_params(
@@ -163,4 +201,4 @@ def chunkwise_kernel_params(
             raise ValueError(f"{name} must be a positive int; got {value!r}")
     if not _is_pow2(launch["num_warps_intra"]) or not _is_pow2(launch["num_warps_inter"]):
         raise ValueError(f"num_warps must be a power of two; got {launch}")
-    return ChunkwiseKernelParams(chunk_size_intra=L, **sizes, **launch)
+    return ChunkwiseKernelParams(chunk_size_intra=L, **sizes, **launch, **_variant_options(ov))

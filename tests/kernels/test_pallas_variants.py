@@ -1,0 +1,233 @@
+"""The variant paths of the Pallas chunkwise kernels (issue 9, "a backward that does less").
+
+Options of ``ChunkwiseKernelParams`` (``heuristics.VARIANT_CHOICES``): ``m_scan="linear"``,
+``gates_impl="pallas"``, ``gate_grads_impl="pallas"``, ``states_bf16=True``. Each non-default value
+runs against the float64 parallel reference (h, last states, the gradients of q, k, v, i, f and of
+the initial states) in both gradient conventions, with initial states and extreme gates
+(f = -inf, f = -1e30, i = -inf, at chunk edges and inside chunks); the pieces are also checked one
+by one against their XLA versions (gate vectors, gate gradients, the m scan and its pull-back, the
+decay inner products of the recurrent backward kernel). Interpret mode on CPU, tiny shapes.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from xlstm_jax.kernels import get_mlstm_kernel
+from xlstm_jax.kernels.mlstm_chunkwise.pallas import chunkwise_kernel_params, gate_kernels, gates
+from xlstm_jax.kernels.mlstm_chunkwise.pallas.bw_recurrent import recurrent_bw_states
+from xlstm_jax.kernels.mlstm_chunkwise.pallas.fw_recurrent import recurrent_fw_states
+from xlstm_jax.kernels.mlstm_parallel.native import mlstm_parallel
+from xlstm_jax.testing import assert_trees_close, mlstm_inputs, to_float64
+
+B, NH, S, DHQK, DHV, L = 1, 2, 40, 16, 32, 16
+NAMES = ("q", "k", "v", "i", "f", "c0", "n0", "m0")
+TOL = {"float32": 2e-4, "bfloat16": 2e-2}
+
+
+@pytest.fixture(autouse=True)
+def x64():
+    with jax.enable_x64(True):
+        yield
+
+
+def _inputs(dtype, seed=0):
+    """Inputs with every kind of extreme gate (f = -inf at a chunk start and inside, f = -1e30 at a
+    chunk end, i = -inf) and random cotangents of h and the last states."""
+    key = jax.random.PRNGKey(seed)
+    q, k, v, i, f, c0, n0, m0 = mlstm_inputs(key, B, NH, S, DHQK, DHV, dtype=jnp.dtype(dtype),
+                                             gate_scale=2.0, initial_states=True, m_initial_scale=3.0)
+    f = f.at[:, :, 16].set(-jnp.inf).at[:, :, 9].set(-jnp.inf).at[:, :, 31].set(-1e30)
+    f = f.at[:, 1, 3].set(-1e30)
+    i = i.at[:, :, 5].set(-jnp.inf).at[:, :, 38].set(-jnp.inf)
+    ks = jax.random.split(jax.random.fold_in(key, 1), 4)
+    cots = (
+        jax.random.normal(ks[0], (B, NH, S, DHV)), jax.random.normal(ks[1], (B, NH, DHQK, DHV)),
+        jax.random.normal(ks[2], (B, NH, DHQK)), jax.random.normal(ks[3], (B, NH)),
+    )
+    return (q, k, v, i, f, c0, n0, m0), cots
+
+
+def _loss_and_grads(fn, inputs, cots):
+    dh, dC, dn, dm = cots
+
+    def loss(*args):
+        h, (C, n, m) = fn(*args)
+        acc = jnp.promote_types(h.dtype, jnp.float32)
+        val = jnp.sum(h.astype(acc) * dh) + jnp.sum(C * dC) + jnp.sum(n * dn) + jnp.sum(m * dm)
+        return val, {"h": h, "C": C, "n": n, "m": m}
+
+    grads, outs = jax.grad(loss, argnums=tuple(range(8)), has_aux=True)(*inputs)
+    return outs, dict(zip(NAMES, grads))
+
+
+@functools.lru_cache(maxsize=None)
+def _reference(dtype, grad_mode):
+    inputs, cots = _inputs(dtype)
+    fn = lambda *a: mlstm_parallel(*a, return_last_states=True, grad_mode=grad_mode)  # noqa: E731
+    return jax.jit(lambda i, c: _loss_and_grads(fn, i, c))(to_float64(inputs), to_float64(cots))
+
+
+VARIANTS = [
+    ("m_scan-linear", "float32", (("m_scan", "linear"),)),
+    ("gates-pallas", "float32", (("gates_impl", "pallas"),)),
+    ("gate_grads-pallas", "float32", (("gate_grads_impl", "pallas"),)),
+    ("states_bf16", "bfloat16", (("states_bf16", True),)),
+    ("all-keepstates-bf16", "bfloat16",
+     (("m_scan", "linear"), ("gates_impl", "pallas"), ("gate_grads_impl", "pallas"),
+      ("states_bf16", True), ("recompute_states_in_bw", False))),
+]
+
+
+@pytest.mark.parametrize("grad_mode", ["exact", "tfla"])
+@pytest.mark.parametrize("name,dtype,options", VARIANTS, ids=[v[0] for v in VARIANTS])
+def test_variant_against_float64_reference(name, dtype, options, grad_mode):
+    inputs, cots = _inputs(dtype)
+    kernel = get_mlstm_kernel("chunkwise_pallas", chunk_size=L, **dict(options))
+    fn = lambda *a: kernel(*a, return_last_states=True, grad_mode=grad_mode)  # noqa: E731
+    outs, grads = jax.jit(lambda i, c: _loss_and_grads(fn, i, c))(inputs, cots)
+    ref_outs, ref_grads = _reference(dtype, grad_mode)
+    assert outs["h"].dtype == jnp.dtype(dtype) and outs["C"].dtype == jnp.float32
+    tol = TOL[dtype]
+    assert_trees_close(outs, ref_outs, tol, f"{name} {grad_mode} outputs")
+    if dtype == "bfloat16":  # dm0 is a difference of terms of the initial state's size: see below
+        grads, ref_grads = dict(grads), dict(ref_grads)
+        _check_dm0_bf16(grads.pop("m0"), ref_grads.pop("m0"), ref_grads, to_float64(inputs), tol)
+    assert_trees_close(grads, ref_grads, tol, f"{name} {grad_mode} gradients")
+
+
+def _check_dm0_bf16(dm0, dm0_ref, grads_ref, inputs64, tol):
+    """As in test_chunkwise_pallas: with bf16 products the error of dm0 = <dC0, C0> + <dn0, n0> +
+    (pull-back through m) is measured against the size of its parts."""
+    c0, n0 = inputs64[5], inputs64[6]
+    scale = jnp.abs(jnp.sum(grads_ref["c0"] * c0, axis=(2, 3))) + jnp.abs(jnp.sum(grads_ref["n0"] * n0, axis=2))
+    err = float(jnp.linalg.norm(dm0.astype(jnp.float64) - dm0_ref)) / float(jnp.linalg.norm(scale))
+    assert np.isfinite(err) and err < tol, f"grad m0: error {err:.3e} relative to its parts"
+
+
+# ----------------------------------------------------------------------------- the pieces
+def _gates(seed=3, BH=3, S_=48):
+    rng = np.random.default_rng(seed)
+    i = rng.normal(0.0, 3.0, (BH, S_)).astype(np.float32)
+    logf = np.asarray(jax.nn.log_sigmoid(rng.normal(2.0, 2.0, (BH, S_))), np.float32)
+    logf[0, [0, 16, 21]] = -np.inf
+    logf[1, [15, 30]] = -1e30
+    logf[2, 7] = -300.0  # a reset by weight, not by -inf
+    i[1, [4, 17]] = -np.inf
+    i[:, -5:] = gates.CLOSED_INPUT_GATE  # time padding
+    logf[:, -5:] = 0.0
+    m0 = np.array([0.5, -20.0, 12.0], np.float32)
+    return jnp.asarray(i), jnp.asarray(logf), jnp.asarray(m0)
+
+
+def _params(**kw):
+    return chunkwise_kernel_params(S=48, DHQK=16, DHV=32, dtype=jnp.float32, chunk_size=L, **kw)
+
+
+def test_gate_vectors_kernel_equals_xla():
+    i, logf, m0 = _gates()
+    vecM = gates.max_state_scan(i, logf, m0)
+    ref = gates.kernel_gates(i, logf, vecM, m0, L)
+    got = jax.jit(lambda *a: gate_kernels.gate_vectors(*a, params=_params(), interpret=True))(i, logf, vecM, m0)
+    assert int(ref.vecReset.sum()) >= 6  # the test has resets of every kind
+    np.testing.assert_array_equal(np.asarray(got.vecReset), np.asarray(ref.vecReset))
+    np.testing.assert_array_equal(np.asarray(got.vecStart), np.asarray(ref.vecStart))
+    for name in ("vecQlog", "vecKlog", "vecWinter", "vecWstate", "vecDecay", "scaM_borders"):
+        a, b = np.asarray(getattr(got, name)), np.asarray(getattr(ref, name))
+        np.testing.assert_array_equal(np.isinf(a), np.isinf(b), err_msg=name)
+        fin = np.isfinite(b)
+        np.testing.assert_allclose(a[fin], b[fin], rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+def test_gate_vectors_without_max_state():
+    """max_state=False (the sigmoid input-gate variant): m == 0 everywhere, whatever vecM says."""
+    i, logf, m0 = _gates()
+    i = jax.nn.log_sigmoid(i)
+    zeros = jnp.zeros_like(i)
+    ref = gates.kernel_gates(i, logf, zeros, jnp.zeros_like(m0), L)
+    got = gate_kernels.gate_vectors(i, logf, zeros + 5.0, m0, params=_params(), interpret=True, max_state=False)
+    np.testing.assert_array_equal(np.asarray(got.vecReset), np.asarray(ref.vecReset))
+    for name in ("vecQlog", "vecKlog", "vecWinter", "vecWstate", "vecDecay", "scaM_borders"):
+        a, b = np.asarray(getattr(got, name)), np.asarray(getattr(ref, name))
+        fin = np.isfinite(b)
+        np.testing.assert_array_equal(np.isfinite(a), fin, err_msg=name)
+        np.testing.assert_allclose(a[fin], b[fin], rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+def test_gate_gradients_kernel_equals_xla():
+    i, logf, m0 = _gates()
+    vecM = gates.max_state_scan(i, logf, m0)
+    reset = gates.kernel_gates(i, logf, vecM, m0, L).vecReset
+    rng = np.random.default_rng(5)
+    dqq, dkk, dks = (jnp.asarray(rng.normal(size=i.shape), jnp.float32) for _ in range(3))
+    ddecay = jnp.asarray(rng.normal(size=(3, 48 // L)), jnp.float32)
+    ref = gates.gate_gradients(dqq, dkk, dks, ddecay, reset, L)
+    got = gate_kernels.gate_gradients(dqq, dkk, dks, ddecay, reset, params=_params(), interpret=True)
+    np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(ref[0]))
+    np.testing.assert_allclose(np.asarray(got[1]), np.asarray(ref[1]), rtol=1e-5, atol=1e-5)
+
+
+def test_linear_max_state_scan_and_pullback():
+    i, logf, m0 = _gates()
+    i, logf, m0 = to_float64((i, logf, m0))
+    lin = gates.max_state_scan_for("linear", L)
+    np.testing.assert_allclose(lin(i, logf, m0), gates.max_state_scan(i, logf, m0), rtol=1e-12, atol=1e-12)
+    dm = jnp.asarray(np.random.default_rng(7).normal(size=i.shape))
+    got = gates.max_state_pullback(i, logf, m0, dm, scan=lin)
+    ref = gates.max_state_pullback(i, logf, m0, dm)
+    for a, b in zip(got, ref):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="multiple"):
+        gates.max_state_scan_linear(i[:, :40], logf[:, :40], m0, 16)
+
+
+def test_recurrent_kernels_16bit_states_and_decay_grads():
+    """states_dtype: the C / dC states are the fp32 ones rounded once; the fp32 last state and dC0
+    are exact; the fused decay inner products equal the XLA einsum over the states."""
+    BH, S_ = 2, 48
+    key = jax.random.PRNGKey(11)
+    ks = jax.random.split(key, 8)
+    kb = jax.random.normal(ks[0], (BH, S_, 16)).astype(jnp.bfloat16)
+    vb = jax.random.normal(ks[1], (BH, S_, 32)).astype(jnp.bfloat16)
+    f32 = jnp.float32
+    w = jax.random.uniform(ks[2], (BH, S_), f32)
+    decay = jax.random.uniform(ks[3], (BH, S_ // L), f32).at[0, 1].set(0.0)
+    C0, n0 = jax.random.normal(ks[4], (BH, 16, 32), f32), jax.random.normal(ks[5], (BH, 16), f32)
+    p = chunkwise_kernel_params(S=S_, DHQK=16, DHV=32, dtype=jnp.bfloat16, chunk_size=L)
+    C32, n32 = recurrent_fw_states(kb, vb, w, decay, C0, n0, params=p, interpret=True)
+    C16, n16, Clast = recurrent_fw_states(kb, vb, w, decay, C0, n0, params=p, interpret=True,
+                                          states_dtype=jnp.bfloat16)
+    assert C16.dtype == jnp.bfloat16 and Clast.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(C16), np.asarray(C32.astype(jnp.bfloat16)))
+    np.testing.assert_array_equal(np.asarray(Clast), np.asarray(C32[:, -1]))
+    np.testing.assert_array_equal(np.asarray(n16), np.asarray(n32))
+    qb, dhb = kb[:, ::-1], jax.random.normal(ks[6], (BH, S_, 32), f32).astype(jnp.bfloat16)
+    den, dnq = 1.0 + w, jax.random.normal(ks[7], (BH, S_), f32)
+    dCl, dnl = C0[::-1], n0[::-1]
+    kw = dict(params=p, qk_scale=0.25, interpret=True)
+    dC32, dn32 = recurrent_bw_states(qb, dhb, w, den, dnq, decay, dCl, dnl, **kw)
+    dC16, dn16, dC0, ddec = recurrent_bw_states(qb, dhb, w, den, dnq, decay, dCl, dnl, **kw,
+                                                states_dtype=jnp.bfloat16, matC_states=C16, vecN_states=n16)
+    np.testing.assert_array_equal(np.asarray(dC16), np.asarray(dC32.astype(jnp.bfloat16)))
+    np.testing.assert_array_equal(np.asarray(dC0), np.asarray(dC32[:, 0]))
+    want = decay * (jnp.einsum("bkij,bkij->bk", dC32[:, 1:], C16[:, :-1].astype(jnp.float32))
+                    + jnp.einsum("bki,bki->bk", dn32[:, 1:], n16[:, :-1]))
+    np.testing.assert_allclose(np.asarray(ddec), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+def test_variant_option_validation_and_registry():
+    p = _params(m_scan="linear", gates_impl="pallas", gate_grads_impl="pallas", states_bf16=True)
+    assert (p.m_scan, p.gates_impl, p.gate_grads_impl, p.states_bf16) == ("linear", "pallas", "pallas", True)
+    d = _params()
+    assert (d.m_scan, d.gates_impl, d.gate_grads_impl, d.states_bf16) == ("associative", "xla", "xla", False)
+    for bad in (dict(m_scan="sequential"), dict(gates_impl="triton"), dict(gate_grads_impl=1),
+                dict(states_bf16="yes")):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            _params(**bad)
+    get_mlstm_kernel("chunkwise_pallas", m_scan="linear", gates_impl="pallas", gate_grads_impl="pallas",
+                     states_bf16=True)

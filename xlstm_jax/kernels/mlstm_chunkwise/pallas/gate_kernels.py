@@ -1,0 +1,214 @@
+"""Pallas kernels for the O(S) gate glue of the chunkwise family (``gates_impl`` / ``gate_grads_impl``).
+
+Notation (see ``gates.py``): BH = B * NH, L = chunk_size_intra, NC = S / L. The XLA versions
+(``gates.kernel_gates``, ``gates.gate_gradients``) run as many small passes (associative scans of
+depth log2(L), concatenations, reshapes); here one program per (batch, head) row reads each input
+vector once and writes each output once.
+
+``gate_vectors`` (forward gate preparation, ``gates_impl="pallas"``). Grid (BH, NC): one program
+per (row, chunk), all independent (the m scan is done before). A program loads i, logf, m of its
+chunk (L values each) and m_{k-1} (the step before the chunk, m0 for the first) and computes, with
+(L, L) masked reductions in registers instead of scans (exact sums of the same terms as the XLA
+path, no differences of partial sums):
+
+    reset_t   = logf_t + m_{t-1} - m_t < -104              (m_{t-1}: m shifted by one, m_{k-1} first)
+    z_t       = latest reset <= t in the chunk (-1: none)    (masked max over s <= t)
+    b_t       = sum_{z_t < s <= t} logf_s                    (a reset's own logf enters no sum)
+    a_s       = i_s + sum_{r > s} logf_r,  -inf when a reset follows s in the chunk
+    g_k       = b_{L-1}, -inf if the chunk holds a reset
+
+and writes vecQlog, vecKlog, vecWinter, vecWstate, vecStart, the resets (int32) and vecDecay_k
+(repeated over the chunk's L slots; the launcher keeps one) exactly as
+``gates.kernel_gates_from_chunk_gates`` defines them. The m scan itself stays in XLA
+(``gates.max_state_scan`` / ``max_state_scan_linear``): a (max, +) scan needs a cumulative max,
+which Pallas' Triton lowering does not have, and the (L, L) form would need differences of sums
+(inexact for f = -1e30). With ``max_state=False`` (the sigmoid input-gate variant, m == 0) the
+kernel reads no m and takes m == 0 everywhere.
+
+``gate_gradients`` (backward, ``gate_grads_impl="pallas"``). Grid (BH, NC); per chunk, from <dq, q>,
+<dk, k>, <dk, k>_state, the decay term and the resets (see ``gates.gate_gradients``):
+
+    dlogf_r = sum_{t >= r, no reset in (r, t]} (<dq_t,q_t> - <dk_t,k_t>)
+              + [r >= last reset of the chunk] (sum_s <dk_s,k_s>_state + scaDdecay_k),   0 at resets
+
+The suffix sum is a masked (L, L) row sum. The decay terms <dC_k, decay_k C_{k-1}> + <dn_k,
+decay_k n_{k-1}> come from the recurrent backward kernel (``bw_recurrent``, ``decay_grads=True``)
+instead of an XLA pass over both state arrays.
+
+Block sizes: one chunk (L values) of every vector per program (plus the row of m, resp. of the
+decay terms, for one scalar load); the (L, L) temporaries are L^2 fp32 values (64 KB at L = 128,
+spread over the registers of 4 warps). Launch: 4 warps, one stage.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from . import gates
+from ._kernel_utils import launch
+from .heuristics import ChunkwiseKernelParams
+
+_F32 = jnp.float32
+
+
+def _latest_reset(reset, L):
+    """(L,) int32: the latest s <= t with reset_s, -1 if none (a masked max over (L, L))."""
+    t = jnp.arange(L, dtype=jnp.int32)[:, None]
+    s = jnp.arange(L, dtype=jnp.int32)[None, :]
+    cand = jnp.where((s <= t) & (reset[None, :] != 0), s, jnp.int32(-1))
+    return jnp.max(cand, axis=1)
+
+
+def gate_vectors_kernel(
+    vecI_ref,  # (L,)
+    vecLogF_ref,  # (L,)
+    vecM_ref,  # (S,) the whole row (the entering m is the step before the chunk)
+    scaM0_ref,  # (1,)
+    vecQlog_ref,  # out (L,)
+    vecKlog_ref,  # out (L,)
+    vecWinter_ref,  # out (L,)
+    vecWstate_ref,  # out (L,)
+    vecStart_ref,  # out (L,) int32
+    vecReset_ref,  # out (L,) int32
+    vecDecay_ref,  # out (L,) the chunk's decay, repeated (sliced to (BH, NC) by the launcher)
+    *,
+    L: int,
+    max_state: bool,
+):
+    """Kernel body of one (batch*head row, chunk) program."""
+    k = pl.program_id(1)
+    c0 = pl.multiple_of(k * L, L)
+    idx = jnp.arange(L, dtype=jnp.int32)
+    t_ = idx[:, None]
+    s_ = idx[None, :]
+    vecI = vecI_ref[...]
+    vecLogF = vecLogF_ref[...]
+    if max_state:
+        vecM = vecM_ref[pl.ds(c0, L)]
+        m_next = vecM_ref[c0 + L - 1]
+        m_border = jnp.where(k > 0, vecM_ref[jnp.maximum(c0 - 1, 0)], scaM0_ref[0])
+        # m_{t-1}: m shifted by one step, the entering m first
+        shifted = jnp.sum(jnp.where(s_ == t_ - 1, vecM[None, :], 0.0), axis=1)
+        vecMprev = jnp.where(idx == 0, m_border, shifted)
+    else:
+        vecM = jnp.zeros((L,), _F32)
+        m_next = m_border = jnp.float32(0.0)
+        vecMprev = vecM
+    reset = (vecLogF + vecMprev - vecM < -gates.RESET_LOG_WEIGHT).astype(jnp.int32)
+    latest = _latest_reset(reset, L)
+    last = jnp.max(jnp.where(reset != 0, idx, jnp.int32(-1)))
+    logf = jnp.where(reset != 0, 0.0, vecLogF)  # a reset's logf enters no sum
+    vecB = jnp.sum(jnp.where((s_ <= t_) & (s_ > latest[:, None]), logf[None, :], 0.0), axis=1)
+    rev_excl = jnp.sum(jnp.where(s_ > t_, logf[None, :], 0.0), axis=1)  # row s: sum_{r > s}
+    vecA = jnp.where(idx < last, -jnp.inf, vecI + rev_excl)
+    b_end = jnp.sum(jnp.where(idx == L - 1, vecB, 0.0))  # b_{L-1}: the same rounding as vecB
+    scaG = jnp.where(last >= 0, -jnp.inf, b_end)
+    seen = latest >= 0
+    vecQlog_ref[...] = (vecB - vecM) * gates.LOG2_E
+    vecKlog_ref[...] = (vecI - vecB) * gates.LOG2_E
+    vecWinter_ref[...] = jnp.where(seen, 0.0, jnp.exp(vecB + m_border - vecM))
+    vecWstate_ref[...] = jnp.exp(vecA - m_next)
+    vecStart_ref[...] = c0 + jnp.maximum(latest, 0)
+    vecReset_ref[...] = reset
+    vecDecay_ref[...] = jnp.full((L,), jnp.exp(scaG + m_border - m_next), _F32)
+
+
+def gate_vectors(
+    vecI: jax.Array,  # (BH, S) float32
+    vecLogF: jax.Array,  # (BH, S)
+    vecM: jax.Array,  # (BH, S); ignored with max_state=False
+    scaM0: jax.Array,  # (BH,)
+    *,
+    params: ChunkwiseKernelParams,
+    interpret: bool,
+    max_state: bool = True,
+) -> gates.KernelGates:
+    """``gates.kernel_gates`` (no explicit resets) as one Pallas kernel; vecSeen is not returned (None).
+
+    With ``max_state=False`` m == 0 everywhere (vecM, scaM0 unused; scaM_borders all 0).
+    """
+    BH, S = vecI.shape
+    L = params.chunk_size_intra
+    NC = S // L
+    kernel = functools.partial(gate_vectors_kernel, L=L, max_state=bool(max_state))
+    blk = pl.BlockSpec((None, L), lambda b, k: (b, k))
+    row = pl.BlockSpec((None, S), lambda b, k: (b, 0))
+    f32 = jax.ShapeDtypeStruct((BH, S), _F32)
+    i32 = jax.ShapeDtypeStruct((BH, S), jnp.int32)
+    qlog, klog, winter, wstate, start, reset, decay = launch(
+        kernel,
+        grid=(BH, NC),
+        in_specs=[blk, blk, row, pl.BlockSpec((None, 1), lambda b, k: (b, 0))],
+        out_specs=[blk] * 7,
+        out_shape=[f32, f32, f32, f32, i32, i32, f32],
+        num_warps=4,
+        num_stages=1,
+        interpret=interpret,
+        name="mlstm_chunkwise_gate_vectors",
+    )(vecI.astype(_F32), vecLogF.astype(_F32), vecM.astype(_F32), scaM0.astype(_F32).reshape(BH, 1))
+    if max_state:
+        scaM_borders = gates.border_max_states(vecM.astype(_F32), scaM0.astype(_F32), L)
+    else:
+        scaM_borders = jnp.zeros((BH, NC + 1), _F32)
+    return gates.KernelGates(qlog, klog, winter, wstate, decay[:, ::L], scaM_borders, start, reset != 0, None)
+
+
+def gate_gradients_kernel(
+    vecDqq_ref,  # (L,)
+    vecDkk_ref,  # (L,)
+    vecDkkState_ref,  # (L,)
+    scaDdecay_ref,  # (NC,) the whole row
+    vecReset_ref,  # (L,) int32
+    vecDLogF_ref,  # out (L,)
+    *,
+    L: int,
+):
+    """Kernel body of one (batch*head row, chunk) program (the chunks are independent)."""
+    k = pl.program_id(1)
+    idx = jnp.arange(L, dtype=jnp.int32)
+    t_ = idx[None, :]  # summed index (columns)
+    r_ = idx[:, None]  # output index (rows)
+    reset = vecReset_ref[...]
+    x = vecDqq_ref[...] - vecDkk_ref[...]
+    latest = _latest_reset(reset, L)
+    # t >= r with no reset in (r, t], i.e. latest_t <= r
+    suffix = jnp.sum(jnp.where((t_ >= r_) & (latest[None, :] <= r_), x[None, :], 0.0), axis=1)
+    last = jnp.max(jnp.where(reset != 0, idx, jnp.int32(-1)))
+    per_chunk = jnp.sum(vecDkkState_ref[...]) + scaDdecay_ref[k]
+    dlogf = suffix + jnp.where(idx >= last, per_chunk, 0.0)
+    vecDLogF_ref[...] = jnp.where(reset != 0, 0.0, dlogf)
+
+
+def gate_gradients(
+    vecDqq: jax.Array,  # (BH, S)
+    vecDkk: jax.Array,  # (BH, S)
+    vecDkkState: jax.Array,  # (BH, S)
+    scaDdecay: jax.Array,  # (BH, NC)
+    vecReset: jax.Array,  # (BH, S) bool or int
+    *,
+    params: ChunkwiseKernelParams,
+    interpret: bool,
+) -> tuple[jax.Array, jax.Array]:
+    """``gates.gate_gradients`` as one Pallas kernel: (dI, dLogF) with every m held fixed."""
+    BH, S = vecDqq.shape
+    L = params.chunk_size_intra
+    NC = S // L
+    kernel = functools.partial(gate_gradients_kernel, L=L)
+    blk = pl.BlockSpec((None, L), lambda b, k: (b, k))
+    dlogf = launch(
+        kernel,
+        grid=(BH, NC),
+        in_specs=[blk, blk, blk, pl.BlockSpec((None, NC), lambda b, k: (b, 0)), blk],
+        out_specs=blk,
+        out_shape=jax.ShapeDtypeStruct((BH, S), _F32),
+        num_warps=4,
+        num_stages=1,
+        interpret=interpret,
+        name="mlstm_chunkwise_gate_gradients",
+    )(vecDqq.astype(_F32), vecDkk.astype(_F32), vecDkkState.astype(_F32), scaDdecay.astype(_F32),
+      vecReset.astype(jnp.int32))
+    return vecDkk, dlogf
