@@ -35,7 +35,25 @@ since() { echo "$(( $(date +%s) - $1 )) s"; }
 if has env; then
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv | tee "$OUT/env.txt"
   python3 -c "import jax, jaxlib, flax, optax; print('jax', jax.__version__, 'jaxlib', jaxlib.__version__, 'flax', flax.__version__, jax.devices())" | tee -a "$OUT/env.txt"
-  git log --oneline -1 2>/dev/null | tee -a "$OUT/env.txt"
+fi
+
+# run_sub NAME: the sub-script of a section, into $OUT/NAME, its last lines shown
+run_sub() {
+  local name=$1 script=scripts/gpu_$1.sh t0=$(date +%s) rc
+  [ "$name" = generate ] && script=scripts/gpu_infer.sh
+  mkdir -p "$OUT/$name"
+  OUT="$OUT/$name" bash "$script" > "$OUT/section_$name.log" 2>&1
+  rc=$?
+  tail -n "${TAIL_LINES:-40}" "$OUT/section_$name.log"
+  summary+=("$name: rc=$rc ($(since $t0); log section_$name.log)")
+}
+
+# speed first: the sections after it use its tuned table
+if has speed; then
+  run_sub speed
+  if [ -f "$OUT/speed/tuning_cache.json" ]; then
+    export XLSTM_JAX_TUNING_CACHE=$OUT/speed/tuning_cache.json
+  fi
 fi
 
 if has tests; then
@@ -93,16 +111,8 @@ if has baseline; then
   fi
 fi
 
-for name in speed train generate mosaic; do
-  if has $name; then
-    script=scripts/gpu_$name.sh; [ $name = generate ] && script=scripts/gpu_infer.sh
-    t0=$(date +%s)
-    mkdir -p "$OUT/$name"
-    OUT="$OUT/$name" bash "$script" > "$OUT/section_$name.log" 2>&1
-    rc=$?
-    tail -n "${TAIL_LINES:-40}" "$OUT/section_$name.log"
-    summary+=("$name: rc=$rc ($(since $t0); log section_$name.log)")
-  fi
+for name in train generate mosaic; do
+  has $name && run_sub $name
 done
 
 if has decode; then

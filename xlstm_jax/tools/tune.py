@@ -58,8 +58,8 @@ def _space_type(text: str) -> tuple[str, tuple]:
         else:
             try:
                 out.append(int(v))
-            except ValueError:
-                raise argparse.ArgumentTypeError(f"values must be ints or true/false; got {v!r} in {text!r}") from None
+            except ValueError:  # a named choice (m_scan=linear, gates_impl=pallas), checked by the kernel
+                out.append(v)
     return name.strip(), tuple(out)
 
 

@@ -72,7 +72,7 @@ from typing import Any, Callable, Iterable
 
 import jax.numpy as jnp
 
-from .heuristics import OVERRIDABLE, ChunkwiseKernelParams, chunkwise_kernel_params, padded_head_dim
+from .heuristics import OVERRIDABLE, VARIANT_CHOICES, ChunkwiseKernelParams, chunkwise_kernel_params, padded_head_dim
 
 FORMAT = "xlstm_jax.tuning/1"
 ENV_CACHE = "XLSTM_JAX_TUNING_CACHE"
@@ -183,7 +183,10 @@ def validate_entry(entry: Any) -> dict:
         raise ValueError(f"tuning entry has unknown option(s) {unknown} (known: tile parameters "
                          f"{list(OVERRIDABLE)} and {list(CALL_OPTION_DEFAULTS)})")
     for k, v in params.items():
-        if k in OVERRIDABLE and (isinstance(v, bool) or not isinstance(v, int)):
+        if k in VARIANT_CHOICES:
+            if v not in VARIANT_CHOICES[k] or type(v) is not type(VARIANT_CHOICES[k][0]):
+                raise ValueError(f"tuning entry option {k} must be one of {list(VARIANT_CHOICES[k])}; got {v!r}")
+        elif k in OVERRIDABLE and (isinstance(v, bool) or not isinstance(v, int)):
             raise ValueError(f"tuning entry option {k} must be an int; got {v!r}")
         if k in CALL_OPTION_DEFAULTS and type(v) is not type(CALL_OPTION_DEFAULTS[k]):
             raise ValueError(f"tuning entry option {k} must be a {type(CALL_OPTION_DEFAULTS[k]).__name__}; "
