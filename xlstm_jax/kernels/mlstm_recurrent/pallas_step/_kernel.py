@@ -66,7 +66,9 @@ def mlstm_step_kernel(
     else:  # the sigmoid cell: input gate log_sigmoid(i), m held at 0 (an old m != 0 is folded into
         # the old state's weight exp(logf + m_old - 0))
         scaI = _log_sigmoid(scaI)
-        scaM_new = jnp.zeros((), acc_dtype)
+        # zeros shaped by a loaded value, not a constant: Triton's lowering cannot negate a
+        # literal (found compiled on an H200, 2026-12-01)
+        scaM_new = jnp.zeros_like(scaM_old)
     scaM_new = scaM_new.astype(scaMout_ref.dtype).astype(acc_dtype)  # the m that is stored
     scaFa = jnp.exp(scaLogF + scaM_old - scaM_new)
     scaIa = jnp.exp(scaI - scaM_new)
@@ -88,8 +90,10 @@ def mlstm_step_kernel(
         def _store_vecN():
             vecNout_ref[sl] = vecN_tile.astype(vecNout_ref.dtype)
 
-    if stabilize_correctly:
+    if stabilize_correctly and max_state:
         scaLower = norm_val * jnp.exp(-scaM_new)
+    elif stabilize_correctly:  # m == 0: the lower bound is norm_val itself
+        scaLower = jnp.full((), norm_val, acc_dtype)
     else:
         scaLower = jnp.full((), norm_val, acc_dtype)
     scaDen = jnp.maximum(jnp.abs(scaQN), scaLower) + eps
