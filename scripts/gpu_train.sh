@@ -39,15 +39,15 @@ run() {
 
 S350="--preset 350m --batch-size 16 --seq-len 2048 --steps 10 --warmup 2"
 S13="--preset 1.3b --batch-size 8 --seq-len 2048 --steps 6 --warmup 2"
-run 350m_old 200 $S350 --loss-steps "$LOSS_STEPS" --measure-peak
+run 350m_old 200 $S350 --remat full --loss-steps "$LOSS_STEPS" --measure-peak
 run 350m_new 200 $S350 $NEW --loss-steps "$LOSS_STEPS" --profile "$OUT/profile_350m"
-run 1.3b_old 150 $S13
+run 1.3b_old 150 $S13 --remat full
 run 1.3b_new 150 $S13 $NEW --profile "$OUT/profile_1.3b"
 # single options at 350m (short runs), while time is left
 A350="--preset 350m --batch-size 16 --seq-len 2048 --steps 6 --warmup 2"
-run 350m_fused 70 $A350 --fused-projections
+run 350m_fused 70 $A350 --remat full --fused-projections
 run 350m_dots 70 $A350 --remat dots
-run 350m_cast 70 $A350 --cast-params
+run 350m_cast 70 $A350 --remat full --cast-params
 run 350m_noremat 70 $A350 --remat none
 
 $PY - "$OUT" <<'EOF'

@@ -96,12 +96,14 @@ class xLSTMLMConfig:
     """Dtype of the parameters (and optimizer state)."""
     remat: bool = False
     """Recompute each block's activations in the backward pass (saves memory on large models)."""
-    remat_policy: str = "full"
+    remat_policy: str = "dots"
     """What ``remat`` keeps from the forward pass: ``"full"`` nothing but the block inputs (every
     activation is recomputed), ``"dots"`` also the outputs of the matrix products without batch
     dimensions (the projections and the feed-forward: ``jax.checkpoint_policies.
     dots_with_no_batch_dims_saveable``; the cell and the element-wise work are recomputed). Speed and
-    memory only, never results; ignored when ``remat`` is False."""
+    memory only, never results; ignored when ``remat`` is False. Default ``"dots"``, measured
+    (H200, 2026-12-01, 350m preset B16 S2048): 150.4k tokens/s against 132.2k with ``"full"``
+    (+14%), 27.0 GiB peak against 11.2 GiB; use ``"full"`` where memory is short."""
     fused_projections: bool = False
     """Compute the q, k, v and output-gate projections of each mLSTM layer as one matrix product with
     the four kernels concatenated at apply time (the parameter tree stays the same: four ``Dense``
