@@ -115,7 +115,7 @@ for name in train generate mosaic; do
   has $name && run_sub $name
 done
 
-if has decode; then
+if has decode || has infer; then  # "infer": its older name
   timeout -k 10 "${DECODE_LIMIT:-200}" python3 -m xlstm_jax bench-decode ${DECODE_ARGS:-} --json "$OUT/bench_decode.json" 2>&1 | tee "$OUT/bench_decode.log" | tail -n 30
   summary+=("decode: rc=${PIPESTATUS[0]} (bench-decode table above, JSON in bench_decode.json)")
 fi
