@@ -13,7 +13,7 @@ export JAX_TRACEBACK_FILTERING=off  # full tracebacks: compile errors are debugg
 echo "== versions"; $PY -c "import jax, jaxlib; print('jax', jax.__version__, 'jaxlib', jaxlib.__version__, jax.devices())"
 
 echo "== (a) tests/kernels/test_chunkwise_mosaic.py (not slow)"
-timeout 300 $PY -m pytest -q -rA --tb=long -m "not slow" tests/kernels/test_chunkwise_mosaic.py 2>&1 | tee "$OUT/mosaic_tests.log"
+timeout 300 $PY -m pytest -q -o addopts= -rA --tb=long -m "not slow" tests/kernels/test_chunkwise_mosaic.py 2>&1 | tee "$OUT/mosaic_tests.log"
 echo "tests exit status: ${PIPESTATUS[0]}"
 
 echo "== (b) forward timings (median of 20 calls)"

@@ -5,7 +5,8 @@
 # last; full logs and JSON go to $OUT (or /tmp/xlstm_out).
 #   SECTIONS    space-separated subset of (default: env tests check bench):
 #     env       GPU, driver, versions
-#     tests     compiled GPU tests: TESTS (default: the kernel tests), split by file over TEST_JOBS
+#     tests     compiled GPU tests: TESTS (default: the kernel tests; pytest without the default
+#               addopts, as the GPU machine has no pytest-xdist), split by file over TEST_JOBS
 #               parallel pytest processes (Triton compiles are CPU-bound; the GPU is shared), each
 #               under TEST_LIMIT seconds
 #     check     `xlstm-jax check` (every sequence and step kernel vs float64), CHECK_ARGS
@@ -64,7 +65,7 @@ if has tests; then
     shard=()
     for ((x = j; x < ${#files[@]}; x += jobs_n)); do shard+=("${files[$x]}"); done
     [ ${#shard[@]} -eq 0 ] && continue
-    timeout -k 10 "${TEST_LIMIT:-240}" python3 -m pytest -q ${TEST_SELECT:-} "${shard[@]}" -p no:cacheprovider \
+    timeout -k 10 "${TEST_LIMIT:-240}" python3 -m pytest -q -o addopts= ${TEST_SELECT:-} "${shard[@]}" -p no:cacheprovider \
       > "$OUT/tests_$j.log" 2>&1 &
   done
   wait

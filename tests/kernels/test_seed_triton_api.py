@@ -225,12 +225,12 @@ def test_combined_bw_and_v5_fwbw(x64):
 # ----------------------------------------------------------------------------- seed 002
 def test_backend_config_fields_and_registry():
     fields = [(fl.name, fl.default) for fl in dataclasses.fields(mLSTMBackendTritonConfig)]
-    # the seed's fields, in order, with the seed's defaults (but chunk_size None: the kernel's own
-    # chunk rule, tuned table or heuristics; the seed's 64 is passed explicitly); then the one addition (issue 8)
+    # the seed's fields, in order, with the seed's defaults; then the additions (grad_mode: issue 8,
+    # input_gate: issue 11)
     assert fields == [
-        ("autocast_dtype", None), ("chunk_size", None), ("reduce_slicing", True),
+        ("autocast_dtype", None), ("chunk_size", 64), ("reduce_slicing", True),
         ("backend_name", "max_triton_noslice"), ("eps", 1e-6), ("norm_val", 1.0),
-        ("stabilize_correctly", True), ("grad_mode", "exact"),
+        ("stabilize_correctly", True), ("grad_mode", "exact"), ("input_gate", "exp"),
     ]
     assert set(get_args(BackendNameType)) == {"max_triton_xlchunksize", "max_triton_noslice", "max_triton", "triton_stablef"}
     assert issubclass(mLSTMBackendTriton, mLSTMBackend)

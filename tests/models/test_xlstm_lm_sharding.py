@@ -38,7 +38,14 @@ def _one_step(mesh):
     trainer = Trainer(*_configs(mesh))
     state = trainer.init_state(seed=11)
     before = jax.device_get(state.params)
-    batch = np.random.default_rng(12).integers(0, 256, (BATCH, SEQ + 1)).astype(np.int32)
+    # a packed batch (the trainer's default layout): tokens and segment ids, (B, 2, S + 1), each row
+    # two documents split at a row-dependent position (borders on and off the chunk edges)
+    rng = np.random.default_rng(12)
+    tokens = rng.integers(0, 256, (BATCH, SEQ + 1))
+    cuts = rng.integers(1, SEQ, (BATCH, 1))
+    segments = (np.arange(SEQ + 1)[None, :] >= cuts).astype(np.int64) + 3 * np.arange(BATCH)[:, None]
+    batch = np.stack([tokens, segments], axis=1).astype(np.int32)
+    assert trainer.batch_shape == batch.shape
     state, metrics = trainer.train_step(state, batch)
     return trainer, state, float(metrics["loss"]), before, jax.device_get(state.params)
 

@@ -207,8 +207,12 @@ class xLSTMLMConfig:
 
     @property
     def backend_kwargs(self) -> dict[str, Any]:
-        """``mlstm_backend_kwargs`` as a dict, with ``input_gate`` when it is not the default "exp"."""
+        """``mlstm_backend_kwargs`` as a dict, with ``input_gate`` when it is not the default "exp",
+        and for the ``triton_kernels`` backend ``chunk_size=None`` (the kernel's tuned / heuristic
+        chunk rule instead of the seed config's 64) unless a chunk size is given."""
         kw = dict(self.mlstm_backend_kwargs)
+        if self.mlstm_backend == "triton_kernels":
+            kw.setdefault("chunk_size", None)
         if self.input_gate != "exp":
             kw["input_gate"] = self.input_gate
         return kw
