@@ -259,8 +259,17 @@ def test_backend_chunk_rule():
     def call(seq_len, **kw):
         return create_mlstm_backend("triton_kernels", **kw).kernel_call(seq_len)[1]
 
-    assert call(256) == {"autocast_kernel_dtype": None}  # the kernel's own rule (tuned / heuristics)
-    assert call(96)["chunk_size"] == 32  # reduce_slicing: 96 = 3 * 32, no padding
-    assert "chunk_size" not in call(96, reduce_slicing=False) and "chunk_size" not in call(97)
-    explicit = call(256, chunk_size=64)
-    assert (explicit["chunk_size_intra"], explicit["chunk_size_inter"]) == (64, 64)
+    # chunk_size=None: the kernel's own rule (tuned / heuristics); the language model passes None
+    assert call(256, chunk_size=None) == {"autocast_kernel_dtype": None}
+    assert call(96, chunk_size=None)["chunk_size"] == 32  # reduce_slicing: 96 = 3 * 32, no padding
+    none = dict(chunk_size=None)
+    assert "chunk_size" not in call(96, reduce_slicing=False, **none) and "chunk_size" not in call(97, **none)
+    # the seed config's documented default, 64, and any explicit chunk: intra = inter = that chunk
+    for kw in ({}, {"chunk_size": 64}):
+        explicit = call(256, **kw)
+        assert (explicit["chunk_size_intra"], explicit["chunk_size_inter"]) == (64, 64)
+    from xlstm_jax.models.xlstm_lm.config import xLSTMLMConfig
+
+    assert xLSTMLMConfig(mlstm_backend="triton_kernels").backend_kwargs["chunk_size"] is None
+    given = xLSTMLMConfig(mlstm_backend="triton_kernels", mlstm_backend_kwargs={"chunk_size": 128})
+    assert given.backend_kwargs["chunk_size"] == 128
