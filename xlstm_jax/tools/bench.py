@@ -30,26 +30,12 @@ import time
 
 from .errors import UsageError
 from .options import float_range, int_at_least
-from .workload import HEAD_PRESETS, NOMINAL_CHUNK, nominal_bytes, nominal_flops, parse_heads, parse_shapes
+from .workload import HEAD_PRESETS, NOMINAL_CHUNK, heads_arg, nominal_bytes, nominal_flops, parse_heads, shapes_arg
 
 # kernels that cannot run the workload (quadratic memory, one step at a time)
 NOT_FOR_WORKLOAD = ("parallel_native", "recurrent_native")
 CHECK_TOLERANCE = {"float32": 1e-3, "bfloat16": 2e-2, "float16": 2e-2}
 GRADS = ("q", "k", "v", "i", "f")
-
-
-def _heads_type(text: str):
-    try:
-        return parse_heads(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-
-
-def _shapes_type(text: str):
-    try:
-        return parse_shapes(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _packed_type(text: str):
@@ -85,10 +71,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kernels", nargs="+", default=None, metavar="NAME[:KEY=VALUE,...]",
                    help="kernels, each optionally with kernel options, e.g. chunkwise_native:chunk_size=128 "
                         "(default: every registered kernel that can run the workload)")
-    p.add_argument("--heads", action="append", type=_heads_type, default=None, metavar="PRESET|NH,DHQK,DHV",
+    p.add_argument("--heads", action="append", type=heads_arg, default=None, metavar="PRESET|NH,DHQK,DHV",
                    help=f"head shape, a preset ({', '.join(f'{k} = {v[0]},{v[1]},{v[2]}' for k, v in HEAD_PRESETS.items())}) "
                         "or explicit sizes; repeatable (default: all three presets)")
-    p.add_argument("--shapes", type=_shapes_type, default=None, metavar="B,S;B,S",
+    p.add_argument("--shapes", type=shapes_arg, default=None, metavar="B,S;B,S",
                    help="(B, S) shapes for every head shape, e.g. '8,8192' (default: each preset's own: "
                         "32,2048;8,8192;2,32768, and 16,2048 for small)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"], help="input dtype")

@@ -30,7 +30,7 @@ import time
 from typing import Any
 
 from .options import int_at_least
-from .workload import HEAD_PRESETS, Heads, parse_heads
+from .workload import HEAD_PRESETS, Heads, heads_arg, parse_heads
 
 BATCHES = (1, 8, 64, 256, 1024)
 STATE_ITEMSIZE = 4  # float32 states
@@ -42,13 +42,6 @@ SWEEP = [  # (block_dhqk, block_dhv, num_warps)
 ]
 
 
-def _heads_type(text: str) -> Heads:
-    try:
-        return parse_heads(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-
-
 def _batches_type(text: str) -> tuple[int, ...]:
     parts = [p.strip() for p in text.split(",") if p.strip()]
     if not parts or not all(p.isdigit() and int(p) >= 1 for p in parts):
@@ -58,7 +51,7 @@ def _batches_type(text: str) -> tuple[int, ...]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``xlstm-jax bench-decode``."""
-    parser.add_argument("--heads", type=_heads_type, default=parse_heads("7b"), metavar="PRESET|NH,DHQK,DHV",
+    parser.add_argument("--heads", type=heads_arg, default=parse_heads("7b"), metavar="PRESET|NH,DHQK,DHV",
                         help=f"head shape: a preset ({', '.join(HEAD_PRESETS)}) or explicit sizes (default: 7b = 8,256,512)")
     parser.add_argument("--batches", type=_batches_type, default=BATCHES, metavar="B,B,...",
                         help="batch sizes (default: 1,8,64,256,1024)")

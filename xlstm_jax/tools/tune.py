@@ -25,24 +25,10 @@ import time
 
 from .errors import UsageError
 from .options import float_range, int_at_least
-from .workload import HEAD_PRESETS, parse_heads, parse_shapes
+from .workload import HEAD_PRESETS, heads_arg, parse_heads, shapes_arg
 
 DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
           "fp32": "float32", "float32": "float32"}
-
-
-def _heads_type(text: str):
-    try:
-        return parse_heads(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-
-
-def _shapes_type(text: str):
-    try:
-        return parse_shapes(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _space_type(text: str) -> tuple[str, tuple]:
@@ -65,10 +51,10 @@ def _space_type(text: str) -> tuple[str, tuple]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Options of ``xlstm-jax tune``."""
-    p.add_argument("--heads", action="append", type=_heads_type, default=None, metavar="PRESET|NH,DHQK,DHV",
+    p.add_argument("--heads", action="append", type=heads_arg, default=None, metavar="PRESET|NH,DHQK,DHV",
                    help=f"head shape, a preset ({', '.join(HEAD_PRESETS)}) or explicit sizes; repeatable "
                         "(default: all three presets)")
-    p.add_argument("--shapes", type=_shapes_type, default=None, metavar="B,S;B,S",
+    p.add_argument("--shapes", type=shapes_arg, default=None, metavar="B,S;B,S",
                    help="(B, S) shapes for every head shape (default: each preset's benchmark shapes)")
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="input and kernel dtype")
     p.add_argument("--grad-mode", nargs="+", default=["exact"], choices=["exact", "tfla"],

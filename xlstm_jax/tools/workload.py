@@ -9,6 +9,7 @@ JAX (the CLI parses these options before any work starts).
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import re
 
@@ -80,6 +81,22 @@ def parse_shapes(text: str) -> tuple[tuple[int, int], ...]:
             f"shapes must be B,S pairs separated by ';' (or BxS separated by ','), positive integers; got {text!r}"
         )
     return tuple(shapes)
+
+
+def heads_arg(text: str) -> Heads:
+    """``parse_heads`` as an argparse type (a bad value is argparse's one-line usage error)."""
+    try:
+        return parse_heads(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def shapes_arg(text: str) -> tuple[tuple[int, int], ...]:
+    """``parse_shapes`` as an argparse type."""
+    try:
+        return parse_shapes(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def nominal_flops(B: int, NH: int, S: int, DHQK: int, DHV: int, mode: str, L: int = NOMINAL_CHUNK) -> float:
