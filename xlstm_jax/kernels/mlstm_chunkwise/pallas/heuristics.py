@@ -94,7 +94,9 @@ VARIANT_CHOICES = {
 """
 
 
-def _variant_options(ov: dict) -> dict:
+def variant_options(ov: dict) -> dict:
+    """The values of the variant options in ``ov`` (defaults for those not given), each checked
+    against ``VARIANT_CHOICES``: ``ValueError`` naming the option otherwise."""
     out = {}
     for name, choices in VARIANT_CHOICES.items():
         value = ov.get(name, choices[0])
@@ -201,4 +203,4 @@ def chunkwise_kernel_params(
             raise ValueError(f"{name} must be a positive int; got {value!r}")
     if not _is_pow2(launch["num_warps_intra"]) or not _is_pow2(launch["num_warps_inter"]):
         raise ValueError(f"num_warps must be a power of two; got {launch}")
-    return ChunkwiseKernelParams(chunk_size_intra=L, **sizes, **launch, **_variant_options(ov))
+    return ChunkwiseKernelParams(chunk_size_intra=L, **sizes, **launch, **variant_options(ov))

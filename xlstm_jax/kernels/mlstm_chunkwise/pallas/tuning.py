@@ -72,7 +72,9 @@ from typing import Any, Callable, Iterable
 
 import jax.numpy as jnp
 
-from .heuristics import OVERRIDABLE, VARIANT_CHOICES, ChunkwiseKernelParams, chunkwise_kernel_params, padded_head_dim
+from .heuristics import (
+    OVERRIDABLE, VARIANT_CHOICES, ChunkwiseKernelParams, chunkwise_kernel_params, padded_head_dim, variant_options,
+)
 
 FORMAT = "xlstm_jax.tuning/1"
 ENV_CACHE = "XLSTM_JAX_TUNING_CACHE"
@@ -184,8 +186,10 @@ def validate_entry(entry: Any) -> dict:
                          f"{list(OVERRIDABLE)} and {list(CALL_OPTION_DEFAULTS)})")
     for k, v in params.items():
         if k in VARIANT_CHOICES:
-            if v not in VARIANT_CHOICES[k] or type(v) is not type(VARIANT_CHOICES[k][0]):
-                raise ValueError(f"tuning entry option {k} must be one of {list(VARIANT_CHOICES[k])}; got {v!r}")
+            try:
+                variant_options({k: v})
+            except ValueError as err:
+                raise ValueError(f"tuning entry option {err}") from None
         elif k in OVERRIDABLE and (isinstance(v, bool) or not isinstance(v, int)):
             raise ValueError(f"tuning entry option {k} must be an int; got {v!r}")
         if k in CALL_OPTION_DEFAULTS and type(v) is not type(CALL_OPTION_DEFAULTS[k]):
