@@ -131,12 +131,20 @@ def outputs_and_grads(kernel, inputs, cotangents, **call_options):
     grads = {name: gradient} for q, k, v, i, f and (if given) c0, n0, m0.
     """
     q, k, v, i, f, c0, n0, m0 = inputs
+    args = (q, k, v, i, f) + ((c0, n0, m0) if c0 is not None else ())
+    return outputs_and_grads_of(
+        lambda *a: kernel(*a, return_last_states=True, **call_options), args, cotangents
+    )
+
+
+def outputs_and_grads_of(fn, args, cotangents):
+    """``outputs_and_grads`` for any ``fn(*args) -> (h, (C, n, m))`` (a reference written for a
+    test, a kernel with its options bound): the same loss, gradients of every argument, named
+    q, k, v, i, f, c0, n0, m0 in order."""
     dh, dC, dn, dm = cotangents
-    has_states = c0 is not None
-    args = (q, k, v, i, f) + ((c0, n0, m0) if has_states else ())
 
     def loss(*a):
-        h, (C, N, M) = kernel(*a, return_last_states=True, **call_options)
+        h, (C, N, M) = fn(*a)
         acc = jnp.promote_types(h.dtype, jnp.float32)
         total = (
             jnp.sum(h.astype(acc) * dh.astype(acc))

@@ -35,7 +35,7 @@ from xlstm_jax.kernels.mlstm_chunkwise.max_triton_fwbw_v5xlchunksize import (
 )
 from xlstm_jax.kernels.mlstm_chunkwise.pallas import gates
 from xlstm_jax.kernels.mlstm_chunkwise.triton_stablef import triton_fwbw as stablef
-from xlstm_jax.testing import assert_trees_close, mlstm_inputs, to_float64
+from xlstm_jax.testing import assert_trees_close, mlstm_inputs, outputs_and_grads_of, to_float64
 
 B, NH, S, DHQK, DHV, L = 1, 2, 40, 16, 16, 16
 POSITIONS = (0, 7, 15, 16, 39)  # start, middle, chunk end, chunk start, sequence end
@@ -111,24 +111,10 @@ def _fresh_start_reference(q, k, v, i, f, c0, n0, m0, reset, *, grad_mode="exact
     return jnp.moveaxis(hs, 0, 2), (C, n, m)
 
 
-def _loss_and_grads(fn, inputs, cots):
-    """(outputs {h, C, n, m}, grads {q..m0}) of sum(h dh) + <C, dC> + <n, dn> + <m, dm>."""
-    dh, dC, dn, dm = cots
-
-    def loss(*args):
-        h, (C, n, m) = fn(*args)
-        acc = jnp.promote_types(h.dtype, jnp.float32)
-        val = (jnp.sum(h.astype(acc) * dh) + jnp.sum(C * dC) + jnp.sum(n * dn) + jnp.sum(m * dm))
-        return val, {"h": h, "C": C, "n": n, "m": m}
-
-    grads, outs = jax.grad(loss, argnums=tuple(range(8)), has_aux=True)(*inputs)
-    return outs, dict(zip(NAMES, grads))
-
-
 @functools.lru_cache(maxsize=None)
 def _reference_fn(grad_mode):
     def run(inputs, cots, reset):
-        return _loss_and_grads(
+        return outputs_and_grads_of(
             lambda *a: _fresh_start_reference(*a, reset, grad_mode=grad_mode), inputs, cots
         )
 
@@ -144,7 +130,7 @@ def _reference(pattern, grad_mode="exact"):
 def _kernel_fn(name, grad_mode, options):
     kernel = get_mlstm_kernel(name, **dict(options))
     fn = lambda *a: kernel(*a, return_last_states=True, grad_mode=grad_mode)  # noqa: E731
-    return jax.jit(lambda inputs, cots: _loss_and_grads(fn, inputs, cots))
+    return jax.jit(lambda inputs, cots: outputs_and_grads_of(fn, inputs, cots))
 
 
 def _compare(got, ref, tol, what):
@@ -212,7 +198,7 @@ def test_pallas_gate_sums_keep_their_precision():
 
 # ----------------------------------------------------------------------------- seed entry points
 def _seed_fwbw(fn):
-    return jax.jit(lambda inputs, cots: _loss_and_grads(fn, inputs, cots))
+    return jax.jit(lambda inputs, cots: outputs_and_grads_of(fn, inputs, cots))
 
 
 SEED_FNS = {

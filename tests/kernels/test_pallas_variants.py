@@ -23,10 +23,9 @@ from xlstm_jax.kernels.mlstm_chunkwise.pallas import chunkwise_kernel_params, ga
 from xlstm_jax.kernels.mlstm_chunkwise.pallas.bw_recurrent import recurrent_bw_states
 from xlstm_jax.kernels.mlstm_chunkwise.pallas.fw_recurrent import recurrent_fw_states
 from xlstm_jax.kernels.mlstm_parallel.native import mlstm_parallel
-from xlstm_jax.testing import assert_trees_close, mlstm_inputs, to_float64
+from xlstm_jax.testing import assert_trees_close, mlstm_inputs, outputs_and_grads_of, to_float64
 
 B, NH, S, DHQK, DHV, L = 1, 2, 40, 16, 32, 16
-NAMES = ("q", "k", "v", "i", "f", "c0", "n0", "m0")
 TOL = {"float32": 2e-4, "bfloat16": 2e-2}
 
 
@@ -53,24 +52,11 @@ def _inputs(dtype, seed=0):
     return (q, k, v, i, f, c0, n0, m0), cots
 
 
-def _loss_and_grads(fn, inputs, cots):
-    dh, dC, dn, dm = cots
-
-    def loss(*args):
-        h, (C, n, m) = fn(*args)
-        acc = jnp.promote_types(h.dtype, jnp.float32)
-        val = jnp.sum(h.astype(acc) * dh) + jnp.sum(C * dC) + jnp.sum(n * dn) + jnp.sum(m * dm)
-        return val, {"h": h, "C": C, "n": n, "m": m}
-
-    grads, outs = jax.grad(loss, argnums=tuple(range(8)), has_aux=True)(*inputs)
-    return outs, dict(zip(NAMES, grads))
-
-
 @functools.lru_cache(maxsize=None)
 def _reference(dtype, grad_mode):
     inputs, cots = _inputs(dtype)
     fn = lambda *a: mlstm_parallel(*a, return_last_states=True, grad_mode=grad_mode)  # noqa: E731
-    return jax.jit(lambda i, c: _loss_and_grads(fn, i, c))(to_float64(inputs), to_float64(cots))
+    return jax.jit(lambda i, c: outputs_and_grads_of(fn, i, c))(to_float64(inputs), to_float64(cots))
 
 
 VARIANTS = [
@@ -90,7 +76,7 @@ def test_variant_against_float64_reference(name, dtype, options, grad_mode):
     inputs, cots = _inputs(dtype)
     kernel = get_mlstm_kernel("chunkwise_pallas", chunk_size=L, **dict(options))
     fn = lambda *a: kernel(*a, return_last_states=True, grad_mode=grad_mode)  # noqa: E731
-    outs, grads = jax.jit(lambda i, c: _loss_and_grads(fn, i, c))(inputs, cots)
+    outs, grads = jax.jit(lambda i, c: outputs_and_grads_of(fn, i, c))(inputs, cots)
     ref_outs, ref_grads = _reference(dtype, grad_mode)
     assert outs["h"].dtype == jnp.dtype(dtype) and outs["C"].dtype == jnp.float32
     tol = TOL[dtype]

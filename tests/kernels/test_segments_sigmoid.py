@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 from xlstm_jax.kernels import CellOptions, get_mlstm_kernel, get_mlstm_step_kernel
-from xlstm_jax.testing import assert_trees_close, mlstm_inputs, to_float64
+from xlstm_jax.testing import assert_trees_close, mlstm_inputs, outputs_and_grads_of, to_float64
 
 B, NH, S, DHQK, DHV, L = 3, 2, 40, 16, 16, 16
 F64_TOL = 1e-10
@@ -104,24 +104,11 @@ def _reference(q, k, v, i, f, c0, n0, m0, starts, *, input_gate="exp", eps=1e-6,
     return jnp.moveaxis(hs, 0, 2), (C, n, m)
 
 
-def _loss_and_grads(fn, inputs, cots):
-    dh, dC, dn, dm = cots
-
-    def loss(*args):
-        h, (C, n, m) = fn(*args)
-        acc = jnp.promote_types(h.dtype, jnp.float32)
-        val = jnp.sum(h.astype(acc) * dh) + jnp.sum(C * dC) + jnp.sum(n * dn) + jnp.sum(m * dm)
-        return val, {"h": h, "C": C, "n": n, "m": m}
-
-    grads, outs = jax.grad(loss, argnums=tuple(range(8)), has_aux=True)(*inputs)
-    return outs, dict(zip(NAMES, grads))
-
-
 @functools.lru_cache(maxsize=None)
 def _reference_fn(input_gate, packed, grad_mode="exact"):
     def run(inputs, cots):
         starts = _starts(segment_ids()) if packed else jnp.zeros((B, S), bool)
-        return _loss_and_grads(
+        return outputs_and_grads_of(
             lambda *a: _reference(*a, starts, input_gate=input_gate, grad_mode=grad_mode), inputs, cots)
 
     return jax.jit(run)
@@ -136,7 +123,7 @@ def _kernel_fn(name, options, input_gate, packed, grad_mode="exact"):
         seg = segment_ids() if packed else None
         return kernel(*a, return_last_states=True, segment_ids=seg, cell_options=opts)
 
-    return jax.jit(lambda inputs, cots: _loss_and_grads(fn, inputs, cots))
+    return jax.jit(lambda inputs, cots: outputs_and_grads_of(fn, inputs, cots))
 
 
 KERNELS = [
