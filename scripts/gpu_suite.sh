@@ -22,6 +22,10 @@
 #     generate  scripts/gpu_infer.sh (bench-generate: prefill, time to first token, decode)
 #     decode    `xlstm-jax bench-decode`, DECODE_ARGS
 #     mosaic    scripts/gpu_mosaic.sh (the Mosaic GPU family: tests, forward timings)
+#     kprofile  per-kernel time breakdown (`xlstm-jax bench --profile`) of chunkwise_pallas, fw and
+#               fwbw, at KPROFILE_ROWS (default: the small, standard and 7B heads at one shape each;
+#               KPROFILE_KERNELS, default chunkwise_pallas); XLA command buffers off, so that every
+#               XLA op is its own named event; traces and HLO text in $OUT/kprofile/
 #     peers     the peers of docs/benchmarks.md (carry .whl and .peers)
 set -u
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -110,6 +114,21 @@ if has baseline; then
   else
     summary+=("baseline: skipped (carry .peers and $BASE)")
   fi
+fi
+
+if has kprofile; then
+  t0=$(date +%s)
+  mkdir -p "$OUT/kprofile"
+  rows=${KPROFILE_ROWS:-"small:16,2048 standard:8,8192 7b:8,8192"}
+  for r in $rows; do
+    XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=" timeout -k 10 "${KPROFILE_LIMIT:-200}" \
+      python3 -m xlstm_jax bench --heads "${r%%:*}" --shapes "${r#*:}" --kernels ${KPROFILE_KERNELS:-chunkwise_pallas} \
+      --reps 10 --no-ceilings --profile "$OUT/kprofile" --json "$OUT/kprofile/bench_${r%%:*}.json" \
+      > "$OUT/kprofile/${r%%:*}.log" 2>&1
+    echo "kprofile ${r}: rc=$?"
+    sed -n '/^profile /,/more kernels/p' "$OUT/kprofile/${r%%:*}.log" | grep -E "^profile|^ " | head -n 40
+  done
+  summary+=("kprofile: $(ls "$OUT"/kprofile/*.log | wc -l) rows ($(since $t0); logs kprofile/*.log)")
 fi
 
 for name in train generate mosaic; do

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 from .errors import UsageError
@@ -101,6 +102,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="--check fails a case above this relative error (default: 1e-3 for float32, 2e-2 for bf16/fp16)")
     p.add_argument("--label", default="", help="a label stored with the results")
     p.add_argument("--json", default=None, help="write all results to this JSON file (default: none)")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="also profile each case (jax.profiler, one trace directory per case under DIR, with "
+                        "the compiled HLO text) and print its per-kernel time breakdown (default: off)")
+    p.add_argument("--profile-calls", type=int_at_least(1), default=5,
+                   help="calls traced per profiled case (the breakdown is per call)")
 
 
 def parse_kernel_arg(text: str) -> tuple[str, dict]:
@@ -228,6 +234,55 @@ def pallas_kernel_params(opts: dict, B: int, NH: int, S: int, DHQK: int, DHV: in
     return {"kernel_params": {**dataclasses.asdict(res.params), **res.call_options}, "tuning_source": res.source}
 
 
+def _case_name(row: dict) -> str:
+    """A directory name for one measured case, e.g. ``chunkwise_pallas-small-B16-S2048-fwbw-exact-exp``."""
+    opts = "".join(f"-{k}={v}" for k, v in sorted(row["options"].items()))
+    packed = "" if not row["packed"] else f"-packed{row['packed'][0]}_{row['packed'][1]}"
+    return (f"{row['kernel']}{opts}-{row['heads']}-B{row['B']}-S{row['S']}-{row['mode']}-{row['grad_mode']}"
+            f"-{row['input_gate']}{packed}").replace("/", "_")
+
+
+def _profile_case(fn, arg_sets, args, name: str) -> dict:
+    """Trace ``args.profile_calls`` calls of ``fn`` (already compiled and warm) into
+    ``args.profile/name`` and return its per-kernel breakdown (``trace_summary.kernel_breakdown``).
+    The compiled HLO text is written beside the trace (``module.hlo.txt``): the fusion names of the
+    breakdown are its instruction names."""
+    import jax
+
+    from . import trace_summary
+
+    trace_dir = os.path.join(args.profile, name)
+    os.makedirs(trace_dir, exist_ok=True)
+    hlo_text = fn.lower(*arg_sets[0]).compile().as_text()
+    with open(os.path.join(trace_dir, "module.hlo.txt"), "w") as fh:
+        fh.write(hlo_text)
+    jax.block_until_ready(fn(*arg_sets[0]))
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+        out = None
+        for j in range(args.profile_calls):
+            out = fn(*arg_sets[j % len(arg_sets)])
+        jax.block_until_ready(out)
+    events = trace_summary.device_events(trace_summary.load_trace(trace_summary.find_trace_file(trace_dir)))
+    return trace_summary.kernel_breakdown(events, args.profile_calls)
+
+
+def print_profiles(results: list[dict], top: int = 14) -> None:
+    """The per-kernel breakdown of every profiled case: ms per call, share of the device-busy time."""
+    for r in results:
+        prof = r.get("profile")
+        if not prof:
+            continue
+        print(f"\nprofile {_case_name(r)}: wall {r['ms']:.3f} ms/call, device busy {prof['busy_ms']:.3f} ms/call "
+              f"(Pallas kernels {prof['pallas_ms']:.3f}, XLA ops {prof['xla_ms']:.3f}; "
+              f"{prof['launches']:.0f} launches/call)")
+        for k in prof["kernels"][:top]:
+            print(f"  {k['ms']:8.3f} ms {k['share']:6.1%} x{k['count']:<4g} {k['kind']:<6} {k['name'][:90]}")
+        rest = prof["kernels"][top:]
+        if rest:
+            print(f"  {sum(k['ms'] for k in rest):8.3f} ms {sum(k['share'] for k in rest):6.1%} "
+                  f"({len(rest)} more kernels)")
+
+
 def workload_cases(heads_list, shapes) -> list[tuple]:
     """(Heads, B, S) of every measured case: each head shape (default: the three presets) at
     ``shapes`` (default: the head shape's own, see ``workload.Heads.shapes``)."""
@@ -309,6 +364,8 @@ def run(args) -> int:
                             else:
                                 row["err"] = {"d" + g: relative_error(a, b) for g, a, b in zip(GRADS, out, ref_grads)}
                             row["check_failed"] = not all(e <= tol for e in row["err"].values())  # NaN fails
+                        if args.profile:
+                            row["profile"] = _profile_case(fn, arg_sets, args, _case_name(row))
                         del out
                     except Exception as e:  # report and go on with the other cases
                         row["error"] = f"{type(e).__name__}: {e}"[:300]
@@ -345,6 +402,8 @@ def run(args) -> int:
             shown.add(key)
             print(f"chunkwise_pallas {r['heads']} {r['B']}x{r['S']} {r['grad_mode']}: parameters from "
                   f"{r['tuning_source']}: " + ",".join(f"{k}={v}" for k, v in r["kernel_params"].items()))
+    if args.profile:
+        print_profiles(results)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"device": device.device_kind, "jax": jax.__version__, "ceilings": ceilings,

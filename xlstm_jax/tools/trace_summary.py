@@ -208,6 +208,34 @@ def summarise(
     return out
 
 
+_PALLAS_KERNEL = re.compile(r"mlstm|pallas|triton|mosaic", re.IGNORECASE)
+
+
+def kernel_breakdown(events: Iterable[DeviceEvent], calls: int) -> dict[str, Any]:
+    """Per kernel name (a Pallas kernel's name, or an XLA fusion/instruction name): ms per call,
+    launches per call, share of the device-busy time, kind ``pallas`` or ``xla``; sorted by time.
+    Also the busy ms per call in total and split by kind, and the launches per call."""
+    if isinstance(calls, bool) or not isinstance(calls, int) or calls < 1:
+        raise ValueError(f"calls must be a positive int; got {calls!r}")
+    by_name: dict[str, list[float]] = {}
+    for ev in events:
+        acc = by_name.setdefault(ev.name, [0.0, 0])
+        acc[0] += ev.dur_us
+        acc[1] += 1
+    busy_us = sum(t for t, _ in by_name.values())
+    rows = []
+    for name, (t, n) in sorted(by_name.items(), key=lambda kv: -kv[1][0]):
+        kind = "pallas" if _PALLAS_KERNEL.search(name) else "xla"
+        rows.append({"name": name, "kind": kind, "ms": t / 1e3 / calls, "count": n / calls,
+                     "share": t / busy_us if busy_us else 0.0})
+    return {
+        "calls": calls, "busy_ms": busy_us / 1e3 / calls,
+        "pallas_ms": sum(r["ms"] for r in rows if r["kind"] == "pallas"),
+        "xla_ms": sum(r["ms"] for r in rows if r["kind"] == "xla"),
+        "launches": sum(r["count"] for r in rows), "kernels": rows,
+    }
+
+
 def summarise_dir(trace_dir: str, steps: int, hlo_text: str | None = None, step_ms: float | None = None) -> dict[str, Any]:
     """``summarise`` of the trace under ``trace_dir`` (``find_trace_file``); ``hlo_text``: the
     compiled module's text for the scopes of its instructions. Adds the ``trace_file`` read."""
