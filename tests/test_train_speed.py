@@ -223,8 +223,9 @@ def _baselines():
 @pytest.mark.parametrize(
     "options",
     [dict(fused_projections=True), dict(remat=True, remat_policy="full"),
-     dict(fused_projections=True, remat=True, remat_policy="dots")],
-    ids=["fused", "remat-full", "fused-remat-dots"],
+     dict(fused_projections=True, remat=True, remat_policy="dots"),
+     dict(scan_unroll=99, remat=True, remat_policy="dots")],
+    ids=["fused", "remat-full", "fused-remat-dots", "unrolled-remat-dots"],
 )
 def test_speed_options_same_loss_and_gradients(options, x64):
     """Loss and every gradient with the option on match the float64 baseline (options off) as
@@ -263,6 +264,8 @@ def test_option_validation():
         _config(remat_policy="some")
     with pytest.raises(ValueError, match="fused_projections"):
         _config(fused_projections=1)
+    with pytest.raises(ValueError, match="scan_unroll"):
+        _config(scan_unroll=0)
     from xlstm_jax.train.config import TrainConfig
 
     with pytest.raises(ValueError, match="cast_params"):

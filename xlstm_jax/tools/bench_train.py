@@ -33,6 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     positive, nonneg = int_at_least(1), int_at_least(0)
     parser.add_argument("--preset", default="350m", choices=PRESET_NAMES, help="model size")
     parser.add_argument("--num-blocks", type=positive, default=None, help="override the number of blocks (default: the preset's)")
+    parser.add_argument("--scan-unroll", type=positive, default=None,
+                        help="blocks per iteration of the block loop (the config's scan_unroll; a value >= the "
+                             "number of blocks unrolls it fully; default: the config's, 1)")
     parser.add_argument("--batch-size", type=positive, default=16, help="global batch size")
     parser.add_argument("--seq-len", type=nonneg, default=0, help="sequence length (default: 0, the preset's context length)")
     parser.add_argument("--steps", type=positive, default=10, help="timed steps")
@@ -72,6 +75,8 @@ def build_configs(args: argparse.Namespace):
     overrides: dict[str, Any] = {"fused_projections": bool(args.fused_projections)}
     if args.num_blocks is not None:
         overrides["num_blocks"] = args.num_blocks
+    if args.scan_unroll is not None:
+        overrides["scan_unroll"] = args.scan_unroll
     if args.remat == "none":
         overrides["remat"] = False
     elif args.remat in ("full", "dots"):
@@ -94,7 +99,8 @@ def build_configs(args: argparse.Namespace):
 
 def _options_text(args: argparse.Namespace, model_config) -> str:
     remat = "none" if not model_config.remat else model_config.remat_policy
-    return (f"remat={remat} fused={'on' if model_config.fused_projections else 'off'} "
+    unroll = "" if model_config.scan_unroll == 1 else f" unroll={model_config.scan_unroll}"
+    return (f"remat={remat}{unroll} fused={'on' if model_config.fused_projections else 'off'} "
             f"cast={'on' if args.cast_params else 'off'} backend={model_config.mlstm_backend}")
 
 

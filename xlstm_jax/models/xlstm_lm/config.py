@@ -110,6 +110,13 @@ class xLSTMLMConfig:
     entries). Speed only; the two float32 gate projections stay separate. Meant for meshes without a
     tensor axis (one GPU, data / FSDP): with tensor parallelism the concatenation of column-sharded
     kernels costs communication."""
+    scan_unroll: int = 1
+    """Blocks per iteration of the block stack's loop (``nn.scan``'s ``unroll``; ``num_blocks``
+    unrolls it fully). Speed and compile time only, never results or the parameter tree (the blocks'
+    parameters stay stacked). Unrolling lets XLA drop what a loop costs: the forward loop writes the
+    saved activations of every block into stacked buffers that are first filled with zeros and later
+    copied (H200 profile of the 350m preset, 2026-12-02: ~9 ms/step of zero fills and ~10 ms of
+    device-to-device copies in a 220 ms step)."""
     bos_token_id: int | None = None
     """Token id that starts a document (tokenizer metadata; None: none, as for the byte tokenizer)."""
     eos_token_id: int | None = None
@@ -126,7 +133,7 @@ class xLSTMLMConfig:
         object.__setattr__(self, "mlstm_backend_kwargs", kw)
         object.__setattr__(self, "fgate_bias_init_range", tuple(float(x) for x in self.fgate_bias_init_range))
         for name in ("vocab_size", "embedding_dim", "num_heads", "num_blocks", "context_length",
-                     "ffn_round_up_to_multiple_of"):
+                     "ffn_round_up_to_multiple_of", "scan_unroll"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int; got {value!r}")

@@ -164,6 +164,7 @@ class xLSTMLMModel(nn.Module):
                 in_axes=(0, nn.broadcast, nn.broadcast),
                 out_axes=0,
                 length=cfg.num_blocks,
+                unroll=min(cfg.scan_unroll, cfg.num_blocks),
             )(cfg, self.mesh, mode, keep_states, name="blocks")
             x, new_states = stack(x, states, mask, segment_ids)
         x = self._constrain(x)
