@@ -1,7 +1,7 @@
 """The variant paths of the Pallas chunkwise kernels (issue 9, "a backward that does less").
 
 Options of ``ChunkwiseKernelParams`` (``heuristics.VARIANT_CHOICES``): ``m_scan="linear"``,
-``gates_impl="pallas"``, ``gate_grads_impl="pallas"``, ``states_bf16=True``, ``fw_impl="fused"``. Each non-default value
+``gates_impl="pallas"``, ``gate_grads_impl="pallas"``, ``states_bf16=True``. Each non-default value
 runs against the float64 parallel reference (h, last states, the gradients of q, k, v, i, f and of
 the initial states) in both gradient conventions, with initial states and extreme gates
 (f = -inf, f = -1e30, i = -inf, at chunk edges and inside chunks); the pieces are also checked one
@@ -64,8 +64,6 @@ VARIANTS = [
     ("gates-pallas", "float32", (("gates_impl", "pallas"),)),
     ("gate_grads-pallas", "float32", (("gate_grads_impl", "pallas"),)),
     ("states_bf16", "bfloat16", (("states_bf16", True),)),
-    ("fw-fused-keepstates-bf16", "bfloat16",
-     (("fw_impl", "fused"), ("states_bf16", True), ("recompute_states_in_bw", False))),
     ("all-keepstates-bf16", "bfloat16",
      (("m_scan", "linear"), ("gates_impl", "pallas"), ("gate_grads_impl", "pallas"),
       ("states_bf16", True), ("recompute_states_in_bw", False))),
@@ -208,26 +206,13 @@ def test_recurrent_kernels_16bit_states_and_decay_grads():
     np.testing.assert_allclose(np.asarray(ddec), np.asarray(want), rtol=1e-5, atol=1e-5)
 
 
-def test_fused_forward_equals_split_forward():
-    """fw_impl="fused" without differentiation (no border states written) gives the split forward's
-    h and last states: the same products in the same order, so equal to float32 rounding."""
-    inputs, _ = _inputs("float32", seed=4)
-    inputs = tuple(x.astype(jnp.float32) for x in inputs)
-    outs = {}
-    for impl in ("split", "fused"):
-        kernel = get_mlstm_kernel("chunkwise_pallas", chunk_size=L, fw_impl=impl)
-        h, st = jax.jit(lambda *a, kernel=kernel: kernel(*a, return_last_states=True))(*inputs)
-        outs[impl] = {"h": h, "C": st.matC, "n": st.vecN, "m": st.scaM}
-    assert_trees_close(outs["fused"], outs["split"], 1e-6, "fused vs split forward")
-
-
 def test_variant_option_validation_and_registry():
     p = _params(m_scan="linear", gates_impl="pallas", gate_grads_impl="pallas", states_bf16=True)
     assert (p.m_scan, p.gates_impl, p.gate_grads_impl, p.states_bf16) == ("linear", "pallas", "pallas", True)
     d = _params()
     assert (d.m_scan, d.gates_impl, d.gate_grads_impl, d.states_bf16) == ("associative", "xla", "xla", False)
     for bad in (dict(m_scan="sequential"), dict(gates_impl="triton"), dict(gate_grads_impl=1),
-                dict(states_bf16="yes"), dict(fw_impl="one")):
+                dict(states_bf16="yes")):
         with pytest.raises(ValueError, match=next(iter(bad))):
             _params(**bad)
     get_mlstm_kernel("chunkwise_pallas", m_scan="linear", gates_impl="pallas", gate_grads_impl="pallas",

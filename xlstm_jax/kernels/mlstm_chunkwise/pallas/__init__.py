@@ -41,7 +41,6 @@ KERNEL_OPTIONS = {
     "gates_impl": None,
     "gate_grads_impl": None,
     "states_bf16": None,
-    "fw_impl": None,
 }
 
 

@@ -26,9 +26,6 @@ the registry entry; the defaults are the paths above; ``heuristics.VARIANT_CHOIC
   vecDecay_k (<dC_k, C_{k-1}> + <dn_k, n_{k-1}>) (it holds dC_k in registers and loads the C_{k-1}
   tile), and the per-chunk logf-gradient sums run in one Pallas kernel
   (``gate_kernels.gate_gradients``); the XLA einsum over both state arrays is gone.
-* ``fw_impl="fused"``: the forward in one kernel (``fw_fused.py``): each program walks the chunks
-  of one (batch*head, DHV tile) with the state in registers, computing h and folding the chunk into
-  the state; border states written only when the backward keeps them.
 * ``states_bf16=True`` (16-bit kernel dtypes only): the recurrent kernels store the C and dC border
   states in the kernel dtype, which the parallel kernels' products cast them to anyway (bit-equal
   h, dq, dk, dv); the recurrences accumulate in fp32, and the last state C_NC and dC_0 come from
@@ -66,7 +63,6 @@ from .bw_parallel_dk import parallel_bw_dk
 from .bw_parallel_dq import parallel_bw_dq
 from .bw_parallel_dv import parallel_bw_dv
 from .bw_recurrent import recurrent_bw_states
-from .fw_fused import fused_fw
 from .fw_parallel import parallel_fw_h
 from .fw_recurrent import recurrent_fw_states
 from .heuristics import ChunkwiseKernelParams, padded_head_dim
@@ -102,7 +98,6 @@ class ForwardOut(NamedTuple):
     vecN_states: jax.Array  # (BH, NC+1, DHQK)
     scaM_borders: jax.Array  # (BH, NC+1)
     matC_last: jax.Array  # (BH, DHQK, DHV) float32 (matC_states may be 16-bit: ``states_bf16``)
-    vecN_last: jax.Array  # (BH, DHQK)
 
 
 def chunkwise_forward(
@@ -115,32 +110,21 @@ def chunkwise_forward(
     vecN0: jax.Array,  # (BH, DHQK)
     scaM0: jax.Array,  # (BH,)
     cfg: CoreConfig,
-    need_states: bool = True,
 ) -> ForwardOut:
-    """The forward pass on padded, flattened arrays. ``need_states=False``: the caller needs no
-    border states (``matC_states`` / ``vecN_states`` may then be None: ``fw_impl="fused"`` does not
-    write them)."""
+    """The forward pass on padded, flattened arrays."""
     p = cfg.params
     if cfg.max_state:
         vecM = gates.max_state_scan_for(p.m_scan, p.chunk_size_intra)(vecI, vecLogF, scaM0)
     else:  # the sigmoid cell: i is log_sigmoid of the gate, every log weight <= 0, m held at 0
         vecM = jnp.zeros_like(vecI)
     g = _kernel_gates(vecI, vecLogF, vecM, scaM0, cfg)
-    if p.fw_impl == "fused":
-        matH, vecNq, matC_last, vecN_last, matC_states, vecN_states = fused_fw(
-            matQ, matK, matV, g.vecQlog, g.vecKlog, g.vecWinter, vecM, g.vecStart, g.vecWstate, g.vecDecay,
-            matC0, vecN0, params=p, qk_scale=cfg.qk_scale, eps=cfg.eps, norm_val=cfg.norm_val,
-            stabilize_correctly=cfg.stabilize_correctly, output_dtype=cfg.h_dtype, store_states=need_states,
-            states_dtype=_states_dtype(cfg, matK.dtype), interpret=cfg.interpret,
-        )
-        return ForwardOut(matH, vecNq, vecM, matC_states, vecN_states, g.scaM_borders, matC_last, vecN_last)
     matC_states, vecN_states, matC_last = _fw_states(matK, matV, g, matC0, vecN0, cfg)
     matH, vecNq = parallel_fw_h(
         matQ, matK, matV, g.vecQlog, g.vecKlog, g.vecWinter, vecM, g.vecStart, matC_states, vecN_states,
         params=p, qk_scale=cfg.qk_scale, eps=cfg.eps, norm_val=cfg.norm_val,
         stabilize_correctly=cfg.stabilize_correctly, output_dtype=cfg.h_dtype, interpret=cfg.interpret,
     )
-    return ForwardOut(matH, vecNq, vecM, matC_states, vecN_states, g.scaM_borders, matC_last, vecN_states[:, -1])
+    return ForwardOut(matH, vecNq, vecM, matC_states, vecN_states, g.scaM_borders, matC_last)
 
 
 def _kernel_gates(vecI, vecLogF, vecM, scaM0, cfg: CoreConfig) -> gates.KernelGates:
@@ -266,13 +250,13 @@ def chunkwise_backward(
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
 def _core(matQ, matK, matV, vecI, vecLogF, matC0, vecN0, scaM0, cfg: CoreConfig):
-    out = chunkwise_forward(matQ, matK, matV, vecI, vecLogF, matC0, vecN0, scaM0, cfg, need_states=False)
-    return out.matH, out.matC_last, out.vecN_last, out.scaM_borders[:, -1]
+    out = chunkwise_forward(matQ, matK, matV, vecI, vecLogF, matC0, vecN0, scaM0, cfg)
+    return out.matH, out.matC_last, out.vecN_states[:, -1], out.scaM_borders[:, -1]
 
 
 def _core_fwd(matQ, matK, matV, vecI, vecLogF, matC0, vecN0, scaM0, cfg: CoreConfig):
+    out = chunkwise_forward(matQ, matK, matV, vecI, vecLogF, matC0, vecN0, scaM0, cfg)
     keep_states = not cfg.recompute_states_in_bw
-    out = chunkwise_forward(matQ, matK, matV, vecI, vecLogF, matC0, vecN0, scaM0, cfg, need_states=keep_states)
     res = (
         matQ, matK, matV, vecI, vecLogF, matC0, vecN0, scaM0, out.vecM, out.vecNq,
         out.matH if cfg.grad_mode == "exact" else None,
@@ -280,7 +264,7 @@ def _core_fwd(matQ, matK, matV, vecI, vecLogF, matC0, vecN0, scaM0, cfg: CoreCon
         out.vecN_states if keep_states else None,
         out.matC_last if keep_states else None,
     )
-    prim = (out.matH, out.matC_last, out.vecN_last, out.scaM_borders[:, -1])
+    prim = (out.matH, out.matC_last, out.vecN_states[:, -1], out.scaM_borders[:, -1])
     return prim, res
 
 
@@ -460,7 +444,6 @@ def mlstm_chunkwise_pallas(
     gates_impl: str | None = None,
     gate_grads_impl: str | None = None,
     states_bf16: bool | None = None,
-    fw_impl: str | None = None,
 ):
     """Chunkwise mLSTM with the Pallas TFLA kernels, differentiable (``jax.custom_vjp``).
 
@@ -479,7 +462,7 @@ def mlstm_chunkwise_pallas(
     this device and shape, else the heuristics; ``tuned=False`` (or ``XLSTM_JAX_TUNING=off``) skips
     the tables (lookup at trace time, pure Python; see ``tuning``). ``interpret``:
     None compiles on an NVIDIA GPU and interprets elsewhere. ``m_scan``, ``gates_impl``,
-    ``gate_grads_impl``, ``states_bf16``, ``fw_impl`` select the variant paths of ``heuristics.VARIANT_CHOICES``
+    ``gate_grads_impl``, ``states_bf16`` select the variant paths of ``heuristics.VARIANT_CHOICES``
     (None: the tuned table's choice, else the default, today's path).
     """
     tile_params = dict(
@@ -490,7 +473,6 @@ def mlstm_chunkwise_pallas(
         num_warps_intra=num_warps_intra, num_warps_inter=num_warps_inter,
         num_stages_intra=num_stages_intra, num_stages_inter=num_stages_inter,
         m_scan=m_scan, gates_impl=gates_impl, gate_grads_impl=gate_grads_impl, states_bf16=states_bf16,
-        fw_impl=fw_impl,
     )
     call = validate_sequence_call(
         "chunkwise_pallas", matQ, matK, matV, vecI, vecF, c_initial, n_initial, m_initial,

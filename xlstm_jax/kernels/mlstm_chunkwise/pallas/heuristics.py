@@ -65,7 +65,6 @@ class ChunkwiseKernelParams:
     gates_impl: str = "xla"
     gate_grads_impl: str = "xla"
     states_bf16: bool = False
-    fw_impl: str = "split"
 
     def tile(self, name: str, dim: int) -> int:
         """Head-dim tile ``name`` clamped to the (padded) head dim ``dim``."""
@@ -79,7 +78,6 @@ VARIANT_CHOICES = {
     "gates_impl": ("xla", "pallas"),
     "gate_grads_impl": ("xla", "pallas"),
     "states_bf16": (False, True),
-    "fw_impl": ("split", "fused"),
 }
 """The variant options and their values (the first is the default).
 
@@ -93,12 +91,6 @@ VARIANT_CHOICES = {
 * states_bf16: store the chunk-border states C and dC (not n) in the 16-bit kernel dtype that
   the parallel kernels' products take anyway (the recurrences still accumulate in float32; the last
   state and dC0 stay float32). No effect for float32 kernels.
-* fw_impl: the forward as the recurrent state kernel then the parallel h kernel (``"split"``), or
-  one kernel that walks the chunks of a (batch*head, DHV tile) in order with the state in registers
-  (``"fused"``, ``fw_fused.py``): the border states are neither written nor read back unless the
-  backward pass keeps them, k and v are read once; less parallelism (no program per chunk). Uses
-  siz_b_L_parallel, siz_b_L_loop, siz_b_DH_parallel (its DHV tile), chunk_size_inter and the intra
-  launch parameters.
 """
 
 

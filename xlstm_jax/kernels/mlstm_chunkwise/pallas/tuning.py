@@ -106,7 +106,6 @@ SEARCH_SPACE: tuple[tuple[str, tuple], ...] = (
     # the variant paths of heuristics.VARIANT_CHOICES (2026-12-01, not yet measured); gates_impl is
     # left out: its m0 gradient misses the float32 hard-gate tolerance (docs/benchmarks.md)
     ("states_bf16", (False, True)),
-    ("fw_impl", ("split", "fused")),
     ("m_scan", ("associative", "linear")),
     ("gate_grads_impl", ("xla", "pallas")),
     ("siz_b_DH_parallel", (64, 128, 256)),
