@@ -25,6 +25,8 @@
 #   TUNE_THREADS    candidates compiled concurrently by the tuner               [4]
 #   SKIP_TUNE       1: skip (a) and use $OUT/tuning_cache.json as it is         [0]
 #   REPS            timed calls per bench measurement                           [10]
+#   BENCH_KERNELS   kernels of (b); the table shows chunkwise_pallas as "ours" and
+#                   chunkwise_mosaic (if listed) in columns of its own           [chunkwise_pallas]
 #   OURS_PEER_TIMER 1: also time ours through .peers/peer_shapes.py             [0]
 #   PY              python                                                      [python3]
 #   ONLY_TABLE      1: only (d), from the files already in $OUT                 [0]
@@ -65,7 +67,8 @@ fi
 for g in "${GROUPS_[@]}"; do
   read -r heads peer shapes rows <<<"$g"
   T=$(( rows * 90 + 60 )); t0=$(date +%s)
-  timeout -k 10 "$T" $PY -m xlstm_jax bench --kernels chunkwise_pallas --heads "$heads" --shapes "$shapes" \
+  nk=$(wc -w <<<"${BENCH_KERNELS:-chunkwise_pallas}"); T=$(( T * nk ))
+  timeout -k 10 "$T" $PY -m xlstm_jax bench --kernels ${BENCH_KERNELS:-chunkwise_pallas} --heads "$heads" --shapes "$shapes" \
     --grad-mode exact tfla --no-ceilings --reps "$REPS" --warmup 2 --label tuned \
     --json "$OUT/bench_$heads.json" >"$OUT/bench_$heads.log" 2>&1
   status+=("bench $heads: rc=$? ($(( $(date +%s) - t0 )) s, limit $T s)")
@@ -114,12 +117,19 @@ def load(path):
         return None
 
 
-ours = {}  # (heads, B, S, grad_mode, mode) -> ms
+ours = {}  # (heads, B, S, grad_mode, mode) -> ms (chunkwise_pallas, no explicit options)
+mosaic = {}  # the same for chunkwise_mosaic
 params = {}  # (heads, B, S, grad_mode) -> (source, kernel params)
 for path in glob.glob(os.path.join(out, "bench_*.json")):
     for r in (load(path) or {}).get("results", []):
+        key = (r["heads"], r["B"], r["S"], r["grad_mode"], r["mode"])
+        if r["kernel"] == "chunkwise_mosaic" and not r.get("options"):
+            mosaic[key] = r.get("ms", r.get("error", "error"))
+            continue
+        if r["kernel"] != "chunkwise_pallas" or r.get("options"):
+            continue
         if "ms" in r:
-            ours[(r["heads"], r["B"], r["S"], r["grad_mode"], r["mode"])] = r["ms"]
+            ours[key] = r["ms"]
         if "kernel_params" in r:
             params[(r["heads"], r["B"], r["S"], r["grad_mode"])] = (r.get("tuning_source"), r["kernel_params"])
 tuned = {}  # (heads, B, S) -> tuner entry
@@ -186,6 +196,25 @@ for heads, B, S in ROWS:
                      peer_fwbw_ms=pfwbw, fw_ratio=r_fw, fwbw_ratio=r_bw, goal_met=goal,
                      tuned_entry=e, bench_params=params.get((heads, B, S, "exact")),
                      ours_peer_timer={m: ours_pt.get((heads, B, S, m)) for m in ("exact", "tfla")}))
+if mosaic:
+    print("\nchunkwise_mosaic (Mosaic GPU forward kernel; same bench call), ms and ratio to the peer:")
+    print(f"{'heads':<9}{'B x S':>9}{'fw':>8}{'fwbw':>8}{'fwbw tfla':>10}{'fw/peer':>8}{'fwbw/peer':>10}"
+          f"{'fw/pallas':>10}{'fwbw/pallas':>12}")
+    for heads, B, S in ROWS:
+        m = {k: mosaic.get((heads, B, S) + k) for k in (("exact", "fw"), ("exact", "fwbw"), ("tfla", "fwbw"))}
+        if not any(m.values()):
+            continue
+        num = {k: v if isinstance(v, (int, float)) else None for k, v in m.items()}
+        p = peer.get((heads, B, S), {})
+        fw, bw = num[("exact", "fw")], num[("exact", "fwbw")]
+        ofw, obw = ours.get((heads, B, S, "exact", "fw")), ours.get((heads, B, S, "exact", "fwbw"))
+        rat = lambda a, b: a / b if a and b else None  # noqa: E731
+        print(f"{heads:<9}{f'{B}x{S}':>9}{f(fw, 8)}{f(bw, 8)}{f(num[('tfla', 'fwbw')], 10)}"
+              f"{f(rat(fw, p.get('fw_ms')), 8)}{f(rat(bw, p.get('fwbw_ms')), 10)}{f(rat(fw, ofw), 10)}{f(rat(bw, obw), 12)}"
+              + "".join(f"  {k[1]} {k[0]}: {v[:60]}" for k, v in m.items() if isinstance(v, str)))
+        for r in rows:
+            if (r["heads"], r["B"], r["S"]) == (heads, B, S):
+                r["mosaic"] = {f"{k[1]}_{k[0]}": v for k, v in m.items()}
 if ours_pt:
     print("\nours through peer_shapes.py (same timer as the peer), fw / fwbw ms:")
     for heads, B, S in ROWS:
