@@ -1,10 +1,15 @@
-"""The Mosaic GPU chunkwise family ``chunkwise_mosaic`` (issue 14, forward only).
+"""The Mosaic GPU chunkwise family ``chunkwise_mosaic`` (issue 14: the forward intra-chunk kernel
+on Mosaic GPU; recurrence and backward are the Triton family's kernels).
 
-GPU tests (``gpu`` mark; skipped on CPU, run by ``scripts/gpu_mosaic.sh``): the compiled kernel's h
-and last states against the float64 parallel reference at the issue's shapes. CPU tests: the
-registry entry, import isolation (``import xlstm_jax.kernels`` imports no Mosaic GPU module), the
-errors on CPU and for unsupported options, the compiled path lowered for CUDA, and (``slow``) the
-kernel in Mosaic GPU's interpret mode against the float64 reference (resets, initial states).
+GPU tests (``gpu`` mark; skipped on CPU, run by ``scripts/gpu_mosaic.sh``): the compiled kernel's h,
+last states and every gradient against the float64 parallel reference at the issue's shapes, and
+against ``chunkwise_pallas``. CPU tests: the registry entry, import isolation (``import
+xlstm_jax.kernels`` imports no Mosaic GPU module), the errors on CPU and for unsupported options,
+the compiled path lowered for CUDA, and the kernel in Mosaic GPU's interpret mode (the Triton
+kernels interpreted) against the float64 reference: outputs, last states and all eight gradients
+for the exponential and sigmoid input gates, packed documents, both grad modes, kept and bf16
+states (``test_interpret_*``; tiny shapes, a few seconds each), plus (``slow``) one larger forward
+case (two query blocks per chunk, two DHV tiles).
 """
 
 from __future__ import annotations
@@ -19,7 +24,14 @@ import pytest
 
 from xlstm_jax.kernels import available_mlstm_kernels, get_mlstm_kernel, get_mlstm_kernel_spec
 from xlstm_jax.kernels.mlstm_parallel.native import mlstm_parallel
-from xlstm_jax.testing import mlstm_inputs, relative_error, to_float64
+from xlstm_jax.testing import (
+    GRAD_NAMES,
+    mlstm_inputs,
+    outputs_and_grads,
+    random_cotangents,
+    relative_error,
+    to_float64,
+)
 
 TOL = {"bfloat16": 2e-2, "float16": 1e-2}
 
@@ -62,6 +74,60 @@ def _compare(inputs, tol, jit=False, **options):
         _check(a, b, tol, f"last state {name}")
 
 
+def _segment_ids(B, S):
+    """(B, S) int32 packed documents: row 0 starts documents at S // 4 + 3, S // 2 (a 64-row block
+    edge for S = 128), S // 2 + 1 (a document of one step) and 3 S // 4 - 7; row 1 (if any) holds
+    ids that are not consecutive with one start at S // 3; further rows one document."""
+    rows = []
+    for b in range(B):
+        ids = np.zeros(S, np.int32)
+        if b == 0:
+            for n, t in enumerate((S // 4 + 3, S // 2, S // 2 + 1, 3 * S // 4 - 7)):
+                ids[t:] = n + 1
+        elif b == 1:
+            ids[:] = 9
+            ids[S // 3:] = 4
+        rows.append(ids)
+    return jnp.asarray(np.stack(rows))
+
+
+def _check_dm0_bf16(dm0, dm0_ref, grads_ref, inputs64, tol):
+    """dm0 = <dC0, C0> + <dn0, n0> (+ the pull-back through m) is a difference of terms of the size
+    of the initial state, often much larger than dm0: with bf16 products its error is measured
+    against the size of those terms (the condition of the quantity), as in test_chunkwise_pallas."""
+    c0, n0 = inputs64[5], inputs64[6]
+    scale = jnp.abs(jnp.sum(grads_ref["c0"] * c0, axis=(2, 3))) + jnp.abs(jnp.sum(grads_ref["n0"] * n0, axis=2))
+    err = relative_error(dm0, dm0_ref) * float(jnp.linalg.norm(dm0_ref)) / float(jnp.linalg.norm(scale))
+    assert np.isfinite(err) and err < tol, f"grad m0: error {err:.3e} relative to its parts (tolerance {tol})"
+
+
+def _compare_grads(inputs, tol, *, seg=None, input_gate="exp", grad_mode="exact", seed=5, **options):
+    """h, last states and the gradients of q, k, v, i, f, c0, n0, m0 of ``chunkwise_mosaic`` (jitted)
+    against ``parallel_native`` in float64 with the same cell options and documents."""
+    kern = get_mlstm_kernel("chunkwise_mosaic", **options)
+    ref = get_mlstm_kernel("parallel_native")
+    B, NH, S, _ = inputs[0].shape
+    cots = random_cotangents(jax.random.PRNGKey(seed), (B, NH, S, inputs[2].shape[-1]), inputs[5:])
+    call = dict(input_gate=input_gate, grad_mode=grad_mode, segment_ids=seg)
+    outs, grads = jax.jit(lambda a, c: outputs_and_grads(kern, a, c, **call))(inputs, cots)
+    outs_r, grads_r = outputs_and_grads(ref, to_float64(inputs), to_float64(cots), **call)
+    assert outs["h"].dtype == inputs[0].dtype and outs["h"].shape == outs_r["h"].shape
+    for name in ("h", "C", "n", "m"):
+        _check(outs[name], outs_r[name], tol, f"{name} ({input_gate}, {grad_mode})")
+    assert set(grads) == set(GRAD_NAMES)
+    for name in GRAD_NAMES:
+        assert grads[name].dtype == inputs[GRAD_NAMES.index(name)].dtype, name
+        if name == "m0" and inputs[0].dtype != jnp.float32:
+            _check_dm0_bf16(grads[name], grads_r[name], grads_r, to_float64(inputs), tol)
+        else:
+            _check(grads[name], grads_r[name], tol, f"grad {name} ({input_gate}, {grad_mode})")
+    if seg is not None:  # the given f at a document start has no effect
+        starts = np.concatenate([np.zeros((B, 1), bool), np.asarray(seg[:, 1:] != seg[:, :-1])], axis=1)
+        df = np.asarray(grads["f"], np.float32)[np.broadcast_to(starts[:, None], (B, NH, S))]
+        assert starts.any() and float(np.max(np.abs(df))) == 0.0
+    return outs, grads
+
+
 # ---------------------------------------------------------------------------------------- CPU
 
 
@@ -69,7 +135,8 @@ def test_registry_entry():
     assert "chunkwise_mosaic" in available_mlstm_kernels()
     spec = get_mlstm_kernel_spec("chunkwise_mosaic")
     pallas = get_mlstm_kernel_spec("chunkwise_pallas")
-    assert spec.needs_gpu and not spec.differentiable
+    assert spec.needs_gpu and spec.differentiable
+    assert "backward are the Triton family's kernels" in spec.description
     assert spec.options == pallas.options  # same options as the Triton family
     with pytest.raises(ValueError, match="no option"):
         get_mlstm_kernel("chunkwise_mosaic", chunk_sise=64)
@@ -112,13 +179,6 @@ def test_option_errors():
         kern(*x, grad_mode="approximate")
 
 
-def test_backward_is_not_implemented():
-    from xlstm_jax.kernels.mlstm_chunkwise.mosaic import forward
-
-    with pytest.raises(NotImplementedError, match="forward-only.*chunkwise_pallas"):
-        forward._forward_bwd(None, None, None)
-
-
 def test_empty_batch():
     x = _inputs(0, 2, 64, 64, 64, "bfloat16")
     h, (c, n, m) = get_mlstm_kernel("chunkwise_mosaic")(*x, return_last_states=True)
@@ -147,6 +207,49 @@ def test_compiled_path_lowers_for_cuda(case, monkeypatch):
     fn = get_mlstm_kernel("chunkwise_mosaic", chunk_size=chunk, interpret=False)
     text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
+
+
+def test_compiled_gradient_path_lowers_for_cuda(monkeypatch):
+    """The gradient traces with the compiled Mosaic kernel (its nq output feeding the backward
+    pass; on CPU the Triton backward kernels lower interpreted) and lowers for CUDA."""
+    from xlstm_jax.kernels.pallas import _mosaic
+
+    monkeypatch.setattr(_mosaic, "check_backend", lambda *a: None)
+    B, NH, S, DHQK, DHV = 1, 2, 256, 128, 256
+    sds = lambda *shape, dt=jnp.dtype("bfloat16"): jax.ShapeDtypeStruct(shape, dt)  # noqa: E731
+    args = (sds(B, NH, S, DHQK), sds(B, NH, S, DHQK), sds(B, NH, S, DHV),
+            sds(B, NH, S, dt=jnp.float32), sds(B, NH, S, dt=jnp.float32))
+    fn = get_mlstm_kernel("chunkwise_mosaic", chunk_size=128, interpret=False)
+    loss = lambda *a: jnp.sum(fn(*a).astype(jnp.float32))  # noqa: E731
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))
+    text = grad.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text
+
+
+INTERPRET_CASES = [
+    # (id, B, NH, S, input_gate, grad_mode, packed, options): D = 64 (one Mosaic tile), chunk 64
+    # (two chunks: the entering state, the inter-chunk term of h and of nq), initial states
+    ("exp-exact-S100-resets", 1, 2, 100, "exp", "exact", False, {}),
+    ("sigmoid-exact-segments", 1, 1, 128, "sigmoid", "exact", True, {}),
+    ("exp-tfla-segments-kept-bf16-states", 1, 1, 128, "exp", "tfla", True,
+     dict(recompute_states_in_bw=False, states_bf16=True)),
+]
+"""Three compiles of ~10 s each on 2 cores (XLA compiling the interpreted kernels): the sigmoid
+cell in tfla mode differs from these only in the Triton family's backward, which its own tests
+(test_segments_sigmoid) cover; the GPU tests run it compiled."""
+
+
+@pytest.mark.parametrize("case", INTERPRET_CASES, ids=[c[0] for c in INTERPRET_CASES])
+def test_interpret_outputs_and_gradients(case, x64):
+    """Interpret mode (CPU): h, last states and all eight gradients against the float64 parallel
+    reference. S = 100 is padded to 128 (neutral steps); hard gates (large i, small f, one exact
+    reset f = -inf) in the exp cases; packed documents with starts on and off block edges and a
+    document of one step; the sigmoid gate (validated once: log_sigmoid is applied once, m = 0)."""
+    _, B, NH, S, input_gate, grad_mode, packed, options = case
+    inputs = _inputs(B, NH, S, 64, 64, "bfloat16", hard=input_gate == "exp", seed=3)
+    _compare_grads(inputs, TOL["bfloat16"], seg=_segment_ids(B, S) if packed else None,
+                   input_gate=input_gate, grad_mode=grad_mode, chunk_size=64, interpret=True,
+                   tuned=False, **options)
 
 
 @pytest.mark.slow  # ~20-40 s on 2 cores (CI budget); the GPU tests check the same arithmetic compiled
@@ -179,6 +282,48 @@ def test_gpu_against_float64_reference(case, x64):
     B, NH, S, DHQK, DHV, dtype, chunk, hard = case
     inputs = _inputs(B, NH, S, DHQK, DHV, dtype, hard=hard)
     _compare(inputs, TOL[dtype], chunk_size=chunk)
+
+
+GPU_GRAD_CASES = [
+    # (B, NH, S, DHQK, DHV, dtype, chunk, input_gate, grad_mode, packed, options)
+    (1, 4, 512, 128, 256, "bfloat16", 128, "exp", "exact", False, {}),
+    (1, 2, 512, 256, 512, "bfloat16", 128, "sigmoid", "tfla", True, {}),
+    (2, 2, 1024, 64, 128, "bfloat16", 64, "exp", "tfla", True,
+     dict(recompute_states_in_bw=False, states_bf16=True)),
+    (1, 4, 320, 128, 256, "float16", 128, "sigmoid", "exact", False, dict(gate_grads_impl="pallas")),
+    (2, 2, 512, 128, 256, "bfloat16", 256, "exp", "exact", True, dict(m_scan="linear")),
+]
+
+
+def _grad_case_id(c):
+    opts = "-".join(f"{k}={v}" for k, v in c[-1].items())
+    return "-".join(map(str, c[:9])) + ("-packed" if c[9] else "") + (f"-{opts}" if opts else "")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GPU_GRAD_CASES, ids=[_grad_case_id(c) for c in GPU_GRAD_CASES])
+def test_gpu_gradients_against_float64_reference(case, x64):
+    B, NH, S, DHQK, DHV, dtype, chunk, input_gate, grad_mode, packed, options = case
+    inputs = _inputs(B, NH, S, DHQK, DHV, dtype, hard=input_gate == "exp")
+    _compare_grads(inputs, TOL[dtype], seg=_segment_ids(B, S) if packed else None,
+                   input_gate=input_gate, grad_mode=grad_mode, chunk_size=chunk, **options)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("input_gate", ["exp", "sigmoid"])
+def test_gpu_gradients_match_chunkwise_pallas(input_gate):
+    """The same backward kernels on the Mosaic residuals: gradients equal to the Triton family's up
+    to the rounding of h and nq (float32 inputs autocast to bf16 in both)."""
+    inputs = _inputs(2, 4, 512, 128, 256, "float32", hard=True)
+    cots = random_cotangents(jax.random.PRNGKey(2), (2, 4, 512, 256), inputs[5:])
+    opts = dict(chunk_size=128, autocast_kernel_dtype="bfloat16")
+    got = {}
+    for name in ("chunkwise_mosaic", "chunkwise_pallas"):
+        kern = get_mlstm_kernel(name, **opts)
+        got[name] = jax.jit(lambda a, c: outputs_and_grads(kern, a, c, input_gate=input_gate))(inputs, cots)
+    for gname in GRAD_NAMES:
+        _check(got["chunkwise_mosaic"][1][gname], got["chunkwise_pallas"][1][gname], 1e-2,
+               f"grad {gname} vs chunkwise_pallas")
 
 
 @pytest.mark.gpu

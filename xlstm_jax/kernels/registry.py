@@ -27,7 +27,7 @@ Where the kernels come from: ``_load_builtin_kernels`` below imports, on first u
     recurrent_native    mlstm_recurrent/native.py         mlstm_recurrent_sequence (+ step kernel)
     chunkwise_native    mlstm_chunkwise/native.py         mlstm_chunkwise
     chunkwise_pallas    mlstm_chunkwise/pallas/           mlstm_chunkwise_pallas
-    chunkwise_mosaic    mlstm_chunkwise/mosaic/           mlstm_chunkwise_mosaic (forward only, GPU)
+    chunkwise_mosaic    mlstm_chunkwise/mosaic/           mlstm_chunkwise_mosaic (Mosaic GPU fw, Triton bw)
     recurrent_pallas    mlstm_recurrent/pallas_step/      step kernel mlstm_recurrent_step_pallas
 """
 

@@ -1,10 +1,12 @@
-"""Mosaic GPU (Hopper-native Pallas) chunkwise mLSTM kernels, issue 14: the forward pass first.
+"""Mosaic GPU (Hopper-native Pallas) chunkwise mLSTM kernels, issue 14.
 
-Modules: ``fw_parallel`` (the intra-chunk kernel: h from the chunk-border state and the
-attention-like part, wgmma + TMA; its docstring has the design), ``forward`` (preparation, the XLA
-gates, the Triton recurrent state kernel, the launch). Registered as ``chunkwise_mosaic`` with the
-options of ``chunkwise_pallas`` (``needs_gpu``: an NVIDIA Hopper GPU). Forward only: differentiating
-raises ``NotImplementedError``.
+The forward intra-chunk kernel is on Mosaic GPU; state recurrence and backward are the Triton
+family's kernels (Mosaic backward kernels not written yet). Modules: ``fw_parallel`` (the
+intra-chunk kernel: h and the normaliser from the chunk-border state and the attention-like part,
+wgmma + TMA; its docstring has the design), ``forward`` (preparation, the Triton family's gates and
+recurrent state kernel, the launch, the ``jax.custom_vjp`` over the Triton family's backward).
+Registered as ``chunkwise_mosaic`` with the options of ``chunkwise_pallas`` (``needs_gpu``: an
+NVIDIA Hopper GPU); differentiable.
 
 Importing this package imports no Mosaic GPU module: ``jax.experimental.pallas.mosaic_gpu`` is
 imported by ``xlstm_jax.kernels.pallas._mosaic`` when a kernel is first traced, so the package
@@ -30,12 +32,12 @@ register_mlstm_kernel(
     _chunkwise_mosaic_kernel,
     options=KERNEL_OPTIONS,
     description=(
-        "chunkwise (TFLA) forward with a Mosaic GPU intra-chunk kernel (wgmma, TMA) and the Triton "
-        "recurrent state kernel; forward only; needs an NVIDIA Hopper GPU (interpret=True: CPU "
-        "simulation)"
+        "chunkwise (TFLA): forward intra-chunk kernel on Mosaic GPU (wgmma, TMA); state recurrence "
+        "and backward are the Triton family's kernels (Mosaic backward kernels not written yet); "
+        "needs an NVIDIA Hopper GPU (interpret=True: CPU simulation)"
     ),
     needs_gpu=True,
-    differentiable=False,
+    differentiable=True,
 )
 
 __all__ = ["KERNEL_OPTIONS", "mlstm_chunkwise_mosaic"]
