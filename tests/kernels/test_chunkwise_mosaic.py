@@ -337,3 +337,102 @@ def test_gpu_matches_chunkwise_pallas():
     _check(h, h_p, 1e-2, "h vs chunkwise_pallas")
     for a, b in zip(st, st_p):
         _check(a, b, 1e-5, "last states vs chunkwise_pallas (same recurrent kernel)")
+
+
+# ------------------------------------------------------------------------ family choice (CPU)
+
+
+def _fake_table(tmp_path, monkeypatch, **fields):
+    """A user tuning cache holding one entry for this machine (device kind "cpu") at B, NH, S,
+    DHQK, DHV = 1, 1, 64, 64, 64, bf16, exact; ``fields`` update it (``family``, ``params``)."""
+    from xlstm_jax.kernels.mlstm_chunkwise.pallas import tuning
+
+    entry = dict(device_kind=tuning.current_device_kind(), NH=1, DHQK=64, DHV=64, dtype="bfloat16",
+                 grad_mode="exact", B=1, S=64, objective="fwbw",
+                 params={"siz_b_L_parallel": 32, "siz_b_DHV_inter": 64, "m_scan": "linear"})
+    entry.update(fields)
+    path = tmp_path / "tuning.json"
+    tuning.write_table(str(path), [entry], merge=False)
+    monkeypatch.setenv(tuning.ENV_CACHE, str(path))
+    monkeypatch.delenv(tuning.ENV_SWITCH, raising=False)
+    return str(path)
+
+
+def _choose(**kw):
+    from xlstm_jax.kernels.mlstm_chunkwise.mosaic import choose_family
+
+    args = dict(B=1, NH=1, S=64, DHQK=64, DHV=64, kernel_dtype=jnp.bfloat16, grad_mode="exact")
+    args.update(kw)
+    return choose_family(**args)
+
+
+def test_family_choice_rule(tmp_path, monkeypatch):
+    """The rule of ``mosaic.auto``: the entry's family, then the dtype, the chunk and whether Mosaic
+    GPU can run here (on CPU: only interpreted); the Triton intra options are not passed on."""
+    from xlstm_jax.kernels.mlstm_chunkwise.pallas import tuning
+
+    path = _fake_table(tmp_path, monkeypatch, family="mosaic")
+    c = _choose(interpret=True)
+    assert (c.family, c.source) == ("mosaic", path)
+    assert c.mosaic_options == {"siz_b_DHV_inter": 64, "m_scan": "linear"}
+    c = _choose(interpret=True, chunk_size=128)
+    assert c.family == "mosaic" and c.mosaic_options["chunk_size"] == 128
+    assert _choose(interpret=True, S=200).family == "mosaic"  # the nearest entry (S within 4x)
+    for kw, why in [
+        (dict(interpret=False), "Mosaic GPU unavailable: no GPU"),  # CPU, compiled: Triton fallback
+        (dict(interpret=True, kernel_dtype=jnp.float32), "float32"),
+        (dict(interpret=True, chunk_size=32), "not a multiple of 64"),
+        (dict(interpret=True, tuned=False), "tuning disabled"),
+        (dict(interpret=True, DHV=128), "no tuned entry"),
+    ]:
+        c = _choose(**kw)
+        assert c.family == "triton" and why in c.reason, (kw, c)
+    _fake_table(tmp_path, monkeypatch, family="mosaic", params={"chunk_size_intra": 32})
+    assert "not a multiple of 64" in _choose(interpret=True).reason
+    _fake_table(tmp_path, monkeypatch)  # no family: Triton
+    assert _choose(interpret=True).family == "triton"
+    with pytest.raises(ValueError, match="family must be one of"):
+        tuning.validate_entry({**tuning.read_table(path)[0], "family": "cuda"})
+
+
+def test_chunkwise_auto_runs_the_chosen_family(tmp_path, monkeypatch, x64):
+    """``chunkwise_auto`` calls chunkwise_mosaic with the entry's options when the entry chose it and
+    Mosaic GPU can run (interpret=True on CPU), else chunkwise_pallas; h against the float64
+    reference either way."""
+    from xlstm_jax.kernels.mlstm_chunkwise.mosaic import auto
+
+    _fake_table(tmp_path, monkeypatch, family="mosaic")
+    calls = []
+    for name in ("mlstm_chunkwise_mosaic", "mlstm_chunkwise_pallas"):
+        real = getattr(auto, name)
+        monkeypatch.setattr(auto, name, lambda *a, _f=real, _n=name, **kw: calls.append((_n, kw)) or _f(*a, **kw))
+    spec = get_mlstm_kernel_spec("chunkwise_auto")
+    assert spec.differentiable and not spec.needs_gpu
+    x = _inputs(1, 1, 64, 64, 64, "bfloat16")[:5]
+    h_ref = mlstm_parallel(*to_float64(x))
+    h = jax.jit(get_mlstm_kernel("chunkwise_auto", interpret=True))(*x)
+    assert calls[-1][0] == "mlstm_chunkwise_mosaic"
+    assert calls[-1][1]["m_scan"] == "linear" and calls[-1][1]["siz_b_DHV_inter"] == 64
+    assert "siz_b_L_parallel" not in calls[-1][1] and calls[-1][1]["tuned"] is False
+    _check(h, h_ref, TOL["bfloat16"], "chunkwise_auto (Mosaic) h")
+    h = jax.jit(get_mlstm_kernel("chunkwise_auto"))(*x)  # interpret=None on CPU: no Mosaic compile here
+    assert calls[-1][0] == "mlstm_chunkwise_pallas"
+    _check(h, h_ref, TOL["bfloat16"], "chunkwise_auto (Triton) h")
+
+
+def test_tune_times_the_mosaic_family(tmp_path, capsys):
+    """``xlstm-jax tune --families triton mosaic`` (interpret smoke run: no candidates besides the
+    default) times chunkwise_mosaic and records the faster family; interpreted Mosaic is far slower
+    than interpreted Triton, so the entry stays Triton and says why."""
+    from xlstm_jax.cli import main
+    from xlstm_jax.kernels.mlstm_chunkwise.pallas import tuning
+
+    out = tmp_path / "out.json"
+    rc = main(["tune", "--interpret", "--heads", "1,64,64", "--shapes", "1,64", "--space", "siz_b_L_loop=64",
+               "--objective", "fw", "--report-modes", "fw", "--reps", "1", "--warmup", "0",
+               "--families", "triton", "mosaic", "--no-cache", "--json", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert "mosaic fw:" in text
+    (e,) = tuning.parse_table(out.read_text(), str(out))
+    assert e["family"] == "triton" and e["ms"]["mosaic_fw"] > 0 and "mosaic" in e["family_note"]

@@ -28,6 +28,7 @@ Where the kernels come from: ``_load_builtin_kernels`` below imports, on first u
     chunkwise_native    mlstm_chunkwise/native.py         mlstm_chunkwise
     chunkwise_pallas    mlstm_chunkwise/pallas/           mlstm_chunkwise_pallas
     chunkwise_mosaic    mlstm_chunkwise/mosaic/           mlstm_chunkwise_mosaic (Mosaic GPU fw, Triton bw)
+    chunkwise_auto      mlstm_chunkwise/mosaic/auto.py    mlstm_chunkwise_auto (the tuned family: Mosaic or Triton)
     recurrent_pallas    mlstm_recurrent/pallas_step/      step kernel mlstm_recurrent_step_pallas
 """
 

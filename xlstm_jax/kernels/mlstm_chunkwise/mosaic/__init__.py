@@ -6,7 +6,8 @@ intra-chunk kernel: h and the normaliser from the chunk-border state and the att
 wgmma + TMA; its docstring has the design), ``forward`` (preparation, the Triton family's gates and
 recurrent state kernel, the launch, the ``jax.custom_vjp`` over the Triton family's backward).
 Registered as ``chunkwise_mosaic`` with the options of ``chunkwise_pallas`` (``needs_gpu``: an
-NVIDIA Hopper GPU); differentiable.
+NVIDIA Hopper GPU); differentiable. ``auto`` registers ``chunkwise_auto``: the family (Mosaic or
+Triton) the tuned table chose for the call's shape, Triton where Mosaic GPU cannot run.
 
 Importing this package imports no Mosaic GPU module: ``jax.experimental.pallas.mosaic_gpu`` is
 imported by ``xlstm_jax.kernels.pallas._mosaic`` when a kernel is first traced, so the package
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 from ...registry import register_mlstm_kernel
 from ..pallas import KERNEL_OPTIONS as _PALLAS_OPTIONS
+from .auto import FamilyChoice, choose_family, mlstm_chunkwise_auto
 from .forward import mlstm_chunkwise_mosaic
 
 KERNEL_OPTIONS = dict(_PALLAS_OPTIONS)
@@ -40,4 +42,27 @@ register_mlstm_kernel(
     differentiable=True,
 )
 
-__all__ = ["KERNEL_OPTIONS", "mlstm_chunkwise_mosaic"]
+AUTO_OPTIONS = {"chunk_size": None, "autocast_kernel_dtype": None, "output_dtype": None, "tuned": None,
+                "interpret": None}
+"""The options of ``chunkwise_auto`` (see ``auto.mlstm_chunkwise_auto``)."""
+
+
+def _chunkwise_auto_kernel(q, k, v, i, f, c_initial=None, n_initial=None, m_initial=None, **kw):
+    return mlstm_chunkwise_auto(q, k, v, i, f, c_initial, n_initial, m_initial, **kw)
+
+
+register_mlstm_kernel(
+    "chunkwise_auto",
+    _chunkwise_auto_kernel,
+    options=AUTO_OPTIONS,
+    description=(
+        "chunkwise (TFLA): chunkwise_mosaic where the tuned table's entry for the shape chose it "
+        "(xlstm-jax tune --families triton mosaic) and Mosaic GPU can run (Hopper), else "
+        "chunkwise_pallas (Triton; interpreted without a GPU)"
+    ),
+)
+
+__all__ = [
+    "AUTO_OPTIONS", "FamilyChoice", "KERNEL_OPTIONS", "choose_family", "mlstm_chunkwise_auto",
+    "mlstm_chunkwise_mosaic",
+]
