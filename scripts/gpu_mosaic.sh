@@ -3,10 +3,12 @@
 # chunkwise_mosaic vs chunkwise_pallas at the seven benchmark rows (xlstm-jax bench), then a table.
 #
 # Usage: OUT=$OUT bash scripts/gpu_mosaic.sh [PART ...]
-#   PART: tests | bench-small | bench-standard | bench-7b | table | all (default: all). Timeouts:
-#   tests 240 s, bench-small 300 s, bench-standard and bench-7b 480 s each; for 10-minute commands
-#   run "tests bench-small", then "bench-standard", then "bench-7b" (each part prints the table
-#   of every JSON under $OUT so far; `table` only prints it).
+#   PART: tests | bench-small | bench-standard | bench-7b | table | tune | all (default: all but
+#   tune). Timeouts: tests 240 s, bench-small 300 s, bench-standard and bench-7b 480 s each, tune
+#   420 s; for 10-minute commands run "tests bench-small", then "bench-standard", then "bench-7b"
+#   (each bench part prints the table of every JSON under $OUT so far; `table` only prints it).
+#   tune: xlstm-jax tune --families triton mosaic at the standard heads, 8x8192 (the family
+#   choice; writes $OUT/mosaic_tune.json, not the user cache).
 # Writes $OUT/mosaic_tests.log, $OUT/mosaic_bench_small.json (small 8,64,128 at 16x2048),
 # $OUT/mosaic_bench_standard.json (standard 16,128,256 at 32x2048, 8x8192, 2x32768),
 # $OUT/mosaic_bench_7b.json (7b 8,256,512 at the same three), $OUT/mosaic_table.md. Every failure prints its full error (the log is what the
@@ -21,7 +23,7 @@ PY=${PYTHON:-python}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 export JAX_TRACEBACK_FILTERING=off  # full tracebacks: compile errors are debugged from this log
 PARTS=${*:-all}
-want() { [[ " $PARTS " == *" all "* || " $PARTS " == *" $1 "* ]]; }
+want() { [[ ( " $PARTS " == *" all "* && $1 != tune ) || " $PARTS " == *" $1 "* ]]; }
 
 echo "== versions"; $PY -c "import jax, jaxlib; print('jax', jax.__version__, 'jaxlib', jaxlib.__version__, jax.devices())"
 
@@ -52,6 +54,13 @@ bench() {  # $1: name of the JSON, $2: timeout (s), the rest: --heads ...
 want bench-small && bench small 300 --heads small
 want bench-standard && bench standard 480 --heads standard
 want bench-7b && bench 7b 480 --heads 7b
+
+if want tune; then
+  echo "== (d) xlstm-jax tune --families triton mosaic (standard heads, 8x8192, exact, fwbw, 60 s budget)"
+  timeout 420 $PY -m xlstm_jax tune --families triton mosaic --heads standard --shapes 8,8192 \
+    --budget-s 60 --no-cache --json "$OUT/mosaic_tune.json" 2>&1
+  echo "tune exit status: $? (124: the 420 s timeout)"
+fi
 
 if want table || want bench-small || want bench-standard || want bench-7b; then
   echo "== (c) chunkwise_mosaic vs chunkwise_pallas (ms, median)"

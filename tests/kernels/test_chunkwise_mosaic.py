@@ -230,16 +230,21 @@ INTERPRET_CASES = [
     # (id, B, NH, S, input_gate, grad_mode, packed, options): D = 64 (one Mosaic tile), chunk 64
     # (two chunks: the entering state, the inter-chunk term of h and of nq), initial states
     ("exp-exact-S100-resets", 1, 2, 100, "exp", "exact", False, {}),
-    ("sigmoid-exact-segments", 1, 1, 128, "sigmoid", "exact", True, {}),
-    ("exp-tfla-segments-kept-bf16-states", 1, 1, 128, "exp", "tfla", True,
+    ("sigmoid-tfla-segments-kept-bf16-states", 1, 1, 128, "sigmoid", "tfla", True,
      dict(recompute_states_in_bw=False, states_bf16=True)),
+    # slow: the other two crossings of gate and grad mode (each property is covered above)
+    pytest.param(("sigmoid-exact-segments", 1, 1, 128, "sigmoid", "exact", True, {}), marks=pytest.mark.slow),
+    pytest.param(("exp-tfla-segments", 1, 1, 128, "exp", "tfla", True, {}), marks=pytest.mark.slow),
 ]
-"""Three compiles of ~10 s each on 2 cores (XLA compiling the interpreted kernels): the sigmoid
-cell in tfla mode differs from these only in the Triton family's backward, which its own tests
-(test_segments_sigmoid) cover; the GPU tests run it compiled."""
+"""About 12 s of CPU time each (XLA compiling the interpreted kernels, mostly the Triton backward):
+two in the default suite, the other two crossings ``slow``; the GPU tests run all compiled."""
 
 
-@pytest.mark.parametrize("case", INTERPRET_CASES, ids=[c[0] for c in INTERPRET_CASES])
+def _case_id(c):
+    return (c.values[0] if hasattr(c, "values") else c)[0]
+
+
+@pytest.mark.parametrize("case", INTERPRET_CASES, ids=[_case_id(c) for c in INTERPRET_CASES])
 def test_interpret_outputs_and_gradients(case, x64):
     """Interpret mode (CPU): h, last states and all eight gradients against the float64 parallel
     reference. S = 100 is padded to 128 (neutral steps); hard gates (large i, small f, one exact
@@ -395,10 +400,9 @@ def test_family_choice_rule(tmp_path, monkeypatch):
         tuning.validate_entry({**tuning.read_table(path)[0], "family": "cuda"})
 
 
-def test_chunkwise_auto_runs_the_chosen_family(tmp_path, monkeypatch, x64):
+def test_chunkwise_auto_runs_the_chosen_family(tmp_path, monkeypatch):
     """``chunkwise_auto`` calls chunkwise_mosaic with the entry's options when the entry chose it and
-    Mosaic GPU can run (interpret=True on CPU), else chunkwise_pallas; h against the float64
-    reference either way."""
+    Mosaic GPU can run (interpret=True on CPU), else chunkwise_pallas."""
     from xlstm_jax.kernels.mlstm_chunkwise.mosaic import auto
 
     _fake_table(tmp_path, monkeypatch, family="mosaic")
@@ -409,15 +413,16 @@ def test_chunkwise_auto_runs_the_chosen_family(tmp_path, monkeypatch, x64):
     spec = get_mlstm_kernel_spec("chunkwise_auto")
     assert spec.differentiable and not spec.needs_gpu
     x = _inputs(1, 1, 64, 64, 64, "bfloat16")[:5]
-    h_ref = mlstm_parallel(*to_float64(x))
-    h = jax.jit(get_mlstm_kernel("chunkwise_auto", interpret=True))(*x)
+    # traced only (jax.eval_shape): the kernels' numerics are the other tests'; this checks that
+    # the chosen kernel is called and takes the entry's options
+    h = jax.eval_shape(get_mlstm_kernel("chunkwise_auto", interpret=True), *x)
     assert calls[-1][0] == "mlstm_chunkwise_mosaic"
     assert calls[-1][1]["m_scan"] == "linear" and calls[-1][1]["siz_b_DHV_inter"] == 64
     assert "siz_b_L_parallel" not in calls[-1][1] and calls[-1][1]["tuned"] is False
-    _check(h, h_ref, TOL["bfloat16"], "chunkwise_auto (Mosaic) h")
-    h = jax.jit(get_mlstm_kernel("chunkwise_auto"))(*x)  # interpret=None on CPU: no Mosaic compile here
-    assert calls[-1][0] == "mlstm_chunkwise_pallas"
-    _check(h, h_ref, TOL["bfloat16"], "chunkwise_auto (Triton) h")
+    assert (h.shape, h.dtype) == ((1, 1, 64, 64), jnp.bfloat16)
+    h = jax.eval_shape(get_mlstm_kernel("chunkwise_auto"), *x)  # interpret=None on CPU: no Mosaic
+    assert calls[-1][0] == "mlstm_chunkwise_pallas" and calls[-1][1]["tuned"] is None
+    assert (h.shape, h.dtype) == ((1, 1, 64, 64), jnp.bfloat16)
 
 
 def test_tune_times_the_mosaic_family(tmp_path, capsys):
