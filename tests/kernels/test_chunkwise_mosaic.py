@@ -137,6 +137,11 @@ def test_registry_entry():
     pallas = get_mlstm_kernel_spec("chunkwise_pallas")
     assert spec.needs_gpu and spec.differentiable
     assert "backward are the Triton family's kernels" in spec.description
+    # the tools run them only when named until the GPU run has verified them
+    from xlstm_jax.kernels.registry import default_tool_kernels
+
+    assert not spec.tool_default and not get_mlstm_kernel_spec("chunkwise_auto").tool_default
+    assert "chunkwise_mosaic" not in default_tool_kernels() and "chunkwise_auto" not in default_tool_kernels()
     assert spec.options == pallas.options  # same options as the Triton family
     with pytest.raises(ValueError, match="no option"):
         get_mlstm_kernel("chunkwise_mosaic", chunk_sise=64)
@@ -383,13 +388,15 @@ def test_family_choice_rule(tmp_path, monkeypatch):
     c = _choose(interpret=True, chunk_size=128)
     assert c.family == "mosaic" and c.mosaic_options["chunk_size"] == 128
     assert _choose(interpret=True, S=200).family == "mosaic"  # the nearest entry (S within 4x)
-    for kw, why in [
-        (dict(interpret=False), "Mosaic GPU unavailable: no GPU"),  # CPU, compiled: Triton fallback
+    cases = [
         (dict(interpret=True, kernel_dtype=jnp.float32), "float32"),
         (dict(interpret=True, chunk_size=32), "not a multiple of 64"),
         (dict(interpret=True, tuned=False), "tuning disabled"),
         (dict(interpret=True, DHV=128), "no tuned entry"),
-    ]:
+    ]
+    if jax.default_backend() != "gpu":  # compiled on CPU: the Triton fallback
+        cases.append((dict(interpret=False), "Mosaic GPU unavailable: no GPU"))
+    for kw, why in cases:
         c = _choose(**kw)
         assert c.family == "triton" and why in c.reason, (kw, c)
     _fake_table(tmp_path, monkeypatch, family="mosaic", params={"chunk_size_intra": 32})
@@ -420,11 +427,17 @@ def test_chunkwise_auto_runs_the_chosen_family(tmp_path, monkeypatch):
     assert calls[-1][1]["m_scan"] == "linear" and calls[-1][1]["siz_b_DHV_inter"] == 64
     assert "siz_b_L_parallel" not in calls[-1][1] and calls[-1][1]["tuned"] is False
     assert (h.shape, h.dtype) == ((1, 1, 64, 64), jnp.bfloat16)
-    h = jax.eval_shape(get_mlstm_kernel("chunkwise_auto"), *x)  # interpret=None on CPU: no Mosaic
-    assert calls[-1][0] == "mlstm_chunkwise_pallas" and calls[-1][1]["tuned"] is None
+    from xlstm_jax.kernels.pallas import _mosaic
+
+    h = jax.eval_shape(get_mlstm_kernel("chunkwise_auto"), *x)  # compiled: Mosaic only on Hopper
+    if _mosaic.unavailable_reason(False) is None:  # a Hopper GPU
+        assert calls[-1][0] == "mlstm_chunkwise_mosaic"
+    else:  # CPU (or an older GPU): the Triton fallback
+        assert calls[-1][0] == "mlstm_chunkwise_pallas" and calls[-1][1]["tuned"] is None
     assert (h.shape, h.dtype) == ((1, 1, 64, 64), jnp.bfloat16)
 
 
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="an interpret-mode smoke run (CPU)")
 def test_tune_times_the_mosaic_family(tmp_path, capsys):
     """``xlstm-jax tune --families triton mosaic`` (interpret smoke run: no candidates besides the
     default) times chunkwise_mosaic and records the faster family; interpreted Mosaic is far slower
