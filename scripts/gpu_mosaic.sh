@@ -11,8 +11,8 @@
 #   choice; writes $OUT/mosaic_tune.json, not the user cache).
 # Writes $OUT/mosaic_tests.log, $OUT/mosaic_bench_small.json (small 8,64,128 at 16x2048),
 # $OUT/mosaic_bench_standard.json (standard 16,128,256 at 32x2048, 8x8192, 2x32768),
-# $OUT/mosaic_bench_7b.json (7b 8,256,512 at the same three), $OUT/mosaic_table.md. Every failure prints its full error (the log is what the
-# next session debugs from).
+# $OUT/mosaic_bench_7b.json (7b 8,256,512 at the same three), $OUT/mosaic_table.md. Every failure
+# prints its full error (the log is what the next session debugs from).
 # MOSAIC_BENCH_TINY=1 replaces the timed rows by one tiny row with interpret=True (a dry run of
 # the script on CPU).
 set -u

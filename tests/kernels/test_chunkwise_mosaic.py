@@ -7,9 +7,11 @@ against ``chunkwise_pallas``. CPU tests: the registry entry, import isolation (`
 xlstm_jax.kernels`` imports no Mosaic GPU module), the errors on CPU and for unsupported options,
 the compiled path lowered for CUDA, and the kernel in Mosaic GPU's interpret mode (the Triton
 kernels interpreted) against the float64 reference: outputs, last states and all eight gradients
-for the exponential and sigmoid input gates, packed documents, both grad modes, kept and bf16
-states (``test_interpret_*``; tiny shapes, a few seconds each), plus (``slow``) one larger forward
-case (two query blocks per chunk, two DHV tiles).
+for the exponential and sigmoid input gates, packed documents, both grad modes, kept bf16 states
+(``test_interpret_*``; tiny shapes, ~12 s of CPU each: two cases in the default suite, the other
+two crossings of gate and grad mode ``slow``), plus (``slow``) one larger forward case (two query
+blocks per chunk, two DHV tiles); and the family choice (``chunkwise_auto``, the tuner's
+``--families``) with a fake tuning cache.
 """
 
 from __future__ import annotations
