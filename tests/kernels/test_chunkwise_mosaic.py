@@ -242,6 +242,9 @@ INTERPRET_CASES = [
     # slow: the other two crossings of gate and grad mode (each property is covered above)
     pytest.param(("sigmoid-exact-segments", 1, 1, 128, "sigmoid", "exact", True, {}), marks=pytest.mark.slow),
     pytest.param(("exp-tfla-segments", 1, 1, 128, "exp", "tfla", True, {}), marks=pytest.mark.slow),
+    # slow: head dims padded (DHQK 32 -> 64, DHV 96 -> 128) in the forward and the gradients
+    pytest.param(("exp-exact-DHQK32-DHV96", 1, 1, 128, "exp", "exact", False, dict(dims=(32, 96))),
+                 marks=pytest.mark.slow),
 ]
 """About 12 s of CPU time each (XLA compiling the interpreted kernels, mostly the Triton backward):
 two in the default suite, the other two crossings ``slow``; the GPU tests run all compiled."""
@@ -258,7 +261,9 @@ def test_interpret_outputs_and_gradients(case, x64):
     reset f = -inf) in the exp cases; packed documents with starts on and off block edges and a
     document of one step; the sigmoid gate (validated once: log_sigmoid is applied once, m = 0)."""
     _, B, NH, S, input_gate, grad_mode, packed, options = case
-    inputs = _inputs(B, NH, S, 64, 64, "bfloat16", hard=input_gate == "exp", seed=3)
+    options = dict(options)
+    DHQK, DHV = options.pop("dims", (64, 64))
+    inputs = _inputs(B, NH, S, DHQK, DHV, "bfloat16", hard=input_gate == "exp", seed=3)
     _compare_grads(inputs, TOL["bfloat16"], seg=_segment_ids(B, S) if packed else None,
                    input_gate=input_gate, grad_mode=grad_mode, chunk_size=64, interpret=True,
                    tuned=False, **options)
