@@ -31,7 +31,7 @@ if want tests; then
   # the compiled tests (gpu mark) and the fast CPU-side checks; the interpret-mode tests are CPU
   # tests of CI and are left out here
   echo "== (a) tests/kernels/test_chunkwise_mosaic.py (compiled; not slow, not interpret)"
-  timeout 240 $PY -m pytest -q -p no:xdist -o addopts= -rA --tb=long --durations=0 -m "not slow" \
+  timeout 240 $PY -m pytest -v -p no:xdist -o addopts= -rA --tb=long --durations=0 -m "not slow" \
     -k "not test_interpret" tests/kernels/test_chunkwise_mosaic.py 2>&1 | tee "$OUT/mosaic_tests.log"
   echo "tests exit status: ${PIPESTATUS[0]} (124: the 240 s timeout)"
 fi

@@ -307,8 +307,8 @@ GPU_GRAD_CASES = [
     (1, 2, 512, 256, 512, "bfloat16", 128, "sigmoid", "tfla", True, {}),
     (2, 2, 1024, 64, 128, "bfloat16", 64, "exp", "tfla", True,
      dict(recompute_states_in_bw=False, states_bf16=True)),
-    (1, 4, 320, 128, 256, "float16", 128, "sigmoid", "exact", False, dict(gate_grads_impl="pallas")),
-    (2, 2, 512, 128, 256, "bfloat16", 256, "exp", "exact", True, dict(m_scan="linear")),
+    (1, 4, 320, 128, 256, "float16", 256, "sigmoid", "exact", False,
+     dict(gate_grads_impl="pallas", m_scan="linear")),
 ]
 
 
@@ -327,8 +327,7 @@ def test_gpu_gradients_against_float64_reference(case, x64):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("input_gate", ["exp", "sigmoid"])
-def test_gpu_gradients_match_chunkwise_pallas(input_gate):
+def test_gpu_gradients_match_chunkwise_pallas(input_gate="exp"):
     """The same backward kernels on the Mosaic residuals: gradients equal to the Triton family's up
     to the rounding of h and nq (float32 inputs autocast to bf16 in both)."""
     inputs = _inputs(2, 4, 512, 128, 256, "float32", hard=True)
