@@ -1,8 +1,20 @@
 #!/usr/bin/env bash
-# Mosaic GPU family (issue 14): tests, then forward timings vs the Triton family, on one H200.
-# Usage: OUT=$OUT bash scripts/gpu_mosaic.sh      (writes $OUT/mosaic_tests.log, $OUT/mosaic_bench.json)
-# Every failure prints its full error (the log is what the next session debugs from).
-# MOSAIC_BENCH_TINY=1 replaces the timed shapes by a tiny one (a dry run of the script on CPU).
+# Mosaic GPU family (issue 14) on one H200: the compiled tests, then fw and fwbw timings of
+# chunkwise_mosaic vs chunkwise_pallas at the seven benchmark rows (xlstm-jax bench), then a table.
+#
+# Usage: OUT=$OUT bash scripts/gpu_mosaic.sh [PART ...]
+#   PART: tests | bench-small | bench-standard | bench-7b | table | tune | all (default: all but
+#   tune). Timeouts: tests 240 s, bench-small 300 s, bench-standard and bench-7b 480 s each, tune
+#   420 s; for 10-minute commands run "tests bench-small", then "bench-standard", then "bench-7b"
+#   (each bench part prints the table of every JSON under $OUT so far; `table` only prints it).
+#   tune: xlstm-jax tune --families triton mosaic at the standard heads, 8x8192 (the family
+#   choice; writes $OUT/mosaic_tune.json, not the user cache).
+# Writes $OUT/mosaic_tests.log, $OUT/mosaic_bench_small.json (small 8,64,128 at 16x2048),
+# $OUT/mosaic_bench_standard.json (standard 16,128,256 at 32x2048, 8x8192, 2x32768),
+# $OUT/mosaic_bench_7b.json (7b 8,256,512 at the same three), $OUT/mosaic_table.md. Every failure
+# prints its full error (the log is what the next session debugs from).
+# MOSAIC_BENCH_TINY=1 replaces the timed rows by one tiny row with interpret=True (a dry run of
+# the script on CPU).
 set -u
 OUT=${OUT:-/tmp/mosaic_out}
 mkdir -p "$OUT"
@@ -10,71 +22,77 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 export JAX_TRACEBACK_FILTERING=off  # full tracebacks: compile errors are debugged from this log
+PARTS=${*:-all}
+want() { [[ ( " $PARTS " == *" all "* && $1 != tune ) || " $PARTS " == *" $1 "* ]]; }
+
 echo "== versions"; $PY -c "import jax, jaxlib; print('jax', jax.__version__, 'jaxlib', jaxlib.__version__, jax.devices())"
 
-echo "== (a) tests/kernels/test_chunkwise_mosaic.py (not slow)"
-timeout 300 $PY -m pytest -q -o addopts= -rA --tb=long -m "not slow" tests/kernels/test_chunkwise_mosaic.py 2>&1 | tee "$OUT/mosaic_tests.log"
-echo "tests exit status: ${PIPESTATUS[0]}"
+if want tests; then
+  # the compiled tests (gpu mark) and the fast CPU-side checks; the interpret-mode tests are CPU
+  # tests of CI and are left out here
+  echo "== (a) tests/kernels/test_chunkwise_mosaic.py (compiled; not slow, not interpret)"
+  timeout 240 $PY -m pytest -v -p no:xdist -o addopts= -rA --tb=long --durations=0 -m "not slow" \
+    -k "not test_interpret" tests/kernels/test_chunkwise_mosaic.py 2>&1 | tee "$OUT/mosaic_tests.log"
+  echo "tests exit status: ${PIPESTATUS[0]} (124: the 240 s timeout)"
+fi
 
-echo "== (b) forward timings (median of 20 calls)"
-timeout 120 $PY - "$OUT/mosaic_bench.json" <<'PYEOF' 2>&1
-import json, statistics, sys, time, traceback
-import jax, jax.numpy as jnp
-from xlstm_jax.kernels import get_mlstm_kernel
+KERNELS=(chunkwise_mosaic chunkwise_pallas)
+BENCH=(--modes fw fwbw --reps 10 --warmup 2 --no-ceilings)
+if [[ -n "${MOSAIC_BENCH_TINY:-}" ]]; then
+  KERNELS=(chunkwise_mosaic:interpret=true chunkwise_pallas)
+  BENCH=(--modes fw fwbw --reps 2 --warmup 0 --no-ceilings --shapes 1,64)
+fi
+bench() {  # $1: name of the JSON, $2: timeout (s), the rest: --heads ...
+  local name=$1 limit=$2; shift 2
+  echo "== (b) bench $name: ${KERNELS[*]} $* (fw, fwbw; median of 10 calls)"
+  local heads=("$@")
+  if [[ -n "${MOSAIC_BENCH_TINY:-}" ]]; then heads=(--heads 1,64,64); fi
+  timeout "$limit" $PY -m xlstm_jax bench --kernels "${KERNELS[@]}" "${heads[@]}" "${BENCH[@]}" \
+    --label "gpu_mosaic $name" --json "$OUT/mosaic_bench_$name.json" 2>&1
+  echo "bench $name exit status: $? (124: the $limit s timeout, no JSON; 1: a case failed, see ERROR rows)"
+}
+want bench-small && bench small 300 --heads small
+want bench-standard && bench standard 480 --heads standard
+want bench-7b && bench 7b 480 --heads 7b
 
-out_path = sys.argv[1]
-import os
-CONFIGS = [("standard", 8, 16, 8192, 128, 256), ("7B", 8, 8, 8192, 256, 512)]
-if os.environ.get("MOSAIC_BENCH_TINY"):  # dry run of this script on CPU (errors expected there)
-    CONFIGS = [("tiny", 1, 1, 64, 64, 64)]
-KERNELS = [("chunkwise_mosaic", dict(chunk_size=128)), ("chunkwise_pallas", dict(chunk_size=128))]
-rows = []
-for cname, B, NH, S, DQ, DV in CONFIGS:
-    ks = jax.random.split(jax.random.PRNGKey(0), 5)
-    q = jax.random.normal(ks[0], (B, NH, S, DQ), jnp.bfloat16)
-    k = jax.random.normal(ks[1], (B, NH, S, DQ), jnp.bfloat16)
-    v = jax.random.normal(ks[2], (B, NH, S, DV), jnp.bfloat16)
-    i = jax.random.normal(ks[3], (B, NH, S), jnp.float32)
-    f = 3.0 + jax.random.normal(ks[4], (B, NH, S), jnp.float32)
-    ref = None
-    for kname, opts in KERNELS:
-        row = dict(config=cname, B=B, NH=NH, S=S, DHQK=DQ, DHV=DV, kernel=kname, options=opts,
-                   dtype="bfloat16", ms=None, error=None)
-        try:
-            fn = jax.jit(get_mlstm_kernel(kname, **opts))
-            t0 = time.perf_counter()
-            h = fn(q, k, v, i, f).block_until_ready()
-            row["compile_s"] = round(time.perf_counter() - t0, 2)
-            ts = []
-            for _ in range(20):
-                t0 = time.perf_counter()
-                fn(q, k, v, i, f).block_until_ready()
-                ts.append((time.perf_counter() - t0) * 1e3)
-            row["ms"] = round(statistics.median(ts), 3)
-            if kname == "chunkwise_mosaic":
-                ref = h
-            elif ref is not None:
-                d = jnp.linalg.norm((h - ref).astype(jnp.float32)) / jnp.linalg.norm(ref.astype(jnp.float32))
-                row["rel_diff_vs_first"] = float(d)
-        except Exception as e:  # print the whole error: it is what the next session debugs from
-            traceback.print_exc()
-            row["error"] = f"{type(e).__name__}: {e}"[:4000]
-        rows.append(row)
-        print(row, flush=True)
-meta = dict(jax=jax.__version__, device=str(jax.devices()[0]), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            what="forward only (no grad), jitted, median of 20 calls after one compile call")
-with open(out_path, "w") as fh:
-    json.dump(dict(meta=meta, rows=rows), fh, indent=1)
-print("\n| config | B,NH,S,DHQK,DHV | kernel | ms (median of 20) | note |")
-print("|---|---|---|---|---|")
-for r in rows:
-    if r["error"]:
-        note = "ERROR " + r["error"].splitlines()[0][:80]
-    elif "rel_diff_vs_first" in r:
-        note = f"h rel diff vs chunkwise_mosaic {r['rel_diff_vs_first']:.1e}"
-    else:
-        note = ""
-    ms = "-" if r["ms"] is None else f"{r['ms']:.2f}"
-    print(f"| {r['config']} | {r['B']},{r['NH']},{r['S']},{r['DHQK']},{r['DHV']} | {r['kernel']} | {ms} | {note} |")
+if want tune; then
+  echo "== (d) xlstm-jax tune --families triton mosaic (standard heads, 8x8192, exact, fwbw, 60 s budget)"
+  timeout 420 $PY -m xlstm_jax tune --families triton mosaic --heads standard --shapes 8,8192 \
+    --budget-s 60 --no-cache --json "$OUT/mosaic_tune.json" 2>&1
+  echo "tune exit status: $? (124: the 420 s timeout)"
+fi
+
+if want table || want bench-small || want bench-standard || want bench-7b; then
+  echo "== (c) chunkwise_mosaic vs chunkwise_pallas (ms, median)"
+  $PY - "$OUT" <<'PYEOF' 2>&1 | tee "$OUT/mosaic_table.md"
+import glob, json, os, sys
+rows, meta = {}, set()
+for path in sorted(glob.glob(os.path.join(sys.argv[1], "mosaic_bench_*.json"))):
+    with open(path) as fh:
+        data = json.load(fh)
+    meta.add(f"{data['device']}, jax {data['jax']}, {data['dtype']}, {data['date']}")
+    for r in data["results"]:
+        key = (r["heads"], r["NH"], r["DHQK"], r["DHV"], r["B"], r["S"], r["grad_mode"], r["mode"])
+        rows.setdefault(key, {})[r["kernel"]] = r
+if not rows:
+    sys.exit("no mosaic_bench_*.json under " + sys.argv[1])
+print("device:", "; ".join(sorted(meta)))
+print("\n| heads (NH,DHQK,DHV) | BxS | grad | mode | chunkwise_mosaic ms | chunkwise_pallas ms | mosaic/pallas |")
+print("|---|---|---|---|---|---|---|")
+for key in sorted(rows, key=lambda k: (k[0], k[4] * k[5], k[5], k[6], k[7])):
+    heads, NH, DQ, DV, B, S, gm, mode = key
+    cell = {}
+    for kern in ("chunkwise_mosaic", "chunkwise_pallas"):
+        r = rows[key].get(kern)
+        if r is None:
+            cell[kern] = None
+        elif "error" in r:
+            cell[kern] = "ERROR " + r["error"].splitlines()[0][:60]
+        else:
+            cell[kern] = r["ms"]
+    fmt = lambda v: "-" if v is None else (v if isinstance(v, str) else f"{v:.3f}")  # noqa: E731
+    a, b = cell["chunkwise_mosaic"], cell["chunkwise_pallas"]
+    ratio = f"{a / b:.2f}" if isinstance(a, float) and isinstance(b, float) else "-"
+    print(f"| {heads} ({NH},{DQ},{DV}) | {B}x{S} | {gm} | {mode} | {fmt(a)} | {fmt(b)} | {ratio} |")
 PYEOF
-echo "bench exit status: $?"
+fi

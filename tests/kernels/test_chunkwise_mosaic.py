@@ -1,10 +1,17 @@
-"""The Mosaic GPU chunkwise family ``chunkwise_mosaic`` (issue 14, forward only).
+"""The Mosaic GPU chunkwise family ``chunkwise_mosaic`` (issue 14: the forward intra-chunk kernel
+on Mosaic GPU; recurrence and backward are the Triton family's kernels).
 
-GPU tests (``gpu`` mark; skipped on CPU, run by ``scripts/gpu_mosaic.sh``): the compiled kernel's h
-and last states against the float64 parallel reference at the issue's shapes. CPU tests: the
-registry entry, import isolation (``import xlstm_jax.kernels`` imports no Mosaic GPU module), the
-errors on CPU and for unsupported options, the compiled path lowered for CUDA, and (``slow``) the
-kernel in Mosaic GPU's interpret mode against the float64 reference (resets, initial states).
+GPU tests (``gpu`` mark; skipped on CPU, run by ``scripts/gpu_mosaic.sh``): the compiled kernel's h,
+last states and every gradient against the float64 parallel reference at the issue's shapes, and
+against ``chunkwise_pallas``. CPU tests: the registry entry, import isolation (``import
+xlstm_jax.kernels`` imports no Mosaic GPU module), the errors on CPU and for unsupported options,
+the compiled path lowered for CUDA, and the kernel in Mosaic GPU's interpret mode (the Triton
+kernels interpreted) against the float64 reference: outputs, last states and all eight gradients
+for the exponential and sigmoid input gates, packed documents, both grad modes, kept bf16 states
+(``test_interpret_*``; tiny shapes, ~12 s of CPU each: two cases in the default suite, the other
+two crossings of gate and grad mode ``slow``), plus (``slow``) one larger forward case (two query
+blocks per chunk, two DHV tiles); and the family choice (``chunkwise_auto``, the tuner's
+``--families``) with a fake tuning cache.
 """
 
 from __future__ import annotations
@@ -19,7 +26,14 @@ import pytest
 
 from xlstm_jax.kernels import available_mlstm_kernels, get_mlstm_kernel, get_mlstm_kernel_spec
 from xlstm_jax.kernels.mlstm_parallel.native import mlstm_parallel
-from xlstm_jax.testing import mlstm_inputs, relative_error, to_float64
+from xlstm_jax.testing import (
+    GRAD_NAMES,
+    mlstm_inputs,
+    outputs_and_grads,
+    random_cotangents,
+    relative_error,
+    to_float64,
+)
 
 TOL = {"bfloat16": 2e-2, "float16": 1e-2}
 
@@ -62,6 +76,60 @@ def _compare(inputs, tol, jit=False, **options):
         _check(a, b, tol, f"last state {name}")
 
 
+def _segment_ids(B, S):
+    """(B, S) int32 packed documents: row 0 starts documents at S // 4 + 3, S // 2 (a 64-row block
+    edge for S = 128), S // 2 + 1 (a document of one step) and 3 S // 4 - 7; row 1 (if any) holds
+    ids that are not consecutive with one start at S // 3; further rows one document."""
+    rows = []
+    for b in range(B):
+        ids = np.zeros(S, np.int32)
+        if b == 0:
+            for n, t in enumerate((S // 4 + 3, S // 2, S // 2 + 1, 3 * S // 4 - 7)):
+                ids[t:] = n + 1
+        elif b == 1:
+            ids[:] = 9
+            ids[S // 3:] = 4
+        rows.append(ids)
+    return jnp.asarray(np.stack(rows))
+
+
+def _check_dm0_bf16(dm0, dm0_ref, grads_ref, inputs64, tol):
+    """dm0 = <dC0, C0> + <dn0, n0> (+ the pull-back through m) is a difference of terms of the size
+    of the initial state, often much larger than dm0: with bf16 products its error is measured
+    against the size of those terms (the condition of the quantity), as in test_chunkwise_pallas."""
+    c0, n0 = inputs64[5], inputs64[6]
+    scale = jnp.abs(jnp.sum(grads_ref["c0"] * c0, axis=(2, 3))) + jnp.abs(jnp.sum(grads_ref["n0"] * n0, axis=2))
+    err = relative_error(dm0, dm0_ref) * float(jnp.linalg.norm(dm0_ref)) / float(jnp.linalg.norm(scale))
+    assert np.isfinite(err) and err < tol, f"grad m0: error {err:.3e} relative to its parts (tolerance {tol})"
+
+
+def _compare_grads(inputs, tol, *, seg=None, input_gate="exp", grad_mode="exact", seed=5, **options):
+    """h, last states and the gradients of q, k, v, i, f, c0, n0, m0 of ``chunkwise_mosaic`` (jitted)
+    against ``parallel_native`` in float64 with the same cell options and documents."""
+    kern = get_mlstm_kernel("chunkwise_mosaic", **options)
+    ref = get_mlstm_kernel("parallel_native")
+    B, NH, S, _ = inputs[0].shape
+    cots = random_cotangents(jax.random.PRNGKey(seed), (B, NH, S, inputs[2].shape[-1]), inputs[5:])
+    call = dict(input_gate=input_gate, grad_mode=grad_mode, segment_ids=seg)
+    outs, grads = jax.jit(lambda a, c: outputs_and_grads(kern, a, c, **call))(inputs, cots)
+    outs_r, grads_r = outputs_and_grads(ref, to_float64(inputs), to_float64(cots), **call)
+    assert outs["h"].dtype == inputs[0].dtype and outs["h"].shape == outs_r["h"].shape
+    for name in ("h", "C", "n", "m"):
+        _check(outs[name], outs_r[name], tol, f"{name} ({input_gate}, {grad_mode})")
+    assert set(grads) == set(GRAD_NAMES)
+    for name in GRAD_NAMES:
+        assert grads[name].dtype == inputs[GRAD_NAMES.index(name)].dtype, name
+        if name == "m0" and inputs[0].dtype != jnp.float32:
+            _check_dm0_bf16(grads[name], grads_r[name], grads_r, to_float64(inputs), tol)
+        else:
+            _check(grads[name], grads_r[name], tol, f"grad {name} ({input_gate}, {grad_mode})")
+    if seg is not None:  # the given f at a document start has no effect
+        starts = np.concatenate([np.zeros((B, 1), bool), np.asarray(seg[:, 1:] != seg[:, :-1])], axis=1)
+        df = np.asarray(grads["f"], np.float32)[np.broadcast_to(starts[:, None], (B, NH, S))]
+        assert starts.any() and float(np.max(np.abs(df))) == 0.0
+    return outs, grads
+
+
 # ---------------------------------------------------------------------------------------- CPU
 
 
@@ -69,7 +137,13 @@ def test_registry_entry():
     assert "chunkwise_mosaic" in available_mlstm_kernels()
     spec = get_mlstm_kernel_spec("chunkwise_mosaic")
     pallas = get_mlstm_kernel_spec("chunkwise_pallas")
-    assert spec.needs_gpu and not spec.differentiable
+    assert spec.needs_gpu and spec.differentiable
+    assert "backward are the Triton family's kernels" in spec.description
+    # the tools run them only when named until the GPU run has verified them
+    from xlstm_jax.kernels.registry import default_tool_kernels
+
+    assert not spec.tool_default and not get_mlstm_kernel_spec("chunkwise_auto").tool_default
+    assert "chunkwise_mosaic" not in default_tool_kernels() and "chunkwise_auto" not in default_tool_kernels()
     assert spec.options == pallas.options  # same options as the Triton family
     with pytest.raises(ValueError, match="no option"):
         get_mlstm_kernel("chunkwise_mosaic", chunk_sise=64)
@@ -112,13 +186,6 @@ def test_option_errors():
         kern(*x, grad_mode="approximate")
 
 
-def test_backward_is_not_implemented():
-    from xlstm_jax.kernels.mlstm_chunkwise.mosaic import forward
-
-    with pytest.raises(NotImplementedError, match="forward-only.*chunkwise_pallas"):
-        forward._forward_bwd(None, None, None)
-
-
 def test_empty_batch():
     x = _inputs(0, 2, 64, 64, 64, "bfloat16")
     h, (c, n, m) = get_mlstm_kernel("chunkwise_mosaic")(*x, return_last_states=True)
@@ -147,6 +214,59 @@ def test_compiled_path_lowers_for_cuda(case, monkeypatch):
     fn = get_mlstm_kernel("chunkwise_mosaic", chunk_size=chunk, interpret=False)
     text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
+
+
+def test_compiled_gradient_path_lowers_for_cuda(monkeypatch):
+    """The gradient traces with the compiled Mosaic kernel (its nq output feeding the backward
+    pass; on CPU the Triton backward kernels lower interpreted) and lowers for CUDA."""
+    from xlstm_jax.kernels.pallas import _mosaic
+
+    monkeypatch.setattr(_mosaic, "check_backend", lambda *a: None)
+    B, NH, S, DHQK, DHV = 1, 2, 256, 128, 256
+    sds = lambda *shape, dt=jnp.dtype("bfloat16"): jax.ShapeDtypeStruct(shape, dt)  # noqa: E731
+    args = (sds(B, NH, S, DHQK), sds(B, NH, S, DHQK), sds(B, NH, S, DHV),
+            sds(B, NH, S, dt=jnp.float32), sds(B, NH, S, dt=jnp.float32))
+    fn = get_mlstm_kernel("chunkwise_mosaic", chunk_size=128, interpret=False)
+    loss = lambda *a: jnp.sum(fn(*a).astype(jnp.float32))  # noqa: E731
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))
+    text = grad.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text
+
+
+INTERPRET_CASES = [
+    # (id, B, NH, S, input_gate, grad_mode, packed, options): D = 64 (one Mosaic tile), chunk 64
+    # (two chunks: the entering state, the inter-chunk term of h and of nq), initial states
+    ("exp-exact-S100-resets", 1, 2, 100, "exp", "exact", False, {}),
+    ("sigmoid-tfla-segments-kept-bf16-states", 1, 1, 128, "sigmoid", "tfla", True,
+     dict(recompute_states_in_bw=False, states_bf16=True)),
+    # slow: the other two crossings of gate and grad mode (each property is covered above)
+    pytest.param(("sigmoid-exact-segments", 1, 1, 128, "sigmoid", "exact", True, {}), marks=pytest.mark.slow),
+    pytest.param(("exp-tfla-segments", 1, 1, 128, "exp", "tfla", True, {}), marks=pytest.mark.slow),
+    # slow: head dims padded (DHQK 32 -> 64, DHV 96 -> 128) in the forward and the gradients
+    pytest.param(("exp-exact-DHQK32-DHV96", 1, 1, 128, "exp", "exact", False, dict(dims=(32, 96))),
+                 marks=pytest.mark.slow),
+]
+"""About 12 s of CPU time each (XLA compiling the interpreted kernels, mostly the Triton backward):
+two in the default suite, the other two crossings ``slow``; the GPU tests run all compiled."""
+
+
+def _case_id(c):
+    return (c.values[0] if hasattr(c, "values") else c)[0]
+
+
+@pytest.mark.parametrize("case", INTERPRET_CASES, ids=[_case_id(c) for c in INTERPRET_CASES])
+def test_interpret_outputs_and_gradients(case, x64):
+    """Interpret mode (CPU): h, last states and all eight gradients against the float64 parallel
+    reference. S = 100 is padded to 128 (neutral steps); hard gates (large i, small f, one exact
+    reset f = -inf) in the exp cases; packed documents with starts on and off block edges and a
+    document of one step; the sigmoid gate (validated once: log_sigmoid is applied once, m = 0)."""
+    _, B, NH, S, input_gate, grad_mode, packed, options = case
+    options = dict(options)
+    DHQK, DHV = options.pop("dims", (64, 64))
+    inputs = _inputs(B, NH, S, DHQK, DHV, "bfloat16", hard=input_gate == "exp", seed=3)
+    _compare_grads(inputs, TOL["bfloat16"], seg=_segment_ids(B, S) if packed else None,
+                   input_gate=input_gate, grad_mode=grad_mode, chunk_size=64, interpret=True,
+                   tuned=False, **options)
 
 
 @pytest.mark.slow  # ~20-40 s on 2 cores (CI budget); the GPU tests check the same arithmetic compiled
@@ -181,6 +301,47 @@ def test_gpu_against_float64_reference(case, x64):
     _compare(inputs, TOL[dtype], chunk_size=chunk)
 
 
+GPU_GRAD_CASES = [
+    # (B, NH, S, DHQK, DHV, dtype, chunk, input_gate, grad_mode, packed, options)
+    (1, 4, 512, 128, 256, "bfloat16", 128, "exp", "exact", False, {}),
+    (1, 2, 512, 256, 512, "bfloat16", 128, "sigmoid", "tfla", True, {}),
+    (2, 2, 1024, 64, 128, "bfloat16", 64, "exp", "tfla", True,
+     dict(recompute_states_in_bw=False, states_bf16=True)),
+    (1, 4, 320, 128, 256, "float16", 256, "sigmoid", "exact", False,
+     dict(gate_grads_impl="pallas", m_scan="linear")),
+]
+
+
+def _grad_case_id(c):
+    opts = "-".join(f"{k}={v}" for k, v in c[-1].items())
+    return "-".join(map(str, c[:9])) + ("-packed" if c[9] else "") + (f"-{opts}" if opts else "")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GPU_GRAD_CASES, ids=[_grad_case_id(c) for c in GPU_GRAD_CASES])
+def test_gpu_gradients_against_float64_reference(case, x64):
+    B, NH, S, DHQK, DHV, dtype, chunk, input_gate, grad_mode, packed, options = case
+    inputs = _inputs(B, NH, S, DHQK, DHV, dtype, hard=input_gate == "exp")
+    _compare_grads(inputs, TOL[dtype], seg=_segment_ids(B, S) if packed else None,
+                   input_gate=input_gate, grad_mode=grad_mode, chunk_size=chunk, **options)
+
+
+@pytest.mark.gpu
+def test_gpu_gradients_match_chunkwise_pallas(input_gate="exp"):
+    """The same backward kernels on the Mosaic residuals: gradients equal to the Triton family's up
+    to the rounding of h and nq (float32 inputs autocast to bf16 in both)."""
+    inputs = _inputs(2, 4, 512, 128, 256, "float32", hard=True)
+    cots = random_cotangents(jax.random.PRNGKey(2), (2, 4, 512, 256), inputs[5:])
+    opts = dict(chunk_size=128, autocast_kernel_dtype="bfloat16")
+    got = {}
+    for name in ("chunkwise_mosaic", "chunkwise_pallas"):
+        kern = get_mlstm_kernel(name, **opts)
+        got[name] = jax.jit(lambda a, c: outputs_and_grads(kern, a, c, input_gate=input_gate))(inputs, cots)
+    for gname in GRAD_NAMES:
+        _check(got["chunkwise_mosaic"][1][gname], got["chunkwise_pallas"][1][gname], 1e-2,
+               f"grad {gname} vs chunkwise_pallas")
+
+
 @pytest.mark.gpu
 def test_gpu_matches_chunkwise_pallas():
     """Same forward as the Triton family (float32 inputs autocast to bf16 in both)."""
@@ -192,3 +353,110 @@ def test_gpu_matches_chunkwise_pallas():
     _check(h, h_p, 1e-2, "h vs chunkwise_pallas")
     for a, b in zip(st, st_p):
         _check(a, b, 1e-5, "last states vs chunkwise_pallas (same recurrent kernel)")
+
+
+# ------------------------------------------------------------------------ family choice (CPU)
+
+
+def _fake_table(tmp_path, monkeypatch, **fields):
+    """A user tuning cache holding one entry for this machine (device kind "cpu") at B, NH, S,
+    DHQK, DHV = 1, 1, 64, 64, 64, bf16, exact; ``fields`` update it (``family``, ``params``)."""
+    from xlstm_jax.kernels.mlstm_chunkwise.pallas import tuning
+
+    entry = dict(device_kind=tuning.current_device_kind(), NH=1, DHQK=64, DHV=64, dtype="bfloat16",
+                 grad_mode="exact", B=1, S=64, objective="fwbw",
+                 params={"siz_b_L_parallel": 32, "siz_b_DHV_inter": 64, "m_scan": "linear"})
+    entry.update(fields)
+    path = tmp_path / "tuning.json"
+    tuning.write_table(str(path), [entry], merge=False)
+    monkeypatch.setenv(tuning.ENV_CACHE, str(path))
+    monkeypatch.delenv(tuning.ENV_SWITCH, raising=False)
+    return str(path)
+
+
+def _choose(**kw):
+    from xlstm_jax.kernels.mlstm_chunkwise.mosaic import choose_family
+
+    args = dict(B=1, NH=1, S=64, DHQK=64, DHV=64, kernel_dtype=jnp.bfloat16, grad_mode="exact")
+    args.update(kw)
+    return choose_family(**args)
+
+
+def test_family_choice_rule(tmp_path, monkeypatch):
+    """The rule of ``mosaic.auto``: the entry's family, then the dtype, the chunk and whether Mosaic
+    GPU can run here (on CPU: only interpreted); the Triton intra options are not passed on."""
+    from xlstm_jax.kernels.mlstm_chunkwise.pallas import tuning
+
+    path = _fake_table(tmp_path, monkeypatch, family="mosaic")
+    c = _choose(interpret=True)
+    assert (c.family, c.source) == ("mosaic", path)
+    assert c.mosaic_options == {"siz_b_DHV_inter": 64, "m_scan": "linear"}
+    c = _choose(interpret=True, chunk_size=128)
+    assert c.family == "mosaic" and c.mosaic_options["chunk_size"] == 128
+    assert _choose(interpret=True, S=200).family == "mosaic"  # the nearest entry (S within 4x)
+    cases = [
+        (dict(interpret=True, kernel_dtype=jnp.float32), "float32"),
+        (dict(interpret=True, chunk_size=32), "not a multiple of 64"),
+        (dict(interpret=True, tuned=False), "tuning disabled"),
+        (dict(interpret=True, DHV=128), "no tuned entry"),
+    ]
+    if jax.default_backend() != "gpu":  # compiled on CPU: the Triton fallback
+        cases.append((dict(interpret=False), "Mosaic GPU unavailable: no GPU"))
+    for kw, why in cases:
+        c = _choose(**kw)
+        assert c.family == "triton" and why in c.reason, (kw, c)
+    _fake_table(tmp_path, monkeypatch, family="mosaic", params={"chunk_size_intra": 32})
+    assert "not a multiple of 64" in _choose(interpret=True).reason
+    _fake_table(tmp_path, monkeypatch)  # no family: Triton
+    assert _choose(interpret=True).family == "triton"
+    with pytest.raises(ValueError, match="family must be one of"):
+        tuning.validate_entry({**tuning.read_table(path)[0], "family": "cuda"})
+
+
+def test_chunkwise_auto_runs_the_chosen_family(tmp_path, monkeypatch):
+    """``chunkwise_auto`` calls chunkwise_mosaic with the entry's options when the entry chose it and
+    Mosaic GPU can run (interpret=True on CPU), else chunkwise_pallas."""
+    from xlstm_jax.kernels.mlstm_chunkwise.mosaic import auto
+
+    _fake_table(tmp_path, monkeypatch, family="mosaic")
+    calls = []
+    for name in ("mlstm_chunkwise_mosaic", "mlstm_chunkwise_pallas"):
+        real = getattr(auto, name)
+        monkeypatch.setattr(auto, name, lambda *a, _f=real, _n=name, **kw: calls.append((_n, kw)) or _f(*a, **kw))
+    spec = get_mlstm_kernel_spec("chunkwise_auto")
+    assert spec.differentiable and not spec.needs_gpu
+    x = _inputs(1, 1, 64, 64, 64, "bfloat16")[:5]
+    # traced only (jax.eval_shape): the kernels' numerics are the other tests'; this checks that
+    # the chosen kernel is called and takes the entry's options
+    h = jax.eval_shape(get_mlstm_kernel("chunkwise_auto", interpret=True), *x)
+    assert calls[-1][0] == "mlstm_chunkwise_mosaic"
+    assert calls[-1][1]["m_scan"] == "linear" and calls[-1][1]["siz_b_DHV_inter"] == 64
+    assert "siz_b_L_parallel" not in calls[-1][1] and calls[-1][1]["tuned"] is False
+    assert (h.shape, h.dtype) == ((1, 1, 64, 64), jnp.bfloat16)
+    from xlstm_jax.kernels.pallas import _mosaic
+
+    h = jax.eval_shape(get_mlstm_kernel("chunkwise_auto"), *x)  # compiled: Mosaic only on Hopper
+    if _mosaic.unavailable_reason(False) is None:  # a Hopper GPU
+        assert calls[-1][0] == "mlstm_chunkwise_mosaic"
+    else:  # CPU (or an older GPU): the Triton fallback
+        assert calls[-1][0] == "mlstm_chunkwise_pallas" and calls[-1][1]["tuned"] is None
+    assert (h.shape, h.dtype) == ((1, 1, 64, 64), jnp.bfloat16)
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="an interpret-mode smoke run (CPU)")
+def test_tune_times_the_mosaic_family(tmp_path, capsys):
+    """``xlstm-jax tune --families triton mosaic`` (interpret smoke run: no candidates besides the
+    default) times chunkwise_mosaic and records the faster family; interpreted Mosaic is far slower
+    than interpreted Triton, so the entry stays Triton and says why."""
+    from xlstm_jax.cli import main
+    from xlstm_jax.kernels.mlstm_chunkwise.pallas import tuning
+
+    out = tmp_path / "out.json"
+    rc = main(["tune", "--interpret", "--heads", "1,64,64", "--shapes", "1,64", "--space", "siz_b_L_loop=64",
+               "--objective", "fw", "--report-modes", "fw", "--reps", "1", "--warmup", "0",
+               "--families", "triton", "mosaic", "--no-cache", "--json", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert "mosaic fw:" in text
+    (e,) = tuning.parse_table(out.read_text(), str(out))
+    assert e["family"] == "triton" and e["ms"]["mosaic_fw"] > 0 and "mosaic" in e["family_note"]

@@ -27,7 +27,8 @@ Where the kernels come from: ``_load_builtin_kernels`` below imports, on first u
     recurrent_native    mlstm_recurrent/native.py         mlstm_recurrent_sequence (+ step kernel)
     chunkwise_native    mlstm_chunkwise/native.py         mlstm_chunkwise
     chunkwise_pallas    mlstm_chunkwise/pallas/           mlstm_chunkwise_pallas
-    chunkwise_mosaic    mlstm_chunkwise/mosaic/           mlstm_chunkwise_mosaic (forward only, GPU)
+    chunkwise_mosaic    mlstm_chunkwise/mosaic/           mlstm_chunkwise_mosaic (Mosaic GPU fw, Triton bw)
+    chunkwise_auto      mlstm_chunkwise/mosaic/auto.py    mlstm_chunkwise_auto (the tuned family: Mosaic or Triton)
     recurrent_pallas    mlstm_recurrent/pallas_step/      step kernel mlstm_recurrent_step_pallas
 """
 
@@ -54,16 +55,21 @@ class KernelSpec:
     supports_initial_states: bool = True
     needs_gpu: bool = False
     differentiable: bool = True
+    tool_default: bool = True
+    """False: ``check`` / ``bench`` run it only when named (``--kernels``), e.g. a kernel not yet
+    verified on a GPU, or one that only dispatches to others."""
 
 
 def default_tool_kernels() -> list[str]:
     """The kernels the tools (``check``, ``bench``) run when none are named: every registered one
-    that runs on this backend (``needs_gpu`` ones only on a GPU) and has a backward pass."""
+    that runs on this backend (``needs_gpu`` ones only on a GPU), has a backward pass and is not
+    marked ``tool_default=False``."""
     import jax
 
     on_gpu = jax.default_backend() == "gpu"
     return [n for n in available_mlstm_kernels()
-            if _REGISTRY[n].differentiable and (on_gpu or not _REGISTRY[n].needs_gpu)]
+            if _REGISTRY[n].differentiable and _REGISTRY[n].tool_default
+            and (on_gpu or not _REGISTRY[n].needs_gpu)]
 
 
 _REGISTRY: dict[str, KernelSpec] = {}
@@ -79,12 +85,14 @@ def register_mlstm_kernel(
     supports_initial_states: bool = True,
     needs_gpu: bool = False,
     differentiable: bool = True,
+    tool_default: bool = True,
 ) -> None:
     """Register ``fn`` (the common signature above, plus keyword ``options``) under ``name``."""
     if name in _REGISTRY and _REGISTRY[name].fn is not fn:
         raise ValueError(f"an mLSTM kernel named {name!r} is already registered")
     _REGISTRY[name] = KernelSpec(
-        name, fn, dict(options or {}), description, supports_initial_states, needs_gpu, differentiable
+        name, fn, dict(options or {}), description, supports_initial_states, needs_gpu, differentiable,
+        tool_default,
     )
 
 

@@ -13,6 +13,12 @@ heuristics) are written to the user cache (``--cache``, default ``$XLSTM_JAX_TUN
 ``~/.cache/xlstm_jax/tuning.json``) and, with ``--json``, to a file in exactly the format of the
 shipped ``tuned_defaults.json``.
 
+``--families triton mosaic`` also times the Mosaic GPU family (``chunkwise_mosaic``, Hopper
+only) with the options of the best Triton candidate that it takes (``mosaic.auto.mosaic_options``)
+and records ``"family": "mosaic"`` in the entry when it is faster by ``--min-gain`` in the
+objective (the ``chunkwise_auto`` kernel then runs it for that shape); where Mosaic GPU cannot run,
+the entry stays Triton and the table says why.
+
 Refuses to run on a machine without a GPU (a ``UsageError``) unless ``--interpret`` (interpret-mode
 Pallas on CPU: a smoke run at tiny shapes only, used by the tests).
 """
@@ -81,6 +87,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trials-json", default=None, help="write every candidate and its time to this file (default: none)")
     p.add_argument("--report-modes", nargs="+", default=["fw", "fwbw"], choices=["fw", "fwbw"],
                    help="modes the heuristic start and the best are timed in at the end, for the table")
+    p.add_argument("--families", nargs="+", default=["triton"], choices=["triton", "mosaic"],
+                   help="kernel families to time per key: triton (always; the search runs on it) and "
+                        "mosaic (chunkwise_mosaic with the best candidate's options it takes; the entry "
+                        "records the faster family for chunkwise_auto) (default: triton)")
     p.add_argument("--interpret", action="store_true",
                    help="interpret-mode Pallas (CPU smoke runs at tiny shapes only; timings meaningless)")
 
@@ -100,6 +110,7 @@ class _Measurer:
     """Compiles and times candidates of one key (``overrides`` dicts of kernel options)."""
 
     def __init__(self, B, NH, S, DHQK, DHV, dtype, grad_mode, *, interpret, reps, warmup, threads):
+        # candidates of the Triton family; ``measure(..., family="mosaic")`` times chunkwise_mosaic
         from .bench import _inputs
 
         self.shape = (B, NH, S, DHQK, DHV)
@@ -109,16 +120,23 @@ class _Measurer:
         self.sets = {"fw": [x for x, _ in sets], "fwbw": [x + (dh,) for x, dh in sets]}
         self.compiled: dict = {}
 
-    def _functions(self, overrides: dict):
+    def _functions(self, overrides: dict, family: str = "triton"):
         import jax
         import jax.numpy as jnp
 
         from xlstm_jax.kernels.mlstm_chunkwise.pallas import mlstm_chunkwise_pallas
 
         gm, interp = self.grad_mode, self.interpret
+        if family == "mosaic":
+            from xlstm_jax.kernels.mlstm_chunkwise.mosaic import forward
+            from xlstm_jax.kernels.mlstm_chunkwise.mosaic.auto import mosaic_options
+
+            fn, overrides = forward.mlstm_chunkwise_mosaic, mosaic_options(overrides)
+        else:
+            fn = mlstm_chunkwise_pallas
 
         def kernel(q, k, v, i, f):
-            return mlstm_chunkwise_pallas(q, k, v, i, f, grad_mode=gm, tuned=False, interpret=interp, **overrides)
+            return fn(q, k, v, i, f, grad_mode=gm, tuned=False, interpret=interp, **overrides)
 
         def loss(q, k, v, i, f, dh):
             return jnp.sum(kernel(q, k, v, i, f).astype(jnp.float32) * dh.astype(jnp.float32))
@@ -126,14 +144,14 @@ class _Measurer:
         return {"fw": jax.jit(kernel), "fwbw": jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))}
 
     @staticmethod
-    def _key(overrides: dict, mode: str):
-        return (mode, tuple(sorted(overrides.items())))
+    def _key(overrides: dict, mode: str, family: str = "triton"):
+        return (mode, tuple(sorted(overrides.items()))) + (() if family == "triton" else (family,))
 
-    def _compile(self, overrides: dict, mode: str):
-        key = self._key(overrides, mode)
+    def _compile(self, overrides: dict, mode: str, family: str = "triton"):
+        key = self._key(overrides, mode, family)
         if key not in self.compiled:
             try:
-                fn = self._functions(overrides)[mode]
+                fn = self._functions(overrides, family)[mode]
                 self.compiled[key] = ("ok", fn.lower(*self.sets[mode][0]).compile())
             except Exception as err:  # recorded, raised when the candidate is measured
                 self.compiled[key] = ("error", err)
@@ -149,16 +167,17 @@ class _Measurer:
         with ThreadPoolExecutor(max_workers=min(self.threads, len(todo))) as pool:
             list(pool.map(lambda c: self._compile(c, mode), todo))
 
-    def measure(self, overrides: dict, mode: str) -> float:
-        """Median ms per call of ``mode`` ("fw" or "fwbw") with ``overrides``; raises on failure."""
+    def measure(self, overrides: dict, mode: str, family: str = "triton") -> float:
+        """Median ms per call of ``mode`` ("fw" or "fwbw") with ``overrides`` (of the Triton family;
+        ``family="mosaic"``: chunkwise_mosaic with those it takes); raises on failure."""
         from .timing import time_calls
 
-        status, obj = self._compile(overrides, mode)
+        status, obj = self._compile(overrides, mode, family)
         if status == "error":
             raise obj
         sets = self.sets[mode]
         t = time_calls(obj, sets, reps=self.reps, warmup=self.warmup)
-        self.compiled.pop(self._key(overrides, mode), None)  # free the executable
+        self.compiled.pop(self._key(overrides, mode, family), None)  # free the executable
         return 1e3 * t.median_s
 
 
@@ -216,14 +235,18 @@ def run(args) -> int:
                                                 else _try(m.measure, {}, mode))
                     final[mode] = (res.best_ms if mode == args.objective else
                                    final[f"{mode}_default"] if not res.best else _try(m.measure, res.best, mode))
+                family, family_note = _family_choice(m, res, final, args, dtype)
                 params = tuning.minimal_overrides(S, DHQK, DHV, dtype, res.best)
                 entry = tuning.make_entry(key, params, objective=args.objective,
                                           ms={k: (None if v is None else round(v, 4)) for k, v in final.items()},
                                           extra={"jax": jax.__version__, "budget_s": args.budget_s,
                                                  "candidates": sum(t.ms is not None for t in res.trials),
-                                                 "failed": sum(t.error is not None for t in res.trials)})
+                                                 "failed": sum(t.error is not None for t in res.trials),
+                                                 **({"family": family, "family_note": family_note}
+                                                    if "mosaic" in args.families else {})})
                 entries.append(entry)
-                rows.append((key, params, final, time.perf_counter() - t0))
+                shown = {**params, **({"family": family} if family != "triton" else {})}
+                rows.append((key, shown, final, time.perf_counter() - t0))
                 all_trials.append({"key": entry_key_dict(key), "trials": [
                     {"overrides": t.overrides, "ms": t.ms, "skipped": t.skipped, "error": t.error}
                     for t in res.trials]})
@@ -241,6 +264,32 @@ def run(args) -> int:
         _write(entries, None, args.json, all_trials, args.trials_json)
         print(f"json: {args.json} (format of tuned_defaults.json)")
     return 1 if failed else 0
+
+
+def _family_choice(m: _Measurer, res, final: dict, args, dtype) -> tuple[str, str]:
+    """("mosaic" or "triton", a note) for one key: with ``--families ... mosaic``, chunkwise_mosaic
+    is timed with the best candidate (its times go into ``final`` as ``mosaic_fw`` / ``mosaic_fwbw``)
+    and wins if it is ``--min-gain`` faster in the objective."""
+    if "mosaic" not in args.families:
+        return "triton", ""
+    from xlstm_jax.kernels.mlstm_chunkwise.mosaic.forward import MOSAIC_DTYPES
+    from xlstm_jax.kernels.pallas import _mosaic
+
+    why = _mosaic.unavailable_reason(bool(args.interpret))
+    if why is None and dtype not in MOSAIC_DTYPES:
+        why = f"no Mosaic kernel for {dtype.name}"
+    if why is not None:
+        print(f"  mosaic: not timed ({why})", flush=True)
+        return "triton", f"mosaic not timed: {why}"[:200]
+    for mode in dict.fromkeys([args.objective, *args.report_modes]):
+        final[f"mosaic_{mode}"] = _try(m.measure, res.best, mode, "mosaic")
+        print(f"  mosaic {mode}: {_fmt(final[f'mosaic_{mode}'])} ms (triton {_fmt(final.get(mode))})", flush=True)
+    mos = final[f"mosaic_{args.objective}"]
+    if mos is None:
+        return "triton", "mosaic failed (see the log)"
+    if mos < res.best_ms * (1.0 - args.min_gain):
+        return "mosaic", f"mosaic {mos:.3f} ms < triton {res.best_ms:.3f} ms ({args.objective})"
+    return "triton", f"mosaic {mos:.3f} ms >= (1 - min_gain) x triton {res.best_ms:.3f} ms ({args.objective})"
 
 
 def _write(entries: list, cache: str | None, json_path: str | None, trials: list, trials_path: str | None) -> None:
@@ -302,4 +351,6 @@ def _print_table(rows) -> None:
         fw = f"{_fmt(final.get('fw_default'))}->{_fmt(final.get('fw'))}"
         fwbw = f"{_fmt(final.get('fwbw_default'))}->{_fmt(final.get('fwbw'))}"
         ptxt = ",".join(f"{k}={v}" for k, v in params.items()) or "(heuristics)"
+        if final.get("mosaic_fwbw") is not None or final.get("mosaic_fw") is not None:
+            ptxt += f"  [mosaic fw {_fmt(final.get('mosaic_fw'))}, fwbw {_fmt(final.get('mosaic_fwbw'))}]"
         print(f"{label[:57]:<58}{fw:>16}{fwbw:>18}{secs:6.0f}  {ptxt}")

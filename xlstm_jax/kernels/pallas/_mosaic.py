@@ -61,6 +61,29 @@ def check_backend(kernel_name: str, interpret: bool) -> None:
         )
 
 
+def unavailable_reason(interpret: bool) -> str | None:
+    """None if the Mosaic GPU kernels can run here, else why not (for a family choice that falls
+    back to Triton): Mosaic GPU's API missing or too old, or, unless ``interpret``, no NVIDIA GPU of
+    compute capability 9.0 (Hopper) or newer as the default device."""
+    try:
+        plgpu()
+    except RuntimeError as err:  # the reason is the answer (plgpu's message names what is missing)
+        return str(err)
+    if interpret:
+        return None
+    if jax.default_backend() != "gpu":
+        return f"no GPU (default backend {jax.default_backend()!r})"
+    dev = jax.devices()[0]
+    cc = getattr(dev, "compute_capability", None)
+    try:
+        major = int(str(cc).split(".")[0])
+    except ValueError:
+        return f"{dev.device_kind}: compute capability {cc!r} unknown (Mosaic GPU needs 9.0, Hopper)"
+    if major < 9:
+        return f"{dev.device_kind}: compute capability {cc} < 9.0 (Mosaic GPU needs Hopper or newer)"
+    return None
+
+
 def interpret_params(interpret: bool):
     """The ``interpret`` argument of ``plgpu.kernel``: GPU interpret mode on CPU, else False."""
     if not interpret:

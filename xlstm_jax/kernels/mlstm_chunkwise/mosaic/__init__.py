@@ -1,10 +1,13 @@
-"""Mosaic GPU (Hopper-native Pallas) chunkwise mLSTM kernels, issue 14: the forward pass first.
+"""Mosaic GPU (Hopper-native Pallas) chunkwise mLSTM kernels, issue 14.
 
-Modules: ``fw_parallel`` (the intra-chunk kernel: h from the chunk-border state and the
-attention-like part, wgmma + TMA; its docstring has the design), ``forward`` (preparation, the XLA
-gates, the Triton recurrent state kernel, the launch). Registered as ``chunkwise_mosaic`` with the
-options of ``chunkwise_pallas`` (``needs_gpu``: an NVIDIA Hopper GPU). Forward only: differentiating
-raises ``NotImplementedError``.
+The forward intra-chunk kernel is on Mosaic GPU; state recurrence and backward are the Triton
+family's kernels (Mosaic backward kernels not written yet). Modules: ``fw_parallel`` (the
+intra-chunk kernel: h and the normaliser from the chunk-border state and the attention-like part,
+wgmma + TMA; its docstring has the design), ``forward`` (preparation, the Triton family's gates and
+recurrent state kernel, the launch, the ``jax.custom_vjp`` over the Triton family's backward).
+Registered as ``chunkwise_mosaic`` with the options of ``chunkwise_pallas`` (``needs_gpu``: an
+NVIDIA Hopper GPU); differentiable. ``auto`` registers ``chunkwise_auto``: the family (Mosaic or
+Triton) the tuned table chose for the call's shape, Triton where Mosaic GPU cannot run.
 
 Importing this package imports no Mosaic GPU module: ``jax.experimental.pallas.mosaic_gpu`` is
 imported by ``xlstm_jax.kernels.pallas._mosaic`` when a kernel is first traced, so the package
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 from ...registry import register_mlstm_kernel
 from ..pallas import KERNEL_OPTIONS as _PALLAS_OPTIONS
+from .auto import FamilyChoice, choose_family, mlstm_chunkwise_auto
 from .forward import mlstm_chunkwise_mosaic
 
 KERNEL_OPTIONS = dict(_PALLAS_OPTIONS)
@@ -30,12 +34,37 @@ register_mlstm_kernel(
     _chunkwise_mosaic_kernel,
     options=KERNEL_OPTIONS,
     description=(
-        "chunkwise (TFLA) forward with a Mosaic GPU intra-chunk kernel (wgmma, TMA) and the Triton "
-        "recurrent state kernel; forward only; needs an NVIDIA Hopper GPU (interpret=True: CPU "
-        "simulation)"
+        "chunkwise (TFLA): forward intra-chunk kernel on Mosaic GPU (wgmma, TMA); state recurrence "
+        "and backward are the Triton family's kernels (Mosaic backward kernels not written yet); "
+        "needs an NVIDIA Hopper GPU (interpret=True: CPU simulation)"
     ),
     needs_gpu=True,
-    differentiable=False,
+    differentiable=True,
+    tool_default=False,  # not yet run on a GPU: check / bench run it when named (scripts/gpu_mosaic.sh)
 )
 
-__all__ = ["KERNEL_OPTIONS", "mlstm_chunkwise_mosaic"]
+AUTO_OPTIONS = {"chunk_size": None, "autocast_kernel_dtype": None, "output_dtype": None, "tuned": None,
+                "interpret": None}
+"""The options of ``chunkwise_auto`` (see ``auto.mlstm_chunkwise_auto``)."""
+
+
+def _chunkwise_auto_kernel(q, k, v, i, f, c_initial=None, n_initial=None, m_initial=None, **kw):
+    return mlstm_chunkwise_auto(q, k, v, i, f, c_initial, n_initial, m_initial, **kw)
+
+
+register_mlstm_kernel(
+    "chunkwise_auto",
+    _chunkwise_auto_kernel,
+    options=AUTO_OPTIONS,
+    description=(
+        "chunkwise (TFLA): chunkwise_mosaic where the tuned table's entry for the shape chose it "
+        "(xlstm-jax tune --families triton mosaic) and Mosaic GPU can run (Hopper), else "
+        "chunkwise_pallas (Triton; interpreted without a GPU)"
+    ),
+    tool_default=False,  # it runs one of the two families, which the tools time by name
+)
+
+__all__ = [
+    "AUTO_OPTIONS", "FamilyChoice", "KERNEL_OPTIONS", "choose_family", "mlstm_chunkwise_auto",
+    "mlstm_chunkwise_mosaic",
+]

@@ -1,27 +1,43 @@
-"""The Mosaic GPU chunkwise family, forward only: XLA gates + Triton recurrent states + Mosaic h.
+"""The Mosaic GPU chunkwise family: the forward intra-chunk kernel on Mosaic GPU; state recurrence
+and backward are the Triton family's kernels (Mosaic backward kernels not written yet).
 
 ``mlstm_chunkwise_mosaic`` has the signature and options of ``mlstm_chunkwise_pallas``
-(``xlstm_jax.kernels.mlstm_chunkwise.pallas``) and computes the same forward pass:
+(``xlstm_jax.kernels.mlstm_chunkwise.pallas``) and computes the same function with the same
+gradients. Forward pass:
 
-1. validation, casting, flattening and padding (the Triton family's ``autodiff.prepare``), with
-   the sequence padded further to a multiple of 64 (open forget gates, closed input gates, zero
-   q/k/v: the state carries through unchanged, exact) and the head dims to multiples of 64 (zero
-   columns, exact): the Mosaic kernel's tiles are 64 rows and 64-element swizzled columns;
-2. the m scan and the gate vectors (``gates``, XLA) and the chunk-border states C_k, n_k (the
-   Triton recurrent kernel ``fw_recurrent``, unchanged);
+1. validation (once: ``segment_ids`` become f = -inf at document starts, the sigmoid input gate
+   becomes log_sigmoid(i) with the initial state folded to m = 0), casting, flattening and
+   padding (the Triton family's ``autodiff.prepare``), with the sequence padded further to a
+   multiple of 64 (open forget gates, closed input gates, zero q/k/v: the state carries through
+   unchanged, exact) and the head dims to multiples of 64 (zero columns, exact): the Mosaic
+   kernel's tiles are 64 rows and 64-element swizzled columns;
+2. the m scan (m == 0 for the sigmoid cell), the gate vectors and the chunk-border states C_k,
+   n_k: the Triton family's ``autodiff.forward_states`` (XLA or Pallas gates, the Triton
+   recurrent kernel ``fw_recurrent``; ``m_scan``, ``gates_impl``, ``states_bf16`` as there);
 3. O(S * DHQK) per-query vectors in XLA: the inter-chunk normaliser term W_t qs_t . n_{k-1}, the
-   lower bound lam_t, the chunk-relative reset starts, and the entering states cast to the kernel
-   dtype (the wgmma operand type; the Triton kernel casts the same tile in registers);
-4. h from the Mosaic GPU kernel ``fw_parallel.parallel_fw_h_mosaic``.
+   lower bound lam_t (norm_val exp(-m_t), i.e. norm_val for the sigmoid cell), the
+   chunk-relative reset starts, and the entering states cast to the kernel dtype (the wgmma
+   operand type; the Triton kernel casts the same tile in registers);
+4. h and the signed normaliser nq_t = qs_t . n_t from the Mosaic GPU kernel
+   ``fw_parallel.parallel_fw_h_mosaic``.
+
+Backward pass (``jax.custom_vjp``): the residuals and the backward of the Triton family
+(``autodiff.forward_residuals`` / ``backward_from_residuals``: the recurrent backward kernel, the
+dQ, dK, dV kernels, the gate-gradient sums and, in exact mode, the m pull-back), so
+``grad_mode``, ``recompute_states_in_bw``, ``states_bf16`` and ``gate_grads_impl`` act as in
+``chunkwise_pallas``. The residual nq_t is written by the Mosaic kernel (its programs of DHV tile
+0 store the 64 values they hold anyway: BH * S * 4 bytes, under 1% of h's traffic) rather than
+recomputed in XLA: the intra-chunk part sum_s P_ts needs the (L, L) products q k^T of every chunk
+again (a third of the forward kernel's FLOPs, and an (BH, NC, L, L) f32 array), and a running
+per-step n_t would need exp(i_s - b_s) and exp(b_t - m_t) separately, which overflow where their
+product does not.
 
 Kernel dtypes: bfloat16 and float16 (wgmma operands). float32 inputs need
 ``autocast_kernel_dtype="bfloat16"`` (or float16); a float32 kernel (tf32 wgmma) is not written
 yet and raises ``NotImplementedError``. h is written in the kernel dtype and cast to
-``output_dtype``.
-
-Gradients: not implemented (``NotImplementedError`` on differentiation); use ``chunkwise_pallas``
-for training. Mosaic GPU runs on Hopper GPUs only; elsewhere a call raises ``RuntimeError``
-unless ``interpret=True`` (Mosaic GPU's CPU interpret mode, tiny shapes only).
+``output_dtype``. Mosaic GPU runs on Hopper GPUs only; elsewhere a call raises ``RuntimeError``
+unless ``interpret=True`` (Mosaic GPU's CPU interpret mode, the Triton kernels interpreted; tiny
+shapes only).
 """
 
 from __future__ import annotations
@@ -35,10 +51,18 @@ import jax.numpy as jnp
 from ..._common import MLSTMState
 from ...options import CellOptions
 from ...validation import empty_sequence_outputs, validate_sequence_call
-from ..pallas import gates
-from ..pallas.autodiff import h_kernel_dtype, kernel_dtype_of, prepare, resolve_interpret
-from ..pallas.fw_recurrent import recurrent_fw_states
-from ..pallas.heuristics import ChunkwiseKernelParams
+from ..pallas import gates, tuning
+from ..pallas.autodiff import (
+    CoreConfig,
+    ForwardOut,
+    backward_from_residuals,
+    core_config,
+    forward_residuals,
+    forward_states,
+    h_kernel_dtype,
+    kernel_dtype_of,
+    prepare,
+)
 from .fw_parallel import BLOCK, parallel_fw_h_mosaic
 
 KERNEL_NAME = "chunkwise_mosaic"
@@ -88,69 +112,66 @@ def _fixed_options(options: dict) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class MosaicConfig:
-    """Static (hashable) options of one forward call."""
+    """Static (hashable) options of one call: the Triton family's ``CoreConfig`` (gates, states,
+    the backward pass) plus the Mosaic kernel's DHV tile and interpret flag."""
 
-    params: ChunkwiseKernelParams
-    qk_scale: float
-    eps: float
-    norm_val: float
-    stabilize_correctly: bool
+    core: CoreConfig
     bV: int
-    interpret_triton: bool
     interpret_mosaic: bool
 
 
-def forward_padded(q, k, v, i, logf, C0, n0, m0, cfg: MosaicConfig):
-    """The forward pass on padded, flattened arrays: (h, C_last, n_last, m_last).
+def forward_padded(q, k, v, i, logf, C0, n0, m0, cfg: MosaicConfig) -> ForwardOut:
+    """The forward pass on padded, flattened arrays: the Triton family's ``ForwardOut``.
 
     q, k (BH, S, DQ), v (BH, S, DV) in the kernel dtype with S a multiple of the chunk L and DQ,
-    DV multiples of 64; i, logf (BH, S), C0 (BH, DQ, DV), n0 (BH, DQ), m0 (BH,) float32.
+    DV multiples of 64; i, logf (BH, S), C0 (BH, DQ, DV), n0 (BH, DQ), m0 (BH,) float32. h is in
+    the kernel dtype; vecNq (the backward pass's residual) comes from the Mosaic kernel.
     """
-    p = cfg.params
-    L = p.chunk_size_intra
+    c = cfg.core
+    L = c.params.chunk_size_intra
     BH, S, DQ = q.shape
     NC, nQB = S // L, S // BLOCK
-    vecM = gates.max_state_scan(i, logf, m0)
-    g = gates.kernel_gates(i, logf, vecM, m0, L)
-    matC_states, vecN_states = recurrent_fw_states(
-        k, v, g.vecWstate, g.vecDecay, C0, n0, params=p, interpret=cfg.interpret_triton
-    )
+    # the m scan (m == 0 for the sigmoid cell), gate vectors and border states: the Triton family's
+    vecM, g, matC_states, vecN_states, matC_last = forward_states(k, v, i, logf, C0, n0, m0, c)
     # per-query vectors (XLA, O(S * DQ)): the state term of the normaliser and its lower bound
     vecN_enter = jnp.repeat(vecN_states[:, :NC], L, axis=1)  # (BH, S, DQ): n_{k-1} of t's chunk
-    vecW = g.vecWinter * cfg.qk_scale
+    vecW = g.vecWinter * c.qk_scale
     vecNqInter = vecW * jnp.einsum(
         "bsd,bsd->bs", q.astype(_F32), vecN_enter, precision=jax.lax.Precision.HIGHEST
     )
     vecLam = gates.normalizer_lower_bound(
-        vecM, norm_val=cfg.norm_val, stabilize_correctly=cfg.stabilize_correctly
+        vecM, norm_val=c.norm_val, stabilize_correctly=c.stabilize_correctly
     )
     rows = jnp.stack([g.vecQlog, vecW, vecNqInter, vecLam], axis=1)  # (BH, 4, S)
     rows = rows.reshape(BH, 4, nQB, BLOCK).transpose(0, 2, 1, 3)  # (BH, nQB, 4, 64)
     chunk_start = (jnp.arange(S, dtype=jnp.int32) // L) * L
     start = (g.vecStart.astype(jnp.int32) - chunk_start[None, :]).reshape(BH, nQB, BLOCK)
     klog = g.vecKlog.reshape(BH, nQB, BLOCK)
-    matC_enter = matC_states[:, :NC].astype(q.dtype)
-    matH = parallel_fw_h_mosaic(
+    matC_enter = matC_states[:, :NC].astype(q.dtype)  # a no-op with states_bf16
+    matH, vecNq = parallel_fw_h_mosaic(
         q, k, v, rows.astype(_F32), start, klog.astype(_F32), matC_enter,
-        L=L, bV=cfg.bV, qk_scale=cfg.qk_scale, eps=cfg.eps, interpret=cfg.interpret_mosaic,
+        L=L, bV=cfg.bV, qk_scale=c.qk_scale, eps=c.eps, interpret=cfg.interpret_mosaic,
     )
-    return matH, matC_states[:, -1], vecN_states[:, -1], g.scaM_borders[:, -1]
+    return ForwardOut(matH, vecNq, vecM, matC_states, vecN_states, g.scaM_borders, matC_last)
+
+
+def _primal_outputs(out: ForwardOut):
+    return out.matH, out.matC_last, out.vecN_states[:, -1], out.scaM_borders[:, -1]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
 def _forward(q, k, v, i, logf, C0, n0, m0, cfg: MosaicConfig):
-    return forward_padded(q, k, v, i, logf, C0, n0, m0, cfg)
+    return _primal_outputs(forward_padded(q, k, v, i, logf, C0, n0, m0, cfg))
 
 
 def _forward_fwd(q, k, v, i, logf, C0, n0, m0, cfg: MosaicConfig):
-    return forward_padded(q, k, v, i, logf, C0, n0, m0, cfg), None
+    out = forward_padded(q, k, v, i, logf, C0, n0, m0, cfg)
+    return _primal_outputs(out), forward_residuals((q, k, v, i, logf, C0, n0, m0), out, cfg.core)
 
 
 def _forward_bwd(cfg: MosaicConfig, res, cts):
-    raise NotImplementedError(
-        f"{KERNEL_NAME} is forward-only (issue 14, first step): its backward kernels are not "
-        f"written yet; differentiate through 'chunkwise_pallas' (Triton), which takes the same options"
-    )
+    """The Triton family's backward pass (kernels and gate pull-backs) on the Mosaic residuals."""
+    return backward_from_residuals(cfg.core, res, cts)
 
 
 _forward.defvjp(_forward_fwd, _forward_bwd)
@@ -190,24 +211,36 @@ def mlstm_chunkwise_mosaic(
     num_stages_inter: int | None = None,
     autocast_kernel_dtype=None,
     output_dtype=None,
-    recompute_states_in_bw: bool = True,
+    recompute_states_in_bw: bool | None = None,
+    tuned: bool | None = None,
     interpret: bool | None = None,
+    m_scan: str | None = None,
+    gates_impl: str | None = None,
+    gate_grads_impl: str | None = None,
+    states_bf16: bool | None = None,
 ):
-    """Chunkwise mLSTM forward with the Mosaic GPU intra-chunk kernel (forward only).
+    """Chunkwise mLSTM with the Mosaic GPU intra-chunk forward kernel, differentiable.
 
     Same arguments, options and outputs as ``mlstm_chunkwise_pallas``: ``h`` (B, NH, S, DHV) in
     ``output_dtype`` (default: the dtype of q), with ``return_last_states`` also
-    ``MLSTMState(matC, vecN, scaM)`` in float32. Differences: the chunk (``chunk_size`` /
-    ``chunk_size_intra``, default 128) must be a multiple of 64; ``siz_b_L_parallel`` and
-    ``siz_b_L_loop`` are fixed at 64; ``siz_b_DH_parallel`` (default 128) is the DHV tile of a
-    program, a multiple of 64 dividing the padded DHV; ``siz_b_DH_loop``, ``num_warps_intra`` and
-    ``num_stages_intra`` are Triton-only (``ValueError`` if given); the recurrent (``*_inter``)
-    options go to the Triton state kernel; ``recompute_states_in_bw`` has no effect (no backward).
-    The kernel dtype must be bfloat16 or float16 (``NotImplementedError`` for float32).
-    Differentiating raises ``NotImplementedError``. ``interpret``: None or False compile (an
-    NVIDIA Hopper GPU, else ``RuntimeError``); True runs Mosaic GPU's interpret mode (CPU).
-    ``segment_ids`` (packed documents) are applied by the validation layer like in every kernel;
-    ``input_gate="sigmoid"`` is not implemented in this family yet (``NotImplementedError``).
+    ``MLSTMState(matC, vecN, scaM)`` in float32; ``segment_ids`` (packed documents) and
+    ``input_gate="sigmoid"`` are applied by the validation layer like in every kernel (the sigmoid
+    cell runs with m held at 0). Gradients (``jax.custom_vjp``) flow to q, k, v, i, f and the
+    initial states through the Triton family's backward kernels, ``grad_mode`` exact or tfla.
+
+    Differences from ``chunkwise_pallas``: the chunk (``chunk_size`` / ``chunk_size_intra``,
+    default 128) must be a multiple of 64; ``siz_b_L_parallel`` and ``siz_b_L_loop`` are fixed at
+    64 (the forward kernel's query and key blocks); ``siz_b_DH_parallel`` (default 128) is the DHV
+    tile of a forward program, a multiple of 64 dividing the padded DHV; ``siz_b_DH_loop``,
+    ``num_warps_intra`` and ``num_stages_intra`` are Triton launch options of the intra kernels
+    (``ValueError`` if given): the Triton backward kernels take their intra tiles from the tuned
+    tables (``tuned``) or the heuristics. The recurrent (``*_inter``) options and the variant
+    options (``m_scan``, ``gates_impl``, ``gate_grads_impl``, ``states_bf16``) and
+    ``recompute_states_in_bw`` act as in ``chunkwise_pallas`` (the recurrence and the backward
+    are its kernels). The kernel dtype must be bfloat16 or float16 (``NotImplementedError`` for
+    float32: no tf32 kernel yet). ``interpret``: None or False compile (an NVIDIA Hopper GPU,
+    else ``RuntimeError``); True runs Mosaic GPU's interpret mode and the Triton kernels
+    interpreted (CPU).
     """
     call = validate_sequence_call(
         KERNEL_NAME, matQ, matK, matV, vecI, vecF, c_initial, n_initial, m_initial,
@@ -215,11 +248,6 @@ def mlstm_chunkwise_mosaic(
         norm_val=norm_val, stabilize_correctly=stabilize_correctly, grad_mode=grad_mode,
         input_gate=input_gate,
     )
-    if not call.options.max_state:
-        raise NotImplementedError(
-            f"{KERNEL_NAME}: input_gate='sigmoid' is not implemented in the Mosaic GPU family yet "
-            "(its gate preparation keeps the max state); use chunkwise_pallas"
-        )
     _fixed_options(dict(
         siz_b_L_parallel=siz_b_L_parallel, siz_b_L_loop=siz_b_L_loop, siz_b_DH_loop=siz_b_DH_loop,
         num_warps_intra=num_warps_intra, num_stages_intra=num_stages_intra,
@@ -254,31 +282,34 @@ def mlstm_chunkwise_mosaic(
     interpret_mosaic = bool(interpret)
     _mosaic().check_backend(KERNEL_NAME, interpret_mosaic)
 
-    # 1. pad S to a multiple of 64 with neutral steps, then the Triton family's preparation
+    # 1. pad S to a multiple of 64 with neutral steps (on the validated gates: log_sigmoid of a
+    #    sigmoid input gate and the segment resets are applied once, by the validation above),
+    #    then the Triton family's preparation
     B, NH, S, DHQK, DHV = call.B, call.NH, call.S, call.DHQK, call.DHV
     S64 = _round_up(S, BLOCK)
     pad_s = lambda x, val: _pad_axis(x, 2, S64, val)  # noqa: E731
-    state = call.state
-    call64 = validate_sequence_call(
-        KERNEL_NAME, pad_s(matQ, 0.0), pad_s(matK, 0.0), pad_s(matV, 0.0),
-        pad_s(call.vecI, gates.CLOSED_INPUT_GATE), pad_s(call.vecF, _OPEN_FORGET_GATE),
-        None if state is None else state.matC, None if state is None else state.vecN,
-        None if state is None else state.scaM, cell_options=call.options,
+    call64 = call._replace(
+        vecI=pad_s(call.vecI, gates.CLOSED_INPUT_GATE), vecF=pad_s(call.vecF, _OPEN_FORGET_GATE),
+        S=S64,
     )
-    L_target = L_req if L_req is not None else 128
     prep = prepare(
-        call64, pad_s(matQ, 0.0), pad_s(matK, 0.0), pad_s(matV, 0.0), chunk_size=L_target,
+        call64, pad_s(matQ, 0.0), pad_s(matK, 0.0), pad_s(matV, 0.0), chunk_size=L_req,
         autocast_kernel_dtype=kd,
         tile_params=dict(
             chunk_size_inter=chunk_size_inter, siz_b_DHQK_inter=siz_b_DHQK_inter,
             siz_b_DHV_inter=siz_b_DHV_inter, num_warps_inter=num_warps_inter,
-            num_stages_inter=num_stages_inter,
+            num_stages_inter=num_stages_inter, m_scan=m_scan, gates_impl=gates_impl,
+            gate_grads_impl=gate_grads_impl, states_bf16=states_bf16,
         ),
+        call_options=dict(recompute_states_in_bw=recompute_states_in_bw),
+        tuned=tuning.tuning_enabled(tuned),
     )
-    p = prep.params
-    L = p.chunk_size_intra
-    if L % BLOCK:  # fit_chunk_size never goes below the padded S, a multiple of 64
-        raise AssertionError(f"internal: chunk {L} not a multiple of {BLOCK}")
+    L = prep.params.chunk_size_intra
+    if L % BLOCK:  # only a tuned entry can give this (explicit chunks are checked above)
+        raise ValueError(
+            f"{KERNEL_NAME}: the resolved chunk {L} (from the tuned tables) is not a multiple of "
+            f"{BLOCK}; pass chunk_size explicitly or tuned=False"
+        )
     q, k, v, i, logf, C0, n0, m0 = prep.arrays
     DQ, DV = _round_up(q.shape[-1], 64), _round_up(v.shape[-1], 64)
     q, k = _pad_axis(q, 2, DQ, 0.0), _pad_axis(k, 2, DQ, 0.0)
@@ -290,12 +321,12 @@ def mlstm_chunkwise_mosaic(
         raise ValueError(
             f"{KERNEL_NAME}: siz_b_DH_parallel={bV} must divide the padded DHV={DV} (DHV={DHV})"
         )
-    opts = call.options
     cfg = MosaicConfig(
-        params=p, qk_scale=float(prep.qk_scale), eps=float(opts.eps), norm_val=float(opts.norm_val),
-        stabilize_correctly=bool(opts.stabilize_correctly), bV=bV,
-        interpret_triton=resolve_interpret(True if interpret_mosaic else None),
-        interpret_mosaic=interpret_mosaic,
+        core=core_config(
+            prep, h_dtype=kd, recompute_states_in_bw=prep.call_options["recompute_states_in_bw"],
+            interpret=True if interpret_mosaic else None,
+        ),
+        bV=bV, interpret_mosaic=interpret_mosaic,
     )
     matH, matC_last, vecN_last, scaM_last = _forward(q, k, v, i, logf, C0, n0, m0, cfg)
     h = matH[:, :S, :DHV].reshape(B, NH, S, DHV).astype(out_dtype)

@@ -31,6 +31,8 @@ Design (v1: simple and correct first; one warpgroup of 128 threads, no warp spec
   accumulator, the idiom of JAX's FlashAttention-3 kernel, which also awaits the wgmma before the
   slot is refilled). Peak about 64 + 32 + 16 registers plus the broadcast gate/iota tiles and
   addresses: well inside one warpgroup's 255 at bV = 128 (bV = 256 would double acc to 128).
+* Outputs: the h tile (64, bV) and the signed normaliser nq_t (64 f32 values, the residual the
+  backward pass needs; every DHV tile computes it, the programs of tile 0 store it).
 * The stabiliser m_t is an input (no online max, no rescaling), so blocks need no re-scaling
   and the loop has no dependency except the accumulator.
 * Left for later (the Triton kernel's role model: FlashAttention 3): a producer warpgroup for TMA
@@ -76,6 +78,7 @@ def _kernel(
     klog_ref,  # (BH, S / 64, 64) f32
     c_ref,  # (BH, NC, DHQK, DHV) kernel dtype: the state entering each chunk
     h_ref,  # out (BH, S, DHV) kernel dtype
+    nq_ref,  # out (BH, S) f32: the signed normaliser qs_t . n_t (a residual of the backward pass)
     smem,
     bars,
     *,
@@ -86,7 +89,7 @@ def _kernel(
     interpret: bool,
 ):
     plgpu = _mosaic().plgpu()
-    q_smem, k_smem, v_smem, c_smem, h_smem, rows_smem, start_smem, klog_smem = smem
+    q_smem, k_smem, v_smem, c_smem, h_smem, rows_smem, start_smem, klog_smem, nq_smem = smem
     q_bar, c_bar, rows_bar, start_bar, k_bar, v_bar, klog_bar = bars
     wg = plgpu.Layout.WGMMA
     row_layout, col_layout = wg.reduce(1), wg.reduce(0)
@@ -192,8 +195,12 @@ def _kernel(
     vecDen = jnp.maximum(jnp.abs(vecNq), vecLam) + eps
     matH = matAcc / lax.broadcast_in_dim(vecDen, shape_h, [0])
     h_smem[...] = matH.astype(h_smem.dtype)
+    nq_smem[...] = vecNq
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(h_smem, h_ref.at[bh, qrows, vcols])
+    # nq is the same in every DHV tile: the programs of tile 0 write it (a 256-byte TMA store);
+    # the interpreter takes no predicate, there every tile writes the same values
+    plgpu.copy_smem_to_gmem(nq_smem, nq_ref.at[bh, qrows], predicate=None if interpret else iv == 0)
     plgpu.wait_smem_to_gmem(0)
 
 
@@ -212,7 +219,8 @@ def parallel_fw_h_mosaic(
     eps: float,
     interpret: bool,
 ) -> jax.Array:
-    """Launch the kernel: h (BH, S, DHV) in the dtype of q. Inputs are prepared by ``forward.py``."""
+    """Launch the kernel: (h (BH, S, DHV) in the dtype of q, nq (BH, S) f32, the signed normaliser
+    qs_t . n_t of the backward pass). Inputs are prepared by ``forward.py``."""
     plgpu = _mosaic().plgpu()
     BH, S, DHQK = matQ.shape
     DHV = matV.shape[-1]
@@ -238,6 +246,7 @@ def parallel_fw_h_mosaic(
         plgpu.SMEM((N_ROWVECS, BLOCK), _F32),
         plgpu.SMEM((BLOCK,), jnp.int32),
         plgpu.SMEM((2, BLOCK), _F32),  # key gate vector, 2 slots
+        plgpu.SMEM((BLOCK,), _F32),  # nq of the query block
     )
     bars = (
         plgpu.Barrier(), plgpu.Barrier(), plgpu.Barrier(), plgpu.Barrier(),
@@ -248,7 +257,7 @@ def parallel_fw_h_mosaic(
     )
     call = plgpu.kernel(
         body,
-        out_type=jax.ShapeDtypeStruct((BH, S, DHV), dtype),
+        out_type=(jax.ShapeDtypeStruct((BH, S, DHV), dtype), jax.ShapeDtypeStruct((BH, S), _F32)),
         scratch_types=[smem, bars],
         grid=(DHV // bV, S // BLOCK, BH),
         grid_names=("v", "q", "bh"),

@@ -56,7 +56,11 @@ File format (the shipped ``tuned_defaults.json`` and ``xlstm-jax tune --json`` o
                   "date": "YYYY-MM-DD", "jax": "0.11.2"}]}
 
 Only ``params`` are used by the lookup (the values that differ from the heuristics at the measured
-shape); the rest documents the measurement.
+shape); the rest documents the measurement. An entry may also name the kernel family that was
+faster at its key (``"family"``: ``"triton"``, the default when absent, or ``"mosaic"``; written by
+``xlstm-jax tune --families triton mosaic``, read by the ``chunkwise_auto`` kernel,
+``xlstm_jax.kernels.mlstm_chunkwise.mosaic.auto``); ``params`` stay the Triton family's either way
+(``chunkwise_pallas`` uses them, ``chunkwise_mosaic`` the ones it takes).
 """
 
 from __future__ import annotations
@@ -91,6 +95,9 @@ estimate counts every tile a loop iteration loads as live at once (an over-estim
 16-bit defaults estimate at 1.06x (7B heads) and 1.13x (standard heads) of 227 KB; the 7B heads
 with 2 stages, which asked for 320 KB on an H200, at 1.97x), so only clearly hopeless candidates are
 dropped and the compile decides the rest."""
+
+FAMILIES = ("triton", "mosaic")
+"""The kernel families an entry's optional ``"family"`` may name (module doc); the first is the default."""
 
 CALL_OPTION_DEFAULTS: dict[str, Any] = {
     "recompute_states_in_bw": True,
@@ -195,9 +202,16 @@ def validate_entry(entry: Any) -> dict:
         if k in CALL_OPTION_DEFAULTS and type(v) is not type(CALL_OPTION_DEFAULTS[k]):
             raise ValueError(f"tuning entry option {k} must be a {type(CALL_OPTION_DEFAULTS[k]).__name__}; "
                              f"got {v!r}")
+    if "family" in entry and entry["family"] not in FAMILIES:
+        raise ValueError(f"tuning entry family must be one of {list(FAMILIES)}; got {entry['family']!r}")
     out = dict(entry)
     out["dtype"] = dtype_name(entry["dtype"])
     return out
+
+
+def entry_family(entry: dict) -> str:
+    """The kernel family a (validated) entry names as the faster at its key (default ``"triton"``)."""
+    return entry.get("family", FAMILIES[0])
 
 
 def entry_key(entry: dict) -> TuningKey:
