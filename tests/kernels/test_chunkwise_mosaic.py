@@ -302,26 +302,34 @@ def test_gpu_against_float64_reference(case, x64):
 
 
 GPU_GRAD_CASES = [
-    # (B, NH, S, DHQK, DHV, dtype, chunk, input_gate, grad_mode, packed, options)
-    (1, 4, 512, 128, 256, "bfloat16", 128, "exp", "exact", False, {}),
-    (1, 2, 512, 256, 512, "bfloat16", 128, "sigmoid", "tfla", True, {}),
-    (2, 2, 1024, 64, 128, "bfloat16", 64, "exp", "tfla", True,
+    # (B, NH, S, DHQK, DHV, dtype, chunk, input_gate, grad_mode, packed, hard gates, options)
+    # Exact-mode bf16 gradients with the extreme gates of _inputs(hard=True) have relative errors of
+    # ~2.2e-2 in dq and dk in both families (chunkwise_pallas in interpret mode at the first case's
+    # shape, 2026-12-02: q 2.23e-2, k 2.21e-2; soft gates 3.9e-3), above the bf16 tolerance: the hard
+    # gates are checked in tfla mode here, against chunkwise_pallas with hard gates below
+    # (test_gpu_gradients_match_chunkwise_pallas) and in float32 by the interpret-mode tests.
+    (1, 4, 512, 128, 256, "bfloat16", 128, "exp", "exact", False, False, {}),
+    (1, 2, 512, 256, 512, "bfloat16", 128, "sigmoid", "tfla", True, False, {}),
+    (2, 2, 1024, 64, 128, "bfloat16", 64, "exp", "tfla", True, True,
      dict(recompute_states_in_bw=False, states_bf16=True)),
-    (1, 4, 320, 128, 256, "float16", 256, "sigmoid", "exact", False,
+    # chunk 128: at chunk 256 the Triton backward kernels' default tiles at these heads ask for
+    # 263 KB of shared memory (more than the H200's 227 KB; a compile error, 2026-12-02)
+    (1, 4, 320, 128, 256, "float16", 128, "sigmoid", "exact", False, False,
      dict(gate_grads_impl="pallas", m_scan="linear")),
 ]
 
 
 def _grad_case_id(c):
     opts = "-".join(f"{k}={v}" for k, v in c[-1].items())
-    return "-".join(map(str, c[:9])) + ("-packed" if c[9] else "") + (f"-{opts}" if opts else "")
+    return ("-".join(map(str, c[:9])) + ("-packed" if c[9] else "") + ("-hard" if c[10] else "")
+            + (f"-{opts}" if opts else ""))
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", GPU_GRAD_CASES, ids=[_grad_case_id(c) for c in GPU_GRAD_CASES])
 def test_gpu_gradients_against_float64_reference(case, x64):
-    B, NH, S, DHQK, DHV, dtype, chunk, input_gate, grad_mode, packed, options = case
-    inputs = _inputs(B, NH, S, DHQK, DHV, dtype, hard=input_gate == "exp")
+    B, NH, S, DHQK, DHV, dtype, chunk, input_gate, grad_mode, packed, hard, options = case
+    inputs = _inputs(B, NH, S, DHQK, DHV, dtype, hard=hard)
     _compare_grads(inputs, TOL[dtype], seg=_segment_ids(B, S) if packed else None,
                    input_gate=input_gate, grad_mode=grad_mode, chunk_size=chunk, **options)
 
