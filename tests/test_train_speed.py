@@ -312,7 +312,11 @@ def test_bench_train_cli_tiny(tmp_path, capsys):
                "--profile", str(tmp_path / "prof"), "--profile-steps", "1", "--json", str(out)])
     assert rc == 0
     r = json.loads(out.read_text())
-    assert r["fused_projections"] and r["remat"] == "dots" and r["cast_params"]
+    assert r["fused_projections"] and r["remat"] == "dots" and r["cast_params"] and not r["unroll_blocks"]
+    hlo = [f for f in os.listdir(tmp_path / "prof") if f.startswith("module.hlo.txt")]
+    assert hlo and r["profile"]["hlo_source"] == "given"
+    again = ts.summarise_dir(str(tmp_path / "prof"), 1)  # offline, later: the scopes from the file
+    assert again["hlo_source"].endswith(hlo[0]) and again["busy_ms_per_step"] > 0
     assert len(r["losses"]) == 2 and all(np.isfinite(r["losses"]))
     assert r["tokens_per_s"] > 0 and r["mfu"] is None  # no peak rate on a CPU
     assert r["model_flops_per_token"]["train"] == flops.model_flops(preset_config("tiny"), 32)["train"]
@@ -320,6 +324,31 @@ def test_bench_train_cli_tiny(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "tokens/s" in text and "op family" in text
     assert main(["bench-train", "--preset", "tiny", "--seq-len", "999"]) == 2
+
+
+def test_compare_loss_curves():
+    """The seed-to-seed spread and the old-vs-new difference on smoothed curves, by hand."""
+    from xlstm_jax.tools.bench_train import _smooth, compare_loss_curves, format_loss_comparison
+
+    assert _smooth([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
+    rng = np.random.default_rng(0)
+    base = list(np.linspace(5.0, 2.0, 60))
+    noisy = lambda shift: [b + shift + 0.01 * rng.standard_normal() for b in base]  # noqa: E731
+    curves = {"old": {0: noisy(0.0), 1: noisy(0.1)}, "new": {0: noisy(0.02), 1: noisy(0.12)}}
+    c = compare_loss_curves(curves, window=5, skip=5)
+    sm = {k: {sd: _smooth(v, 5)[5:] for sd, v in r.items()} for k, r in curves.items()}
+    want_noise = max(abs(a - b) for a, b in zip(sm["old"][0], sm["old"][1]))
+    want_diff = max(abs(a - b) for a, b in zip(sm["old"][1], sm["new"][1]))
+    assert c["noise"]["old"] == pytest.approx(want_noise) and c["diff"][1] == pytest.approx(want_diff)
+    assert 0.05 < c["noise"]["new"] < 0.15 and c["diff"][0] < 0.06 and c["within_noise"]
+    assert c["tail_mean"]["old"][0] == pytest.approx(np.mean(curves["old"][0][-50:]))
+    shifted = {"old": curves["old"], "new": {sd: [x + 0.5 for x in v] for sd, v in curves["new"].items()}}
+    assert not compare_loss_curves(shifted, window=5, skip=5)["within_noise"]
+    assert "NOT within" in format_loss_comparison(compare_loss_curves(shifted, window=5, skip=5))
+    with pytest.raises(ValueError, match="seeds"):
+        compare_loss_curves({"old": {0: base}, "new": {0: base}})
+    with pytest.raises(ValueError, match="length"):
+        compare_loss_curves({"old": {0: base, 1: base[:-1]}, "new": {0: base, 1: base}})
 
 
 def test_progress_text_shows_mfu():
