@@ -284,11 +284,36 @@ def test_unroll_blocks_same_loss_and_gradients(x64):
     assert_trees_close(gb, ga, 1e-9, "grads")
 
 
+def test_residual_in_compute_dtype(x64):
+    """The residual stream in bfloat16 (an option that changes rounding): the stream's dtype is the
+    compute dtype, and the loss and gradients stay as close to the float64 reference as bfloat16
+    compute allows (within 4x the error of the default float32 stream, and 2e-2 / 1e-1 absolute
+    bounds on the relative errors); with float32 compute the stream stays float32."""
+    from xlstm_jax.models.xlstm_lm.model import residual_dtype
+    from xlstm_jax.testing import relative_error
+
+    tokens, params32, loss64, grads64, _lb, _gb = _baselines()
+    tokens = jnp.asarray(tokens)
+    bf = _config("bfloat16", use_bias=True).replace(param_dtype="float32")
+    assert residual_dtype(bf) == jnp.float32
+    assert residual_dtype(bf.replace(residual_in_compute_dtype=True)) == jnp.bfloat16
+    errs = {}
+    for on in (False, True):
+        loss, grads = _loss_and_grads(bf.replace(residual_in_compute_dtype=on), params32, tokens)
+        g_err = max(relative_error(a, b) for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads64)))
+        errs[on] = (relative_error(loss, loss64), g_err)
+    assert errs[True][0] < 2e-2 and errs[True][1] < 1e-1, errs
+    assert errs[True][0] <= 4 * errs[False][0] + 1e-3 and errs[True][1] <= 4 * errs[False][1], errs
+    print("relative errors vs float64 (loss, worst gradient): float32 stream", errs[False], "bfloat16 stream", errs[True])
+
+
 def test_option_validation():
     with pytest.raises(ValueError, match="remat_policy"):
         _config(remat_policy="some")
     with pytest.raises(ValueError, match="fused_projections"):
         _config(fused_projections=1)
+    with pytest.raises(ValueError, match="residual_in_compute_dtype"):
+        _config(residual_in_compute_dtype="yes")
     from xlstm_jax.train.config import TrainConfig
 
     with pytest.raises(ValueError, match="cast_params"):

@@ -52,6 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="q/k/v/output-gate projections as one matrix product (default: off)")
     parser.add_argument("--cast-params", action=argparse.BooleanOptionalAction, default=False,
                         help="cast the weights to the compute dtype once per step (default: off)")
+    parser.add_argument("--residual-in-compute-dtype", action=argparse.BooleanOptionalAction, default=False,
+                        help="keep the residual stream in the compute dtype (bfloat16) instead of float32: fewer "
+                             "bytes, results change at bfloat16 precision (default: off)")
     parser.add_argument("--unroll-blocks", action=argparse.BooleanOptionalAction, default=False,
                         help="run the blocks as a Python loop instead of one scan: no stacked buffers of saved "
                              "activations, longer compile (default: off)")
@@ -75,7 +78,10 @@ def build_configs(args: argparse.Namespace):
 
     from .train_cmd import default_backend
 
-    overrides: dict[str, Any] = {"fused_projections": bool(args.fused_projections)}
+    overrides: dict[str, Any] = {
+        "fused_projections": bool(args.fused_projections),
+        "residual_in_compute_dtype": bool(args.residual_in_compute_dtype),
+    }
     if args.num_blocks is not None:
         overrides["num_blocks"] = args.num_blocks
     if args.remat == "none":
@@ -103,6 +109,7 @@ def _options_text(args: argparse.Namespace, model_config) -> str:
     remat = "none" if not model_config.remat else model_config.remat_policy
     return (f"remat={remat} fused={'on' if model_config.fused_projections else 'off'} "
             f"cast={'on' if args.cast_params else 'off'} unroll={'on' if args.unroll_blocks else 'off'} "
+            f"{'resid=bf16 ' if model_config.residual_in_compute_dtype else ''}"
             f"backend={model_config.mlstm_backend}")
 
 
@@ -188,6 +195,7 @@ def run(args: argparse.Namespace) -> int:
         "remat": "none" if not model_config.remat else model_config.remat_policy,
         "fused_projections": model_config.fused_projections, "cast_params": tc.cast_params,
         "unroll_blocks": tc.unroll_blocks, "seed": tc.seed,
+        "residual_in_compute_dtype": model_config.residual_in_compute_dtype,
         "backend": model_config.mlstm_backend, "backend_kwargs": model_config.backend_kwargs,
         "dtype": model_config.dtype, "batch_size": B, "seq_len": S, "num_blocks": model_config.num_blocks,
         "num_params": model_config.num_params(), "device": str(getattr(device, "device_kind", device.platform)),

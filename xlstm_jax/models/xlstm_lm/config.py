@@ -110,6 +110,13 @@ class xLSTMLMConfig:
     entries). Speed only; the two float32 gate projections stay separate. Meant for meshes without a
     tensor axis (one GPU, data / FSDP): with tensor parallelism the concatenation of column-sharded
     kernels costs communication."""
+    residual_in_compute_dtype: bool = False
+    """Keep the residual stream (the embedding output and every block's input and output) in
+    ``dtype`` instead of ``promote(dtype, param_dtype)`` (float32 with float32 parameters, the
+    default). With bfloat16 compute this halves the bytes that the residual adds, the pre-norms and
+    their gradients and the activations saved for the backward pass move, and rounds the residual
+    to bfloat16 after every block: results change at bfloat16 precision (compare loss curves before
+    relying on it). No effect when ``dtype`` is not narrower than ``param_dtype``."""
     bos_token_id: int | None = None
     """Token id that starts a document (tokenizer metadata; None: none, as for the byte tokenizer)."""
     eos_token_id: int | None = None
@@ -144,7 +151,8 @@ class xLSTMLMConfig:
             raise ValueError(f"multihead_norm must be one of {MULTIHEAD_NORMS}; got {self.multihead_norm!r}")
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"remat_policy must be one of {REMAT_POLICIES}; got {self.remat_policy!r}")
-        for name in ("use_bias", "tie_embeddings", "remat", "norm_reduction_force_float32", "fused_projections"):
+        for name in ("use_bias", "tie_embeddings", "remat", "norm_reduction_force_float32", "fused_projections",
+                     "residual_in_compute_dtype"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool; got {getattr(self, name)!r}")
         if not (isinstance(self.norm_eps, (int, float)) and self.norm_eps >= 0):

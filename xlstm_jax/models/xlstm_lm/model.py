@@ -127,7 +127,7 @@ class xLSTMLMModel(nn.Module):
                 raise ValueError(f"logits_at must be an int array of shape (B,) = {(B,)}; got {logits_at.dtype} {logits_at.shape}")
         if self.mesh is not None:
             validate_mesh(self.mesh, num_heads=cfg.num_heads, batch_size=B)
-        resid_dtype = jnp.promote_types(cfg.compute_dtype, cfg.params_dtype)
+        resid_dtype = residual_dtype(cfg)
         if states is not None:
             want = (cfg.num_blocks, B, cfg.num_heads)
             if tuple(states.scaM.shape) != want:
@@ -183,6 +183,14 @@ class xLSTMLMModel(nn.Module):
         if keep_states:
             return logits, new_states
         return logits
+
+
+def residual_dtype(config: xLSTMLMConfig) -> jnp.dtype:
+    """The dtype of the residual stream: ``promote(dtype, param_dtype)``, or ``dtype`` with
+    ``config.residual_in_compute_dtype``."""
+    if config.residual_in_compute_dtype:
+        return jnp.dtype(config.compute_dtype)
+    return jnp.promote_types(config.compute_dtype, config.params_dtype)
 
 
 def init_params(config: xLSTMLMConfig, key: jax.Array, batch_size: int = 1, seq_len: int | None = None):
