@@ -276,14 +276,15 @@ def compare_loss_curves(curves: dict[str, dict[int, list[float]]], window: int =
     }
 
 
-def format_loss_comparison(c: dict[str, Any]) -> str:
-    """Text of a ``compare_loss_curves`` result."""
+def format_loss_comparison(c: dict[str, Any], new_name: str = "new") -> str:
+    """Text of a ``compare_loss_curves`` result; ``new_name``: what to call the "new" setting."""
     lines = [f"loss curves, {c['steps']} steps, moving average over {c['window']} steps, from step {c['skip'] + 1}:"]
+    label = {"old": "old", "new": new_name}
     for k, v in c["noise"].items():
         tails = ", ".join(f"seed {sd}: {t:.4f}" for sd, t in c["tail_mean"][k].items())
-        lines.append(f"  seed-to-seed spread ({k}): max |diff| {v:.4f}; mean of the last 50 steps {tails}")
+        lines.append(f"  seed-to-seed spread ({label[k]}): max |diff| {v:.4f}; mean of the last 50 steps {tails}")
     for sd, v in c["diff"].items():
-        lines.append(f"  old vs new, seed {sd}: max |diff| {v:.4f}")
+        lines.append(f"  old vs {new_name}, seed {sd}: max |diff| {v:.4f}")
     verdict = "within" if c["within_noise"] else "NOT within"
-    lines.append(f"  old vs new is {verdict} the run-to-run noise")
+    lines.append(f"  old vs {new_name} is {verdict} the run-to-run noise")
     return "\n".join(lines)
