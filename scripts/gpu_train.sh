@@ -4,8 +4,9 @@
 # configuration in its own process with a timeout, every one of these four profiled (time per op
 # family and per part of the step, before and after); then the loss curves of the first LOSS_STEPS
 # steps of OLD, NEW and NEW2 at 350m B8 S1024, two seeds each (parameters and data order), run
-# concurrently on the GPU, compared against the seed-to-seed spread; then, while time is left, NEW2
-# (NEW with the residual stream in bfloat16) and the current defaults (dots) timed at both presets.
+# concurrently on the GPU, compared against the seed-to-seed spread. NEW2 (NEW with the residual
+# stream in bfloat16) is timed at 1.3b before the loss curves, at 350m after them, and the current
+# defaults (remat dots alone) at both presets, while time is left.
 # Prints the profile tables, the loss comparison and a table of all runs last; JSON and logs go to
 # $OUT (or /tmp/xlstm_train_bench).
 # Run from the repository root (on the GPU machine through the device tool):
@@ -56,6 +57,7 @@ XF=$PROFILE_XLA_FLAGS run 350m_old 150 $S350 $OLD --profile "$OUT/profile_350m_o
 XF=$PROFILE_XLA_FLAGS run 350m_new 200 $S350 $NEW --profile "$OUT/profile_350m_new"
 XF=$PROFILE_XLA_FLAGS run 1.3b_old 150 $S13 $OLD --profile "$OUT/profile_1.3b_old"
 XF=$PROFILE_XLA_FLAGS run 1.3b_new 200 $S13 $NEW --profile "$OUT/profile_1.3b_new"
+run 1.3b_new2 120 $S13 $NEW2   # the candidate for 45 % at 1.3b: timed before the loss curves
 
 # loss curves: every (setting, seed) in its own process, all at once on the GPU (memory capped)
 if [ "$LOSS_STEPS" -gt 0 ]; then
@@ -78,8 +80,7 @@ if [ "$LOSS_STEPS" -gt 0 ]; then
   fi
 fi
 
-# while time is left: NEW2 (rounding change) and the current defaults (remat dots alone)
-run 1.3b_new2 120 $S13 $NEW2
+# while time is left: NEW2 at 350m and the current defaults (remat dots alone)
 run 350m_new2 120 $S350 $NEW2
 run 1.3b_dots 90 $S13 --remat dots
 run 350m_dots 90 $S350 --remat dots

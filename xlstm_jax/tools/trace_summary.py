@@ -10,13 +10,22 @@ reads it without TensorBoard or xprof:
    coarser grain), else its ``XLA Ops`` threads, else all its threads. A trace without device
    processes (a CPU run) contributes the host events that carry an ``hlo_op`` argument (the XLA
    CPU runtime's thunks).
-2. Each event is put in the first family (``FAMILIES``) whose rule matches. Rules read the event's
-   kernel name and ``hlo_op`` argument, and its scope: the ``op_name`` metadata of its HLO
-   instruction (``hlo_scopes`` parsed from the compiled module's text, ``op_scopes_from_hlo``) or a
-   ``long_name`` / ``tf_op`` / ``scope`` argument of the event. Scopes carry JAX's name stack: the
-   trainer wraps the optimizer update in ``jax.named_scope("optimizer")`` and the model the cell in
-   ``"mlstm_cell"``; Flax adds module names (``norm_mlstm``, ``mh_norm``, ...).
+2. Each event is put in the first family (``FAMILIES``) whose rule matches, and in the first part
+   of the step (``PARTS``, a finer split by where in the model the time goes). Rules read the
+   event's kernel name and ``hlo_op`` argument, and its scope: the ``op_name`` metadata of its HLO
+   instruction or a ``long_name`` / ``tf_op`` / ``scope`` argument of the event. The instruction is
+   found by ``hlo_op``, or by the kernel name (``normalise_name``: under XLA's command buffers every
+   event's ``hlo_op`` is ``command_buffer_N``, but a kernel is named after its instruction with
+   ``.`` / ``-`` as ``_``); a fusion's scope is the ``op_name`` most of its fused instructions carry
+   (``instruction_scopes``). The HLO comes from the compiled module's text
+   (``hlo_instructions_from_text``; ``bench-train --profile`` writes it beside the trace,
+   ``write_hlo_text``) or from the HLO proto that the profiler stores in the trace's ``.xplane.pb``
+   (``hlo_from_xplane``). Scopes carry JAX's name stack: the trainer wraps the optimizer update in
+   ``jax.named_scope("optimizer")`` and the loss in ``"loss"``, the model the cell in
+   ``"mlstm_cell"``; Flax adds module names (``norm_mlstm``, ``mh_norm``, ``ffn``, ...).
 3. Totals are divided by the number of profiled steps.
+
+``python -m xlstm_jax.tools.trace_summary DIR --steps N [--hlo FILE]`` prints the tables (``main``).
 
 The device time summed here counts concurrent streams twice; on one stream it is the busy time,
 which is less than the step's wall time by the device's idle gaps (``summarise`` reports both when
@@ -378,7 +387,9 @@ def hlo_instructions_from_text(hlo_text: str) -> dict[str, dict[str, list[HloIns
     current: list[HloInstruction] | None = None
     for line in hlo_text.splitlines():
         m = _INSTR_RE.match(line)
-        if m and current is not None:
+        if m:
+            if current is None:  # instructions before any computation header: one unnamed computation
+                current = comps.setdefault("", [])
             op = _OPNAME_RE.search(line)
             calls = tuple(_CALLS_RE.findall(line))
             current.append(HloInstruction(m.group(1), m.group(3), m.group(2), op.group(1) if op else "", calls))
