@@ -88,7 +88,7 @@ run 350m_dots 90 $S350 --remat dots
 $PY - "$OUT" "$LOSS_SEEDS" <<'EOF'
 import json, os, sys
 from xlstm_jax.tools.bench_train import compare_loss_curves, format_loss_comparison, format_result
-from xlstm_jax.tools.trace_summary import format_table
+from xlstm_jax.tools.trace_summary import format_comparison, format_table
 out, seeds = sys.argv[1], [int(s) for s in sys.argv[2].split()]
 names = ["350m_old", "350m_new", "350m_new2", "350m_dots", "1.3b_old", "1.3b_new", "1.3b_new2", "1.3b_dots"]
 res = {}
@@ -100,6 +100,11 @@ for n in ("350m_old", "350m_new", "1.3b_old", "1.3b_new"):
     if n in res and res[n].get("profile"):
         print(f"\n---- profile {n} ({res[n]['options']}; step {res[n]['step_ms_median']:.1f} ms) ----")
         print(format_table(res[n]["profile"]))
+for preset in ("350m", "1.3b"):
+    o, n = res.get(preset + "_old", {}).get("profile"), res.get(preset + "_new", {}).get("profile")
+    if o and n:
+        print(f"\n---- profile {preset}: old vs new (ms per step) ----")
+        print(format_comparison(o, n, ("old", "new")))
 summary = {"runs": res, "loss": {}}
 curves = {}
 for s in ("old", "new", "new2"):

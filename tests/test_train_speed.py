@@ -457,6 +457,12 @@ def test_trace_summary_scopes_through_kernel_names_and_fused_computations():
     })
     assert sum(r["share"] for r in out["parts"]) == pytest.approx(1.0)
     assert "part of the step" in ts.format_table(out)
+    big = [ts.DeviceEvent(e.name, e.hlo_op, e.scope, e.dur_us * 1000) for e in dev]  # ms-sized
+    before, after = ts.summarise(big, steps=1), ts.summarise(big[:3], steps=1)  # after: no kernel, no memcpy
+    text = ts.format_comparison(before, after, ("old", "new"))
+    assert "| mLSTM kernels (Pallas/Triton) | 3.00 | 18.8% | 0.00 | 0.0% | -3.00 |" in text
+    assert "| norms (RMS, multi-head) | 4.00 | 25.0% | 4.00 | 33.3% | +0.00 |" in text
+    assert "device busy: old 16.0 ms, new 12.0 ms" in text
 
 
 def _pb_varint(n):

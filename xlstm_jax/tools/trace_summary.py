@@ -598,6 +598,31 @@ def format_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def format_comparison(before: dict[str, Any], after: dict[str, Any], labels: tuple[str, str] = ("before", "after")) -> str:
+    """Two ``summarise`` results side by side as Markdown tables (per family, then per part): ms per
+    step and share of each, and the change in ms; the device busy time and step time last."""
+    b_lab, a_lab = labels
+    out = []
+    for key, title in (("families", "op family"), ("parts", "part of the step")):
+        rows_b = {r["family" if key == "families" else "part"]: r for r in before.get(key, [])}
+        rows_a = {r["family" if key == "families" else "part"]: r for r in after.get(key, [])}
+        names = list(rows_b) + [n for n in rows_a if n not in rows_b]
+        out.append(f"| {title} | {b_lab} ms/step | share | {a_lab} ms/step | share | change ms |")
+        out.append("|---|---|---|---|---|---|")
+        for n in names:
+            b, a = rows_b.get(n), rows_a.get(n)
+            if not ((b and b["ms_per_step"] > 0) or (a and a["ms_per_step"] > 0)):
+                continue
+            bm, am = (b["ms_per_step"] if b else 0.0), (a["ms_per_step"] if a else 0.0)
+            bs, as_ = (b["share"] if b else 0.0), (a["share"] if a else 0.0)
+            out.append(f"| {n} | {bm:.2f} | {bs:.1%} | {am:.2f} | {as_:.1%} | {am - bm:+.2f} |")
+        out.append("")
+    step = lambda r: f" / step {r['step_ms']:.1f}" if r.get("step_ms") is not None else ""  # noqa: E731
+    out.append(f"device busy: {b_lab} {before['busy_ms_per_step']:.1f}{step(before)} ms, "
+               f"{a_lab} {after['busy_ms_per_step']:.1f}{step(after)} ms")
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m xlstm_jax.tools.trace_summary DIR --steps N [--hlo FILE] [--step-ms MS] [--top K]
     [--json FILE]``: the tables of a trace directory (a ``bench-train --profile`` directory or any
