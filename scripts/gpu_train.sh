@@ -1,12 +1,11 @@
 #!/usr/bin/env bash
-# Training throughput on one GPU (issue 12): `xlstm-jax bench-train` for the 350m preset (B16 S2048)
-# and the 1.3b preset (B8 S2048), each with the old settings (OLD) and the new ones (NEW), each
-# configuration in its own process with a timeout, every one of these four profiled (time per op
-# family and per part of the step, before and after); then the loss curves of the first LOSS_STEPS
-# steps of OLD, NEW and NEW2 at 350m B8 S1024, two seeds each (parameters and data order), run
-# concurrently on the GPU, compared against the seed-to-seed spread. NEW2 (NEW with the residual
-# stream in bfloat16) is timed at 1.3b before the loss curves, at 350m after them, and the current
-# defaults (remat dots alone) at both presets, while time is left.
+# Training throughput on one GPU (issue 12). First the loss curves of the first LOSS_STEPS steps of
+# OLD, NEW and NEW2 at 350m B8 S1024, two seeds each (parameters and data order), run concurrently
+# on the GPU and compared against the seed-to-seed spread; then `xlstm-jax bench-train` for the 350m
+# preset (B16 S2048) and the 1.3b preset (B8 S2048) with the new settings (NEW) and the old ones
+# (OLD), each configuration in its own process with a timeout, these four profiled (time per op
+# family and per part of the step: before and after); then, while time is left, NEW2 (NEW with the
+# residual stream in bfloat16) and the current defaults (remat dots alone) at both presets.
 # Prints the profile tables, the loss comparison and a table of all runs last; JSON and logs go to
 # $OUT (or /tmp/xlstm_train_bench).
 # Run from the repository root (on the GPU machine through the device tool):
@@ -23,6 +22,8 @@
 #   PROFILE_XLA_FLAGS  XLA_FLAGS of the four profiled runs (e.g. --xla_gpu_enable_command_buffer=
 #               to give the cuBLAS gemms their HLO names; it also changes those runs' timing)    []
 #   BACKEND     mLSTM backend (auto: triton_kernels on a GPU)                                 [auto]
+#   ONLY        run only these (space-separated: loss 350m_new 1.3b_new 350m_old 1.3b_old 1.3b_new2
+#               350m_new2 1.3b_dots 350m_dots; e.g. for a second call)                        [all]
 # Expected wall time: ~7 minutes.
 set -u
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -37,9 +38,13 @@ command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi --query-gpu=name,memory.tota
 $PY -c "import jax; print('jax', jax.__version__, jax.devices())" | tee -a "$OUT/env.txt"
 echo "OLD=$OLD | NEW=$NEW | NEW2=$NEW2 | PROFILE_XLA_FLAGS=$PROFILE_XLA_FLAGS" | tee -a "$OUT/env.txt"
 
+# wanted NAME: whether ONLY (if set) names this run
+wanted() { [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" $1 "* ]]; }
+
 # run NAME LIMIT_S ARGS...: one bench-train process, cut to the time left in BUDGET (XLA_FLAGS from $XF)
 run() {
   local name=$1 limit=$2; shift 2
+  wanted "$name" || return 0
   local left=$((BUDGET - SECONDS - 15))
   if [ "$left" -lt 45 ]; then echo "[$name] skipped: ${left}s left of the budget"; return; fi
   [ "$limit" -gt "$left" ] && limit=$left
@@ -51,36 +56,31 @@ run() {
   [ $rc -ne 0 ] && tail -5 "$OUT/$name.log"
 }
 
-S350="--preset 350m --batch-size 16 --seq-len 2048 --steps 8 --warmup 2"
-S13="--preset 1.3b --batch-size 8 --seq-len 2048 --steps 6 --warmup 2"
-XF=$PROFILE_XLA_FLAGS run 350m_old 150 $S350 $OLD --profile "$OUT/profile_350m_old"
-XF=$PROFILE_XLA_FLAGS run 350m_new 200 $S350 $NEW --profile "$OUT/profile_350m_new"
-XF=$PROFILE_XLA_FLAGS run 1.3b_old 150 $S13 $OLD --profile "$OUT/profile_1.3b_old"
-XF=$PROFILE_XLA_FLAGS run 1.3b_new 200 $S13 $NEW --profile "$OUT/profile_1.3b_new"
-run 1.3b_new2 120 $S13 $NEW2   # the candidate for 45 % at 1.3b: timed before the loss curves
-
-# loss curves: every (setting, seed) in its own process, all at once on the GPU (memory capped)
-if [ "$LOSS_STEPS" -gt 0 ]; then
-  left=$((BUDGET - SECONDS - 15))
-  if [ "$left" -lt 60 ]; then
-    echo "[loss curves] skipped: ${left}s left of the budget"
-  else
-    limit=$(( left < 220 ? left : 220 )); t0=$SECONDS; pids=""
-    for set in old new new2; do
-      case $set in old) opts=$OLD;; new) opts=$NEW;; new2) opts=$NEW2;; esac
-      for seed in $LOSS_SEEDS; do
-        XLA_PYTHON_CLIENT_MEM_FRACTION=0.14 timeout -k 5 "$limit" $PY -m xlstm_jax bench-train --backend "$BACKEND" \
-          --preset 350m $LOSS_SHAPE --steps 1 --warmup 0 --loss-steps "$LOSS_STEPS" --seed "$seed" $opts \
-          --json "$OUT/loss_${set}_s$seed.json" > "$OUT/loss_${set}_s$seed.log" 2>&1 &
-        pids="$pids $!"
-      done
+# loss curves: every (setting, seed) in its own process, all at once on the GPU (memory capped);
+# first, because the goal needs them and they take a fixed time (compiles in parallel, 6 x 200 steps)
+if [ "$LOSS_STEPS" -gt 0 ] && wanted loss; then
+  limit=$(( BUDGET - SECONDS - 15 < 210 ? BUDGET - SECONDS - 15 : 210 )); t0=$SECONDS; pids=""
+  for set in old new new2; do
+    case $set in old) opts=$OLD;; new) opts=$NEW;; new2) opts=$NEW2;; esac
+    for seed in $LOSS_SEEDS; do
+      XLA_PYTHON_CLIENT_MEM_FRACTION=0.14 timeout -k 5 "$limit" $PY -m xlstm_jax bench-train --backend "$BACKEND" \
+        --preset 350m $LOSS_SHAPE --steps 1 --warmup 0 --loss-steps "$LOSS_STEPS" --seed "$seed" $opts \
+        --json "$OUT/loss_${set}_s$seed.json" > "$OUT/loss_${set}_s$seed.log" 2>&1 &
+      pids="$pids $!"
     done
-    for p in $pids; do wait "$p" || echo "[loss curves] a run (pid $p) failed: see $OUT/loss_*.log"; done
-    echo "[loss curves] done in $((SECONDS - t0))s (limit ${limit}s)"
-  fi
+  done
+  for p in $pids; do wait "$p" || echo "[loss curves] a run (pid $p) failed or timed out: see $OUT/loss_*.log"; done
+  echo "[loss curves] done in $((SECONDS - t0))s (limit ${limit}s)"
 fi
 
-# while time is left: NEW2 at 350m and the current defaults (remat dots alone)
+# timings in the order of what the goal needs; every run of OLD and NEW profiled
+S350="--preset 350m --batch-size 16 --seq-len 2048 --steps 8 --warmup 2"
+S13="--preset 1.3b --batch-size 8 --seq-len 2048 --steps 6 --warmup 2"
+XF=$PROFILE_XLA_FLAGS run 350m_new 200 $S350 $NEW --profile "$OUT/profile_350m_new"
+XF=$PROFILE_XLA_FLAGS run 1.3b_new 200 $S13 $NEW --profile "$OUT/profile_1.3b_new"
+XF=$PROFILE_XLA_FLAGS run 350m_old 120 $S350 $OLD --profile "$OUT/profile_350m_old"
+XF=$PROFILE_XLA_FLAGS run 1.3b_old 120 $S13 $OLD --profile "$OUT/profile_1.3b_old"
+run 1.3b_new2 120 $S13 $NEW2
 run 350m_new2 120 $S350 $NEW2
 run 1.3b_dots 90 $S13 --remat dots
 run 350m_dots 90 $S350 --remat dots
