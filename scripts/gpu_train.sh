@@ -22,6 +22,9 @@
 #   PROFILE_XLA_FLAGS  XLA_FLAGS of the four profiled runs (e.g. --xla_gpu_enable_command_buffer=
 #               to give the cuBLAS gemms their HLO names; it also changes those runs' timing)    []
 #   BACKEND     mLSTM backend (auto: triton_kernels on a GPU)                                 [auto]
+#   S350, S13, LOSS_PRESET  the bench-train shapes of the two presets and the loss curves' preset
+#               (a CPU smoke test of the script: S350="--preset tiny --batch-size 2 --steps 2 --warmup 0"
+#               S13=$S350 LOSS_PRESET=tiny LOSS_SHAPE="--batch-size 2" LOSS_STEPS=12 BACKEND=parallel_stabilized)
 #   ONLY        run only these (space-separated: loss 350m_new 1.3b_new 350m_old 1.3b_old 1.3b_new2
 #               350m_new2 1.3b_dots 350m_dots; e.g. for a second call)                        [all]
 # Expected wall time: ~7 minutes.
@@ -37,6 +40,10 @@ PY=${PYTHON:-python}
 command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/env.txt"
 $PY -c "import jax; print('jax', jax.__version__, jax.devices())" | tee -a "$OUT/env.txt"
 echo "OLD=$OLD | NEW=$NEW | NEW2=$NEW2 | PROFILE_XLA_FLAGS=$PROFILE_XLA_FLAGS" | tee -a "$OUT/env.txt"
+
+S350=${S350:---preset 350m --batch-size 16 --seq-len 2048 --steps 8 --warmup 2}
+S13=${S13:---preset 1.3b --batch-size 8 --seq-len 2048 --steps 6 --warmup 2}
+LOSS_PRESET=${LOSS_PRESET:-350m}
 
 # wanted NAME: whether ONLY (if set) names this run
 wanted() { [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" $1 "* ]]; }
@@ -64,7 +71,7 @@ if [ "$LOSS_STEPS" -gt 0 ] && wanted loss; then
     case $set in old) opts=$OLD;; new) opts=$NEW;; new2) opts=$NEW2;; esac
     for seed in $LOSS_SEEDS; do
       XLA_PYTHON_CLIENT_MEM_FRACTION=0.14 timeout -k 5 "$limit" $PY -m xlstm_jax bench-train --backend "$BACKEND" \
-        --preset 350m $LOSS_SHAPE --steps 1 --warmup 0 --loss-steps "$LOSS_STEPS" --seed "$seed" $opts \
+        --preset "$LOSS_PRESET" $LOSS_SHAPE --steps 1 --warmup 0 --loss-steps "$LOSS_STEPS" --seed "$seed" $opts \
         --json "$OUT/loss_${set}_s$seed.json" > "$OUT/loss_${set}_s$seed.log" 2>&1 &
       pids="$pids $!"
     done
@@ -74,8 +81,6 @@ if [ "$LOSS_STEPS" -gt 0 ] && wanted loss; then
 fi
 
 # timings in the order of what the goal needs; every run of OLD and NEW profiled
-S350="--preset 350m --batch-size 16 --seq-len 2048 --steps 8 --warmup 2"
-S13="--preset 1.3b --batch-size 8 --seq-len 2048 --steps 6 --warmup 2"
 XF=$PROFILE_XLA_FLAGS run 350m_new 200 $S350 $NEW --profile "$OUT/profile_350m_new"
 XF=$PROFILE_XLA_FLAGS run 1.3b_new 200 $S13 $NEW --profile "$OUT/profile_1.3b_new"
 XF=$PROFILE_XLA_FLAGS run 350m_old 120 $S350 $OLD --profile "$OUT/profile_350m_old"

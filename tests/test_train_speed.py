@@ -457,6 +457,11 @@ def test_trace_summary_scopes_through_kernel_names_and_fused_computations():
     })
     assert sum(r["share"] for r in out["parts"]) == pytest.approx(1.0)
     assert "part of the step" in ts.format_table(out)
+    part = lambda scope: ts.classify_part(ts.DeviceEvent("loop_fusion", "", scope, 1.0))  # noqa: E731
+    assert part("jit(_step)/jvp(loss)/sub") == part("jit(_step)/jvp(xLSTMLMModel)/tanh") == "loss / LM head element-wise"
+    assert part("jit(_step)/transpose(jvp(xLSTMLMModel))/blocks_3/add_any") == "residual stream (adds, casts)"
+    assert part("jit(_step)/transpose(jvp())/concatenate").startswith("block parameters")
+    assert part("jit(_step)/jvp(xLSTMLMModel)/blocks_3/ffn/mul").startswith("feed-forward")
     big = [ts.DeviceEvent(e.name, e.hlo_op, e.scope, e.dur_us * 1000) for e in dev]  # ms-sized
     before, after = ts.summarise(big, steps=1), ts.summarise(big[:3], steps=1)  # after: no kernel, no memcpy
     text = ts.format_comparison(before, after, ("old", "new"))

@@ -234,9 +234,12 @@ def unstack_block_params(params: Any) -> Any:
         raise ValueError(f"params have no stacked 'blocks' entry; keys: {sorted(params)}")
     blocks = params["blocks"]
     NB = jax.tree.leaves(blocks)[0].shape[0]
+    # one split per leaf, not NB slices: under differentiation (``TrainConfig.unroll_blocks``) the
+    # transpose of a split is one concatenation, that of NB slices NB zero-padded full-size arrays
+    pieces = jax.tree.map(lambda a: [jnp.squeeze(x, 0) for x in jnp.split(a, NB, axis=0)], blocks)
     out = {k: v for k, v in params.items() if k != "blocks"}
     for idx in range(NB):
-        out[f"blocks_{idx}"] = jax.tree.map(lambda a, idx=idx: a[idx], blocks)
+        out[f"blocks_{idx}"] = jax.tree.map(lambda p, idx=idx: p[idx], pieces, is_leaf=lambda x: isinstance(x, list))
     return out
 
 
