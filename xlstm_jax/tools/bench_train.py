@@ -6,8 +6,11 @@ time), optionally runs ``--loss-steps`` steps from the fresh state on the embedd
 every loss (for comparing loss curves of two option sets: same seed, same batches), then times
 ``--steps`` steps after ``--warmup`` steps (each step waited for; the median step time gives
 tokens/s and MFU, see ``xlstm_jax.train.flops``), and reads the peak device memory. ``--profile DIR``
-traces ``--profile-steps`` more steps with ``jax.profiler`` and prints the time per op family
-(``xlstm_jax.tools.trace_summary``). No checkpoints, no files besides ``--json`` and the profile.
+traces ``--profile-steps`` more steps with ``jax.profiler`` and prints the time per op family and
+per part of the step (``xlstm_jax.tools.trace_summary``); the compiled module's text goes beside the
+trace (``DIR/module.hlo.txt[.gz]``) so that ``python -m xlstm_jax.tools.trace_summary DIR --steps N``
+can summarise it again later with scopes. No checkpoints, no files besides ``--json`` and the
+profile.
 
 MFU uses the vendor's dense bf16 peak of the device (``flops.PEAK_TFLOPS``), or ``--peak-tflops``;
 ``--measure-peak`` also reports MFU against the measured bf16 matrix-product rate of the device.
@@ -33,9 +36,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     positive, nonneg = int_at_least(1), int_at_least(0)
     parser.add_argument("--preset", default="350m", choices=PRESET_NAMES, help="model size")
     parser.add_argument("--num-blocks", type=positive, default=None, help="override the number of blocks (default: the preset's)")
-    parser.add_argument("--scan-unroll", type=positive, default=None,
-                        help="blocks per iteration of the block loop (the config's scan_unroll; a value >= the "
-                             "number of blocks unrolls it fully; default: the config's, 1)")
     parser.add_argument("--batch-size", type=positive, default=16, help="global batch size")
     parser.add_argument("--seq-len", type=nonneg, default=0, help="sequence length (default: 0, the preset's context length)")
     parser.add_argument("--steps", type=positive, default=10, help="timed steps")
@@ -52,6 +52,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="q/k/v/output-gate projections as one matrix product (default: off)")
     parser.add_argument("--cast-params", action=argparse.BooleanOptionalAction, default=False,
                         help="cast the weights to the compute dtype once per step (default: off)")
+    parser.add_argument("--residual-in-compute-dtype", action=argparse.BooleanOptionalAction, default=False,
+                        help="keep the residual stream in the compute dtype (bfloat16) instead of float32: fewer "
+                             "bytes, results change at bfloat16 precision (default: off)")
+    parser.add_argument("--unroll-blocks", action=argparse.BooleanOptionalAction, default=False,
+                        help="run the blocks as a Python loop instead of one scan: no stacked buffers of saved "
+                             "activations, longer compile (default: off)")
     parser.add_argument("--seed", type=nonneg, default=0, help="seed of parameters and data order")
     parser.add_argument("--loss-steps", type=nonneg, default=0,
                         help="first run this many steps from the fresh state on the embedded corpus and record each loss")
@@ -72,11 +78,12 @@ def build_configs(args: argparse.Namespace):
 
     from .train_cmd import default_backend
 
-    overrides: dict[str, Any] = {"fused_projections": bool(args.fused_projections)}
+    overrides: dict[str, Any] = {
+        "fused_projections": bool(args.fused_projections),
+        "residual_in_compute_dtype": bool(args.residual_in_compute_dtype),
+    }
     if args.num_blocks is not None:
         overrides["num_blocks"] = args.num_blocks
-    if args.scan_unroll is not None:
-        overrides["scan_unroll"] = args.scan_unroll
     if args.remat == "none":
         overrides["remat"] = False
     elif args.remat in ("full", "dots"):
@@ -91,6 +98,7 @@ def build_configs(args: argparse.Namespace):
         tc = TrainConfig(
             out_dir="", steps=total, batch_size=args.batch_size, seq_len=args.seq_len, seed=args.seed,
             eval_every=0, eval_batches=0, checkpoints=False, cast_params=bool(args.cast_params),
+            unroll_blocks=bool(args.unroll_blocks),
         )
     except ValueError as err:
         raise UsageError(f"the options do not make a model / run: {err}") from None
@@ -99,9 +107,10 @@ def build_configs(args: argparse.Namespace):
 
 def _options_text(args: argparse.Namespace, model_config) -> str:
     remat = "none" if not model_config.remat else model_config.remat_policy
-    unroll = "" if model_config.scan_unroll == 1 else f" unroll={model_config.scan_unroll}"
-    return (f"remat={remat}{unroll} fused={'on' if model_config.fused_projections else 'off'} "
-            f"cast={'on' if args.cast_params else 'off'} backend={model_config.mlstm_backend}")
+    return (f"remat={remat} fused={'on' if model_config.fused_projections else 'off'} "
+            f"cast={'on' if args.cast_params else 'off'} unroll={'on' if args.unroll_blocks else 'off'} "
+            f"{'resid=bf16 ' if model_config.residual_in_compute_dtype else ''}"
+            f"backend={model_config.mlstm_backend}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -143,6 +152,8 @@ def run(args: argparse.Namespace) -> int:
     compiled = trainer._train_step.lower(state, first).compile()
     compile_s = time.perf_counter() - t0
     hlo_text = compiled.as_text() if args.profile else None
+    if hlo_text:  # beside the trace, so that it can be summarised again offline with scopes
+        trace_summary.write_hlo_text(args.profile, hlo_text)
 
     losses = []
     batch = first
@@ -183,6 +194,8 @@ def run(args: argparse.Namespace) -> int:
         "preset": args.preset, "options": _options_text(args, model_config),
         "remat": "none" if not model_config.remat else model_config.remat_policy,
         "fused_projections": model_config.fused_projections, "cast_params": tc.cast_params,
+        "unroll_blocks": tc.unroll_blocks, "seed": tc.seed,
+        "residual_in_compute_dtype": model_config.residual_in_compute_dtype,
         "backend": model_config.mlstm_backend, "backend_kwargs": model_config.backend_kwargs,
         "dtype": model_config.dtype, "batch_size": B, "seq_len": S, "num_blocks": model_config.num_blocks,
         "num_params": model_config.num_params(), "device": str(getattr(device, "device_kind", device.platform)),
@@ -211,7 +224,67 @@ def format_result(r: dict[str, Any]) -> str:
     if r.get("mfu_of_measured") is not None:
         mfu_txt += f" ({r['mfu_of_measured']:.1%} of {r['measured_matmul_tflops']:.0f} measured)"
     mem = f"{r['peak_memory_bytes'] / 2**30:.2f}" if r["peak_memory_bytes"] is not None else "n/a"
-    head = f"{'preset':<6} {'B x S':<10} {'options':<58} {'tokens/s':>10} {'MFU':>7} {'peak GiB':>9} {'step ms':>9} {'compile s':>9}"
-    row = (f"{r['preset']:<6} {str(r['batch_size']) + 'x' + str(r['seq_len']):<10} {r['options']:<58} "
+    head = f"{'preset':<6} {'B x S':<10} {'options':<68} {'tokens/s':>10} {'MFU':>7} {'peak GiB':>9} {'step ms':>9} {'compile s':>9}"
+    row = (f"{r['preset']:<6} {str(r['batch_size']) + 'x' + str(r['seq_len']):<10} {r['options']:<68} "
            f"{r['tokens_per_s']:>10,.0f} {mfu_txt:>7} {mem:>9} {r['step_ms_median']:>9.1f} {r['compile_s']:>9.1f}")
     return head + "\n" + row
+
+
+def _smooth(xs: list[float], window: int) -> list[float]:
+    """Trailing moving average over ``window`` steps (the first ``window - 1`` points average fewer)."""
+    out, acc = [], 0.0
+    for i, x in enumerate(xs):
+        acc += x
+        if i >= window:
+            acc -= xs[i - window]
+        out.append(acc / min(i + 1, window))
+    return out
+
+
+def compare_loss_curves(curves: dict[str, dict[int, list[float]]], window: int = 10, skip: int = 10) -> dict[str, Any]:
+    """Loss curves of two option sets, each run with several seeds (of parameters and data order):
+    ``curves = {"old": {seed: losses}, "new": {seed: losses}}``, all of one length. On the curves
+    smoothed by a ``window``-step moving average, from step ``skip + 1`` on:
+
+    - ``noise[setting]``: the largest |difference| between two seeds of one setting (run-to-run
+      noise: what another seed changes);
+    - ``diff[seed]``: the largest |old - new| of one seed (same parameters, same batches);
+    - ``tail_mean[setting][seed]``: the mean loss of the last 50 steps;
+    - ``within_noise``: max ``diff`` <= max ``noise``.
+
+    ``ValueError`` unless there are exactly the settings "old" and "new", the same >= 2 seeds in
+    each, and curves longer than ``skip`` of equal length."""
+    if set(curves) != {"old", "new"}:
+        raise ValueError(f"curves must have the settings 'old' and 'new'; got {sorted(curves)}")
+    seeds = sorted(curves["old"])
+    if sorted(curves["new"]) != seeds or len(seeds) < 2:
+        raise ValueError(f"both settings need the same >= 2 seeds; got old {sorted(curves['old'])}, new {sorted(curves['new'])}")
+    lengths = {len(c) for runs in curves.values() for c in runs.values()}
+    if len(lengths) != 1 or min(lengths) <= skip:
+        raise ValueError(f"curves must be of one length > skip={skip}; got lengths {sorted(lengths)}")
+    sm = {k: {sd: _smooth([float(x) for x in c], window)[skip:] for sd, c in runs.items()} for k, runs in curves.items()}
+
+    def maxdiff(a, b):
+        return max(abs(x - y) for x, y in zip(a, b))
+
+    noise = {k: max(maxdiff(sm[k][a], sm[k][b]) for i, a in enumerate(seeds) for b in seeds[i + 1:]) for k in sm}
+    diff = {sd: maxdiff(sm["old"][sd], sm["new"][sd]) for sd in seeds}
+    tail = {k: {sd: sum(c[-50:]) / len(c[-50:]) for sd, c in runs.items()} for k, runs in curves.items()}
+    return {
+        "steps": lengths.pop(), "window": window, "skip": skip, "seeds": seeds, "noise": noise, "diff": diff,
+        "tail_mean": tail, "within_noise": max(diff.values()) <= max(noise.values()),
+    }
+
+
+def format_loss_comparison(c: dict[str, Any], new_name: str = "new") -> str:
+    """Text of a ``compare_loss_curves`` result; ``new_name``: what to call the "new" setting."""
+    lines = [f"loss curves, {c['steps']} steps, moving average over {c['window']} steps, from step {c['skip'] + 1}:"]
+    label = {"old": "old", "new": new_name}
+    for k, v in c["noise"].items():
+        tails = ", ".join(f"seed {sd}: {t:.4f}" for sd, t in c["tail_mean"][k].items())
+        lines.append(f"  seed-to-seed spread ({label[k]}): max |diff| {v:.4f}; mean of the last 50 steps {tails}")
+    for sd, v in c["diff"].items():
+        lines.append(f"  old vs {new_name}, seed {sd}: max |diff| {v:.4f}")
+    verdict = "within" if c["within_noise"] else "NOT within"
+    lines.append(f"  old vs {new_name} is {verdict} the run-to-run noise")
+    return "\n".join(lines)

@@ -143,6 +143,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--summary-json", default=None, help="also write the run summary to this file (default: no)")
     t.add_argument("--cast-params", action="store_true",
                    help="cast the weights to the compute dtype once per step (speed only)")
+    t.add_argument("--unroll-blocks", action="store_true",
+                   help="run the blocks of the training step as a loop instead of one scan (speed only; longer compile; "
+                        "default: off)")
     t.add_argument("--peak-tflops", type=float_range(0.0, low_open=True), default=None,
                    help="peak TFLOP/s of one device for the MFU figure (default: the vendor's dense bf16 figure "
                         "for known GPUs, e.g. 989 for H100 SXM / H200; none on a CPU: MFU n/a)")
@@ -227,7 +230,7 @@ def build_configs(args: argparse.Namespace):
             checkpoint_every=args.checkpoint_every, log_every=args.log_every, seed=args.seed,
             mesh=mesh, checkpoints=not args.no_checkpoint, heldout_fraction=args.heldout_fraction,
             init_from=init_from, tokenizer=tokenizer,
-            cast_params=args.cast_params,
+            cast_params=args.cast_params, unroll_blocks=args.unroll_blocks,
             pack=not args.no_pack, doc_separator=doc_separator,
         )
     except ValueError as err:

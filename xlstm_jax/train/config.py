@@ -82,6 +82,12 @@ class TrainConfig:
     """Cast the weights used in the compute dtype to it once per step, before the forward pass
     (``xlstm_jax.models.xlstm_lm.model.cast_compute_params``; the float32 master parameters and the
     optimizer are unchanged). Speed only, never results."""
+    unroll_blocks: bool = False
+    """Run the blocks of the training step as a Python loop (``xLSTMLMModel(unrolled=True)`` on the
+    stacked parameters sliced per block inside the step) instead of one ``nn.scan``: no stacked
+    buffers of the saved activations (their zero fill and the copies in and out of them), at the
+    cost of compile time growing with depth. The parameter tree, checkpoints and results are those
+    of the scan (same function). Speed only, never results."""
     pack: bool = True
     """Pack documents: batches carry segment ids, every document starts from the empty cell state
     and no target is predicted across a document border (``packing.py``); False: one token stream."""
@@ -101,6 +107,8 @@ class TrainConfig:
             object.__setattr__(self, "mesh", tuple(int(m) for m in mesh))
         if not isinstance(self.cast_params, bool):
             raise ValueError(f"cast_params must be a bool; got {self.cast_params!r}")
+        if not isinstance(self.unroll_blocks, bool):
+            raise ValueError(f"unroll_blocks must be a bool; got {self.unroll_blocks!r}")
         for name in ("steps", "batch_size", "log_every", "keep_checkpoints"):
             value = getattr(self, name)
             if not _is_int(value) or value < 1:

@@ -31,7 +31,7 @@ from jax.sharding import Mesh
 
 from xlstm_jax.models.xlstm_lm import sharding as shd
 from xlstm_jax.models.xlstm_lm.config import xLSTMLMConfig
-from xlstm_jax.models.xlstm_lm.model import cast_compute_params, xLSTMLMModel
+from xlstm_jax.models.xlstm_lm.model import cast_compute_params, unstack_block_params, xLSTMLMModel
 
 from . import checkpoint as ckpt
 from .config import TrainConfig, sequence_length
@@ -121,6 +121,10 @@ class Trainer:
             self.mesh = shd.make_mesh(train_config.mesh, devices)
             shd.validate_mesh(self.mesh, num_heads=model_config.num_heads, batch_size=train_config.batch_size)
         self.model = xLSTMLMModel(model_config, mesh=self.mesh)
+        # the training step's model: the same blocks as a Python loop over per-block slices (speed option)
+        self._train_model = (
+            xLSTMLMModel(model_config, mesh=self.mesh, unrolled=True) if train_config.unroll_blocks else self.model
+        )
         self.tx = make_optimizer(train_config)
         self.schedule = make_schedule(train_config)
         self.abstract_state = jax.eval_shape(self._init, jax.random.key_data(jax.random.key(0)))
@@ -163,9 +167,12 @@ class Trainer:
     def _loss(self, params, batch, rng):
         if self.tc.cast_params:
             params = cast_compute_params(params, self.model_config)
+        if self.tc.unroll_blocks:
+            params = unstack_block_params(params)  # slices inside the step: the gradient is stacked again
         inputs, targets, segment_ids, mask = split_batch(batch)
-        logits = self.model.apply({"params": params}, inputs, rngs={"dropout": rng}, segment_ids=segment_ids)
-        return masked_lm_loss(logits, targets, mask)
+        logits = self._train_model.apply({"params": params}, inputs, rngs={"dropout": rng}, segment_ids=segment_ids)
+        with jax.named_scope("loss"):  # names the loss's ops in profiles (tools/trace_summary.py)
+            return masked_lm_loss(logits, targets, mask)
 
     def _step(self, state: TrainState, batch: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
         rng, step_rng = jax.random.split(jax.random.wrap_key_data(state.rng))

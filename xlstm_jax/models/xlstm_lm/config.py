@@ -110,13 +110,13 @@ class xLSTMLMConfig:
     entries). Speed only; the two float32 gate projections stay separate. Meant for meshes without a
     tensor axis (one GPU, data / FSDP): with tensor parallelism the concatenation of column-sharded
     kernels costs communication."""
-    scan_unroll: int = 1
-    """Blocks per iteration of the block stack's loop (``nn.scan``'s ``unroll``; ``num_blocks``
-    unrolls it fully). Speed and compile time only, never results or the parameter tree (the blocks'
-    parameters stay stacked). Unrolling lets XLA drop what a loop costs: the forward loop writes the
-    saved activations of every block into stacked buffers that are first filled with zeros and later
-    copied (H200 profile of the 350m preset, 2026-12-02: ~9 ms/step of zero fills and ~10 ms of
-    device-to-device copies in a 220 ms step)."""
+    residual_in_compute_dtype: bool = False
+    """Keep the residual stream (the embedding output and every block's input and output) in
+    ``dtype`` instead of ``promote(dtype, param_dtype)`` (float32 with float32 parameters, the
+    default). With bfloat16 compute this halves the bytes that the residual adds, the pre-norms and
+    their gradients and the activations saved for the backward pass move, and rounds the residual
+    to bfloat16 after every block: results change at bfloat16 precision (compare loss curves before
+    relying on it). No effect when ``dtype`` is not narrower than ``param_dtype``."""
     bos_token_id: int | None = None
     """Token id that starts a document (tokenizer metadata; None: none, as for the byte tokenizer)."""
     eos_token_id: int | None = None
@@ -133,7 +133,7 @@ class xLSTMLMConfig:
         object.__setattr__(self, "mlstm_backend_kwargs", kw)
         object.__setattr__(self, "fgate_bias_init_range", tuple(float(x) for x in self.fgate_bias_init_range))
         for name in ("vocab_size", "embedding_dim", "num_heads", "num_blocks", "context_length",
-                     "ffn_round_up_to_multiple_of", "scan_unroll"):
+                     "ffn_round_up_to_multiple_of"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int; got {value!r}")
@@ -151,7 +151,8 @@ class xLSTMLMConfig:
             raise ValueError(f"multihead_norm must be one of {MULTIHEAD_NORMS}; got {self.multihead_norm!r}")
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"remat_policy must be one of {REMAT_POLICIES}; got {self.remat_policy!r}")
-        for name in ("use_bias", "tie_embeddings", "remat", "norm_reduction_force_float32", "fused_projections"):
+        for name in ("use_bias", "tie_embeddings", "remat", "norm_reduction_force_float32", "fused_projections",
+                     "residual_in_compute_dtype"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool; got {getattr(self, name)!r}")
         if not (isinstance(self.norm_eps, (int, float)) and self.norm_eps >= 0):

@@ -127,7 +127,7 @@ class xLSTMLMModel(nn.Module):
                 raise ValueError(f"logits_at must be an int array of shape (B,) = {(B,)}; got {logits_at.dtype} {logits_at.shape}")
         if self.mesh is not None:
             validate_mesh(self.mesh, num_heads=cfg.num_heads, batch_size=B)
-        resid_dtype = jnp.promote_types(cfg.compute_dtype, cfg.params_dtype)
+        resid_dtype = residual_dtype(cfg)
         if states is not None:
             want = (cfg.num_blocks, B, cfg.num_heads)
             if tuple(states.scaM.shape) != want:
@@ -164,7 +164,6 @@ class xLSTMLMModel(nn.Module):
                 in_axes=(0, nn.broadcast, nn.broadcast),
                 out_axes=0,
                 length=cfg.num_blocks,
-                unroll=min(cfg.scan_unroll, cfg.num_blocks),
             )(cfg, self.mesh, mode, keep_states, name="blocks")
             x, new_states = stack(x, states, mask, segment_ids)
         x = self._constrain(x)
@@ -184,6 +183,14 @@ class xLSTMLMModel(nn.Module):
         if keep_states:
             return logits, new_states
         return logits
+
+
+def residual_dtype(config: xLSTMLMConfig) -> jnp.dtype:
+    """The dtype of the residual stream: ``promote(dtype, param_dtype)``, or ``dtype`` with
+    ``config.residual_in_compute_dtype``."""
+    if config.residual_in_compute_dtype:
+        return jnp.dtype(config.compute_dtype)
+    return jnp.promote_types(config.compute_dtype, config.params_dtype)
 
 
 def init_params(config: xLSTMLMConfig, key: jax.Array, batch_size: int = 1, seq_len: int | None = None):
@@ -227,9 +234,12 @@ def unstack_block_params(params: Any) -> Any:
         raise ValueError(f"params have no stacked 'blocks' entry; keys: {sorted(params)}")
     blocks = params["blocks"]
     NB = jax.tree.leaves(blocks)[0].shape[0]
+    # one split per leaf, not NB slices: under differentiation (``TrainConfig.unroll_blocks``) the
+    # transpose of a split is one concatenation, that of NB slices NB zero-padded full-size arrays
+    pieces = jax.tree.map(lambda a: [jnp.squeeze(x, 0) for x in jnp.split(a, NB, axis=0)], blocks)
     out = {k: v for k, v in params.items() if k != "blocks"}
     for idx in range(NB):
-        out[f"blocks_{idx}"] = jax.tree.map(lambda a, idx=idx: a[idx], blocks)
+        out[f"blocks_{idx}"] = jax.tree.map(lambda p, idx=idx: p[idx], pieces, is_leaf=lambda x: isinstance(x, list))
     return out
 
 
