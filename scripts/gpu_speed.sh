@@ -25,6 +25,7 @@
 #   TUNE_THREADS    candidates compiled concurrently by the tuner               [4]
 #   SKIP_TUNE       1: skip (a) and use $OUT/tuning_cache.json as it is         [0]
 #   REPS            timed calls per bench measurement                           [10]
+#   BENCH_GRAD_MODES  gradient modes of (b)                                    [exact tfla]
 #   BENCH_KERNELS   kernels of (b); the table shows chunkwise_pallas as "ours" and
 #                   chunkwise_mosaic (if listed) in columns of its own           [chunkwise_pallas]
 #   OURS_PEER_TIMER 1: also time ours through .peers/peer_shapes.py             [0]
@@ -69,7 +70,7 @@ for g in "${GROUPS_[@]}"; do
   T=$(( rows * 90 + 60 )); t0=$(date +%s)
   nk=$(wc -w <<<"${BENCH_KERNELS:-chunkwise_pallas}"); T=$(( T * nk ))
   timeout -k 10 "$T" $PY -m xlstm_jax bench --kernels ${BENCH_KERNELS:-chunkwise_pallas} --heads "$heads" --shapes "$shapes" \
-    --grad-mode exact tfla --no-ceilings --reps "$REPS" --warmup 2 --label tuned \
+    --grad-mode ${BENCH_GRAD_MODES:-exact tfla} --no-ceilings --reps "$REPS" --warmup 2 --label tuned \
     --json "$OUT/bench_$heads.json" >"$OUT/bench_$heads.log" 2>&1
   status+=("bench $heads: rc=$? ($(( $(date +%s) - t0 )) s, limit $T s)")
 done
