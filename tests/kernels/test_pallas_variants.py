@@ -68,11 +68,22 @@ VARIANTS = [
      (("m_scan", "linear"), ("gates_impl", "pallas"), ("gate_grads_impl", "pallas"),
       ("states_bf16", True), ("recompute_states_in_bw", False))),
 ]
+# the fused row kernels and the kept gate vectors: exact mode only (in the TFLA mode the fused
+# gradient kernel is not used, and the forward is the one tested here)
+FUSED = ("fused-savegates", "float32", (("gates_impl", "fused"), ("gate_grads_impl", "fused"), ("save_gates", True)))
 
 
 @pytest.mark.parametrize("grad_mode", ["exact", "tfla"])
 @pytest.mark.parametrize("name,dtype,options", VARIANTS, ids=[v[0] for v in VARIANTS])
 def test_variant_against_float64_reference(name, dtype, options, grad_mode):
+    _check_variant(name, dtype, options, grad_mode)
+
+
+def test_fused_gate_kernels_against_float64_reference():
+    _check_variant(*FUSED, "exact")
+
+
+def _check_variant(name, dtype, options, grad_mode):
     inputs, cots = _inputs(dtype)
     kernel = get_mlstm_kernel("chunkwise_pallas", chunk_size=L, **dict(options))
     fn = lambda *a: kernel(*a, return_last_states=True, grad_mode=grad_mode)  # noqa: E731
@@ -145,6 +156,34 @@ def test_gate_vectors_without_max_state():
         np.testing.assert_allclose(a[fin], b[fin], rtol=1e-5, atol=1e-5, err_msg=name)
 
 
+def test_fused_gate_kernels_equal_xla():
+    """gates_impl="fused": m and the gate vectors from one kernel; gate_grads_impl="fused": the gate
+    gradients plus the m pull-back (the jax.vjp of the XLA scan) from one kernel."""
+    i, logf, m0 = _gates()
+    vecM = gates.max_state_scan(i, logf, m0)
+    ref = gates.kernel_gates(i, logf, vecM, m0, L)
+    p = _params()
+    g, m = jax.jit(lambda *a: gate_kernels.fused_gate_vectors(*a, params=p, interpret=True))(i, logf, m0)
+    np.testing.assert_allclose(np.asarray(m), np.asarray(vecM), rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(g.vecReset), np.asarray(ref.vecReset))
+    np.testing.assert_array_equal(np.asarray(g.vecStart), np.asarray(ref.vecStart))
+    for name in ("vecQlog", "vecKlog", "vecWinter", "vecWstate", "vecDecay", "scaM_borders"):
+        a, b = np.asarray(getattr(g, name)), np.asarray(getattr(ref, name))
+        np.testing.assert_array_equal(np.isinf(a), np.isinf(b), err_msg=name)
+        fin = np.isfinite(b)
+        np.testing.assert_allclose(a[fin], b[fin], rtol=1e-5, atol=1e-5, err_msg=name)
+    rng = np.random.default_rng(5)
+    dqq, dkk, dks, dm = (jnp.asarray(rng.normal(size=i.shape), jnp.float32) for _ in range(4))
+    ddecay = jnp.asarray(rng.normal(size=(3, 48 // L)), jnp.float32)
+    dI, dLogF = gates.gate_gradients(dqq, dkk, dks, ddecay, ref.vecReset, L)
+    dI_m, dLogF_m, dM0_m = gates.max_state_pullback(i, logf, m0, dm)
+    got = jax.jit(lambda *a: gate_kernels.fused_gate_gradients(*a, params=p, interpret=True))(
+        i, logf, vecM, m0, dm, dqq, dkk, dks, ddecay, ref.vecReset)
+    assert float(jnp.abs(dM0_m).max()) > 0.1  # the pull-back reaches m0 in this test
+    for a, b, name in zip(got, (dI + dI_m, dLogF + dLogF_m, dM0_m), ("dI", "dLogF", "dM0")):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5, err_msg=name)
+
+
 def test_gate_gradients_kernel_equals_xla():
     i, logf, m0 = _gates()
     vecM = gates.max_state_scan(i, logf, m0)
@@ -211,8 +250,10 @@ def test_variant_option_validation_and_registry():
     assert (p.m_scan, p.gates_impl, p.gate_grads_impl, p.states_bf16) == ("linear", "pallas", "pallas", True)
     d = _params()
     assert (d.m_scan, d.gates_impl, d.gate_grads_impl, d.states_bf16) == ("associative", "xla", "xla", False)
+    f = _params(gates_impl="fused", gate_grads_impl="fused", save_gates=True)
+    assert (f.gates_impl, f.gate_grads_impl, f.save_gates, d.save_gates) == ("fused", "fused", True, False)
     for bad in (dict(m_scan="sequential"), dict(gates_impl="triton"), dict(gate_grads_impl=1),
-                dict(states_bf16="yes")):
+                dict(states_bf16="yes"), dict(save_gates=1)):
         with pytest.raises(ValueError, match=next(iter(bad))):
             _params(**bad)
     get_mlstm_kernel("chunkwise_pallas", m_scan="linear", gates_impl="pallas", gate_grads_impl="pallas",

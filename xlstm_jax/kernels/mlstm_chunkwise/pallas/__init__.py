@@ -41,6 +41,7 @@ KERNEL_OPTIONS = {
     "gates_impl": None,
     "gate_grads_impl": None,
     "states_bf16": None,
+    "save_gates": None,
 }
 
 

@@ -98,6 +98,7 @@ class ForwardOut(NamedTuple):
     vecN_states: jax.Array  # (BH, NC+1, DHQK)
     scaM_borders: jax.Array  # (BH, NC+1)
     matC_last: jax.Array  # (BH, DHQK, DHV) float32 (matC_states may be 16-bit: ``states_bf16``)
+    gates: gates.KernelGates | None = None  # the gate vectors (kept for the backward: ``save_gates``)
 
 
 def chunkwise_forward(
@@ -113,25 +114,29 @@ def chunkwise_forward(
 ) -> ForwardOut:
     """The forward pass on padded, flattened arrays."""
     p = cfg.params
-    if cfg.max_state:
-        vecM = gates.max_state_scan_for(p.m_scan, p.chunk_size_intra)(vecI, vecLogF, scaM0)
-    else:  # the sigmoid cell: i is log_sigmoid of the gate, every log weight <= 0, m held at 0
-        vecM = jnp.zeros_like(vecI)
-    g = _kernel_gates(vecI, vecLogF, vecM, scaM0, cfg)
+    if cfg.max_state and p.gates_impl == "fused":  # the m scan and the vectors in one launch
+        g, vecM = gate_kernels.fused_gate_vectors(vecI, vecLogF, scaM0, params=p, interpret=cfg.interpret)
+    else:
+        if cfg.max_state:
+            vecM = gates.max_state_scan_for(p.m_scan, p.chunk_size_intra)(vecI, vecLogF, scaM0)
+        else:  # the sigmoid cell: i is log_sigmoid of the gate, every log weight <= 0, m held at 0
+            vecM = jnp.zeros_like(vecI)
+        g = _kernel_gates(vecI, vecLogF, vecM, scaM0, cfg)
     matC_states, vecN_states, matC_last = _fw_states(matK, matV, g, matC0, vecN0, cfg)
     matH, vecNq = parallel_fw_h(
         matQ, matK, matV, g.vecQlog, g.vecKlog, g.vecWinter, vecM, g.vecStart, matC_states, vecN_states,
         params=p, qk_scale=cfg.qk_scale, eps=cfg.eps, norm_val=cfg.norm_val,
         stabilize_correctly=cfg.stabilize_correctly, output_dtype=cfg.h_dtype, interpret=cfg.interpret,
     )
-    return ForwardOut(matH, vecNq, vecM, matC_states, vecN_states, g.scaM_borders, matC_last)
+    return ForwardOut(matH, vecNq, vecM, matC_states, vecN_states, g.scaM_borders, matC_last, g)
 
 
 def _kernel_gates(vecI, vecLogF, vecM, scaM0, cfg: CoreConfig) -> gates.KernelGates:
     """The kernel gate vectors by ``params.gates_impl`` (XLA or the Pallas row kernel)."""
     p = cfg.params
-    if p.gates_impl == "pallas":
-        return gate_kernels.gate_vectors(vecI, vecLogF, vecM, scaM0, params=p, interpret=cfg.interpret)
+    if p.gates_impl in ("pallas", "fused"):  # "fused" in the backward: m is known, only the vectors
+        return gate_kernels.gate_vectors(vecI, vecLogF, vecM, scaM0, params=p, interpret=cfg.interpret,
+                                         max_state=cfg.max_state)
     return gates.kernel_gates(vecI, vecLogF, vecM, scaM0, p.chunk_size_intra)
 
 
@@ -174,15 +179,17 @@ def chunkwise_backward(
     scaDM_last: jax.Array,  # (BH,)
     cfg: CoreConfig,
     matC_last_kept: jax.Array | None = None,  # (BH, DHQK, DHV) fp32 last state (16-bit kept states)
+    gates_kept: gates.KernelGates | None = None,  # the forward's gate vectors (``save_gates``)
 ):
     """The backward pass: (dQ, dK, dV, dI, dLogF, dC0, dN0, dM0) on padded, flattened arrays.
 
-    With kept states, ``matC_last_kept`` is the fp32 last state (default: ``matC_states[:, -1]``).
+    With kept states, ``matC_last_kept`` is the fp32 last state (default: ``matC_states[:, -1]``);
+    ``gates_kept`` replaces the recomputation of the gate vectors.
     """
     p = cfg.params
     exact = cfg.grad_mode == "exact"
     dtype = matQ.dtype
-    g = _kernel_gates(vecI, vecLogF, vecM, scaM0, cfg)
+    g = _kernel_gates(vecI, vecLogF, vecM, scaM0, cfg) if gates_kept is None else gates_kept
     if matC_states is None:
         matC_states, vecN_states, matC_last = _fw_states(matK, matV, g, matC0, vecN0, cfg)
     else:
@@ -198,7 +205,9 @@ def chunkwise_backward(
     matDH = matDH.astype(dtype)
     kw = dict(params=p, qk_scale=cfg.qk_scale, interpret=cfg.interpret)
     sdt = _states_dtype(cfg, dtype)
-    fused_decay = p.gate_grads_impl == "pallas"
+    fused_decay = p.gate_grads_impl in ("pallas", "fused")
+    # "fused": the m pull-back inside the gate-gradient kernel (exact gradients of the exp cell only)
+    fused_pullback = p.gate_grads_impl == "fused" and exact and cfg.max_state
     bw = recurrent_bw_states(
         matQ, matDH, g.vecWinter, vecDenInv, vecDnq, g.vecDecay,
         matDC_last.astype(_F32), vecDN_last.astype(_F32), **kw, states_dtype=sdt,
@@ -220,6 +229,16 @@ def chunkwise_backward(
     )
     vecN_last = vecN_states[:, -1]
     scaDlast = jnp.sum(matDC_last * matC_last, axis=(1, 2)) + jnp.sum(vecDN_last * vecN_last, axis=1)
+    if fused_pullback:
+        scaDdecay = bw[-1]  # from the recurrent backward kernel
+        vecDN0 = vecDN_states[:, 0]
+        scaDM0 = jnp.sum(matDC0 * matC0, axis=(1, 2)) + jnp.sum(vecDN0 * vecN0, axis=1)
+        vecDM = vecDm.at[:, -1].add(scaDM_last - scaDlast)
+        vecDI, vecDLogF, dM0_m = gate_kernels.fused_gate_gradients(
+            vecI, vecLogF, vecM, scaM0, vecDM, vecDqq, vecDkk, vecDkkState, scaDdecay, g.vecReset,
+            params=p, interpret=cfg.interpret,
+        )
+        return matDQ, matDK, matDV, vecDI, vecDLogF, matDC0, vecDN0, scaDM0 + dM0_m
     if fused_decay:
         scaDdecay = bw[-1]  # from the recurrent backward kernel
         vecDI, vecDLogF = gate_kernels.gate_gradients(
@@ -263,6 +282,7 @@ def _core_fwd(matQ, matK, matV, vecI, vecLogF, matC0, vecN0, scaM0, cfg: CoreCon
         out.matC_states if keep_states else None,
         out.vecN_states if keep_states else None,
         out.matC_last if keep_states else None,
+        out.gates if cfg.params.save_gates else None,
     )
     prim = (out.matH, out.matC_last, out.vecN_states[:, -1], out.scaM_borders[:, -1])
     return prim, res
@@ -270,8 +290,8 @@ def _core_fwd(matQ, matK, matV, vecI, vecLogF, matC0, vecN0, scaM0, cfg: CoreCon
 
 def _core_bwd(cfg: CoreConfig, res, cts):
     matDH, matDC_last, vecDN_last, scaDM_last = cts
-    grads = chunkwise_backward(*res[:-1], matDH, matDC_last, vecDN_last, scaDM_last, cfg,
-                               matC_last_kept=res[-1])
+    grads = chunkwise_backward(*res[:-2], matDH, matDC_last, vecDN_last, scaDM_last, cfg,
+                               matC_last_kept=res[-2], gates_kept=res[-1])
     primals = res[:8]
     return tuple(gr.astype(x.dtype) for gr, x in zip(grads, primals))
 
@@ -444,6 +464,7 @@ def mlstm_chunkwise_pallas(
     gates_impl: str | None = None,
     gate_grads_impl: str | None = None,
     states_bf16: bool | None = None,
+    save_gates: bool | None = None,
 ):
     """Chunkwise mLSTM with the Pallas TFLA kernels, differentiable (``jax.custom_vjp``).
 
@@ -462,7 +483,7 @@ def mlstm_chunkwise_pallas(
     this device and shape, else the heuristics; ``tuned=False`` (or ``XLSTM_JAX_TUNING=off``) skips
     the tables (lookup at trace time, pure Python; see ``tuning``). ``interpret``:
     None compiles on an NVIDIA GPU and interprets elsewhere. ``m_scan``, ``gates_impl``,
-    ``gate_grads_impl``, ``states_bf16`` select the variant paths of ``heuristics.VARIANT_CHOICES``
+    ``gate_grads_impl``, ``states_bf16``, ``save_gates`` select the variant paths of ``heuristics.VARIANT_CHOICES``
     (None: the tuned table's choice, else the default, today's path).
     """
     tile_params = dict(
@@ -473,6 +494,7 @@ def mlstm_chunkwise_pallas(
         num_warps_intra=num_warps_intra, num_warps_inter=num_warps_inter,
         num_stages_intra=num_stages_intra, num_stages_inter=num_stages_inter,
         m_scan=m_scan, gates_impl=gates_impl, gate_grads_impl=gate_grads_impl, states_bf16=states_bf16,
+        save_gates=save_gates,
     )
     call = validate_sequence_call(
         "chunkwise_pallas", matQ, matK, matV, vecI, vecF, c_initial, n_initial, m_initial,
