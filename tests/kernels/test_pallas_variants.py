@@ -83,6 +83,20 @@ def test_fused_gate_kernels_against_float64_reference():
     _check_variant(*FUSED, "exact")
 
 
+def test_fused_gate_options_sigmoid_cell_with_segments():
+    """The sigmoid input gate (m == 0: the fused kernels fall back to the m-free Pallas paths) with
+    packed documents (two per row, one boundary inside a chunk), initial states, extreme gates."""
+    inputs, cots = _inputs("float32")
+    seg = jnp.asarray(np.array([[0] * 21 + [1] * 19], np.int32))
+    run = lambda fn: jax.jit(lambda i, c: outputs_and_grads_of(  # noqa: E731
+        lambda *a: fn(*a, return_last_states=True, segment_ids=seg, input_gate="sigmoid"), i, c))
+    kernel = get_mlstm_kernel("chunkwise_pallas", chunk_size=L, **dict(FUSED[2]))
+    outs, grads = run(kernel)(inputs, cots)
+    ref_outs, ref_grads = run(mlstm_parallel)(to_float64(inputs), to_float64(cots))
+    assert_trees_close(outs, ref_outs, TOL["float32"], "fused sigmoid segments outputs")
+    assert_trees_close(grads, ref_grads, TOL["float32"], "fused sigmoid segments gradients")
+
+
 def _check_variant(name, dtype, options, grad_mode):
     inputs, cots = _inputs(dtype)
     kernel = get_mlstm_kernel("chunkwise_pallas", chunk_size=L, **dict(options))
