@@ -179,6 +179,10 @@ def test_fused_gate_kernels_equal_xla():
     p = _params()
     g, m = jax.jit(lambda *a: gate_kernels.fused_gate_vectors(*a, params=p, interpret=True))(i, logf, m0)
     np.testing.assert_allclose(np.asarray(m), np.asarray(vecM), rtol=1e-6, atol=1e-6)
+    # the m scan in sub-blocks (two per chunk here; the default 32 is the whole chunk at L = 16)
+    _, m_sub = jax.jit(lambda *a: gate_kernels.fused_gate_vectors(*a, params=p, interpret=True, m_block=8))(
+        i, logf, m0)
+    np.testing.assert_allclose(np.asarray(m_sub), np.asarray(vecM), rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(np.asarray(g.vecReset), np.asarray(ref.vecReset))
     np.testing.assert_array_equal(np.asarray(g.vecStart), np.asarray(ref.vecStart))
     for name in ("vecQlog", "vecKlog", "vecWinter", "vecWstate", "vecDecay", "scaM_borders"):
