@@ -86,7 +86,7 @@ class KernelGates(NamedTuple):
     vecDecay: jax.Array  # (BH, NC)
     scaM_borders: jax.Array  # (BH, NC+1)
     vecStart: jax.Array  # (BH, S) int32: the latest reset <= t in t's chunk, else the chunk start
-    vecReset: jax.Array  # (BH, S) bool: resets
+    vecReset: jax.Array  # (BH, S) bool: resets (int32, nonzero at a reset, from ``gate_kernels``)
     vecSeen: jax.Array  # (BH, S) bool: a reset at or before t in t's chunk
 
 
@@ -391,7 +391,7 @@ def gate_gradients(
     vecDkk: jax.Array,  # (BH, S) <dk_t, k_t>
     vecDkkState: jax.Array,  # (BH, S) <dk_t, k_t> through the state leaving t's chunk only
     scaDdecay: jax.Array,  # (BH, NC) <dC_k, vecDecay_k C_{k-1}> + <dn_k, vecDecay_k n_{k-1}>
-    vecReset: jax.Array,  # (BH, S) bool, the reset positions of ``kernel_gates``
+    vecReset: jax.Array,  # (BH, S) bool (or int, nonzero), the reset positions of ``kernel_gates``
     L: int,
 ) -> tuple[jax.Array, jax.Array]:
     """(dI, dLogF) with every m held fixed, from chunk-local sums only.
@@ -416,7 +416,7 @@ def gate_gradients(
     BH, S = vecDqq.shape
     NC = S // L
     chunked = lambda x: x.reshape(BH, NC, L)  # noqa: E731
-    reset = chunked(vecReset)
+    reset = chunked(vecReset.astype(bool))
     suffix = _segmented_suffix_sum(chunked(vecDqq - vecDkk), reset)
     last = _latest_reset(reset)[..., -1:]  # (BH, NC, 1)
     in_last_segment = jnp.arange(L, dtype=jnp.int32) >= last
