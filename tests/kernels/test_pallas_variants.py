@@ -20,6 +20,9 @@ import pytest
 
 from xlstm_jax.kernels import get_mlstm_kernel
 from xlstm_jax.kernels.mlstm_chunkwise.pallas import chunkwise_kernel_params, gate_kernels, gates
+from xlstm_jax.kernels.mlstm_chunkwise.pallas.bw_parallel_dk import parallel_bw_dk
+from xlstm_jax.kernels.mlstm_chunkwise.pallas.bw_parallel_dkdv import parallel_bw_dkdv
+from xlstm_jax.kernels.mlstm_chunkwise.pallas.bw_parallel_dv import parallel_bw_dv
 from xlstm_jax.kernels.mlstm_chunkwise.pallas.bw_recurrent import recurrent_bw_states
 from xlstm_jax.kernels.mlstm_chunkwise.pallas.fw_recurrent import recurrent_fw_states
 from xlstm_jax.kernels.mlstm_parallel.native import mlstm_parallel
@@ -70,7 +73,8 @@ VARIANTS = [
 ]
 # the fused row kernels and the kept gate vectors: exact mode only (in the TFLA mode the fused
 # gradient kernel is not used, and the forward is the one tested here)
-FUSED = ("fused-savegates", "float32", (("gates_impl", "fused"), ("gate_grads_impl", "fused"), ("save_gates", True)))
+FUSED = ("fused-savegates-dkdv", "float32",
+         (("gates_impl", "fused"), ("gate_grads_impl", "fused"), ("save_gates", True), ("fuse_dkdv", True)))
 
 
 @pytest.mark.parametrize("grad_mode", ["exact", "tfla"])
@@ -202,6 +206,31 @@ def test_fused_gate_kernels_equal_xla():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5, err_msg=name)
 
 
+def test_fused_dkdv_kernel_equals_separate_kernels():
+    """fuse_dkdv: the one kernel's dK, <dk, k>, <dk_state, k>, dV against the dK and dV kernels, with
+    several head-dim tiles of each contraction and a reset inside a chunk (vecStart)."""
+    BH, S_, DK, DV, Lc = 2, 64, 32, 64, 32
+    p = chunkwise_kernel_params(S=S_, DHQK=DK, DHV=DV, dtype=jnp.float32, chunk_size=Lc, siz_b_L_parallel=16,
+                                siz_b_L_loop=16, siz_b_DH_loop=16)
+    ks = jax.random.split(jax.random.PRNGKey(21), 11)
+    f32 = jnp.float32
+    q, k = (jax.random.normal(ks[i], (BH, S_, DK), f32) for i in range(2))
+    v, dh = (jax.random.normal(ks[i], (BH, S_, DV), f32) for i in range(2, 4))
+    qlog, klog = (-jax.random.uniform(ks[i], (BH, S_), f32) for i in range(4, 6))
+    wstate, den_inv, dnq = (jax.random.uniform(ks[i], (BH, S_), f32) for i in range(6, 9))
+    start = jnp.broadcast_to((jnp.arange(S_) // Lc * Lc).astype(jnp.int32), (BH, S_)).at[:, 40:].set(40)
+    dC = jax.random.normal(ks[9], (BH, S_ // Lc + 1, DK, DV), f32)
+    dN = jax.random.normal(ks[10], (BH, S_ // Lc + 1, DK), f32)
+    kw = dict(params=p, qk_scale=0.3, output_dtype=f32, interpret=True)
+    want = parallel_bw_dk(q, k, v, dh, qlog, klog, wstate, den_inv, dnq, start, dC, dN, **kw)
+    want = want + (parallel_bw_dv(q, k, dh, qlog, klog, wstate, den_inv, start, dC, **kw),)
+    got = parallel_bw_dkdv(q, k, v, dh, qlog, klog, wstate, den_inv, dnq, start, dC, dN, **kw)
+    for a, b, name in zip(got, want, ("dK", "dkk", "dkk_state", "dV")):
+        b = np.asarray(b)
+        assert np.abs(b).max() > 1.0, name
+        np.testing.assert_allclose(np.asarray(a), b, rtol=1e-6, atol=1e-6 * np.abs(b).max(), err_msg=name)
+
+
 def test_gate_gradients_kernel_equals_xla():
     i, logf, m0 = _gates()
     vecM = gates.max_state_scan(i, logf, m0)
@@ -268,10 +297,11 @@ def test_variant_option_validation_and_registry():
     assert (p.m_scan, p.gates_impl, p.gate_grads_impl, p.states_bf16) == ("linear", "pallas", "pallas", True)
     d = _params()
     assert (d.m_scan, d.gates_impl, d.gate_grads_impl, d.states_bf16) == ("associative", "xla", "xla", False)
-    f = _params(gates_impl="fused", gate_grads_impl="fused", save_gates=True)
-    assert (f.gates_impl, f.gate_grads_impl, f.save_gates, d.save_gates) == ("fused", "fused", True, False)
+    f = _params(gates_impl="fused", gate_grads_impl="fused", save_gates=True, fuse_dkdv=True)
+    assert (f.gates_impl, f.gate_grads_impl, f.save_gates, f.fuse_dkdv) == ("fused", "fused", True, True)
+    assert (d.save_gates, d.fuse_dkdv) == (False, False)
     for bad in (dict(m_scan="sequential"), dict(gates_impl="triton"), dict(gate_grads_impl=1),
-                dict(states_bf16="yes"), dict(save_gates=1)):
+                dict(states_bf16="yes"), dict(save_gates=1), dict(fuse_dkdv="on")):
         with pytest.raises(ValueError, match=next(iter(bad))):
             _params(**bad)
     get_mlstm_kernel("chunkwise_pallas", m_scan="linear", gates_impl="pallas", gate_grads_impl="pallas",

@@ -60,6 +60,7 @@ from ...validation import (
 )
 from . import gate_kernels, gates, tuning
 from .bw_parallel_dk import parallel_bw_dk
+from .bw_parallel_dkdv import parallel_bw_dkdv
 from .bw_parallel_dq import parallel_bw_dq
 from .bw_parallel_dv import parallel_bw_dv
 from .bw_recurrent import recurrent_bw_states
@@ -219,14 +220,20 @@ def chunkwise_backward(
         matQ, matK, matV, matDH, g.vecQlog, g.vecKlog, g.vecWinter, vecDenInv, vecDnq, g.vecStart,
         matC_states, vecN_states, output_dtype=dtype, **kw,
     )
-    matDK, vecDkk, vecDkkState = parallel_bw_dk(
-        matQ, matK, matV, matDH, g.vecQlog, g.vecKlog, g.vecWstate, vecDenInv, vecDnq, g.vecStart,
-        matDC_states, vecDN_states, output_dtype=dtype, **kw,
-    )
-    matDV = parallel_bw_dv(
-        matQ, matK, matDH, g.vecQlog, g.vecKlog, g.vecWstate, vecDenInv, g.vecStart, matDC_states,
-        output_dtype=dtype, **kw,
-    )
+    if p.fuse_dkdv:  # one kernel for dK and dV
+        matDK, vecDkk, vecDkkState, matDV = parallel_bw_dkdv(
+            matQ, matK, matV, matDH, g.vecQlog, g.vecKlog, g.vecWstate, vecDenInv, vecDnq, g.vecStart,
+            matDC_states, vecDN_states, output_dtype=dtype, **kw,
+        )
+    else:
+        matDK, vecDkk, vecDkkState = parallel_bw_dk(
+            matQ, matK, matV, matDH, g.vecQlog, g.vecKlog, g.vecWstate, vecDenInv, vecDnq, g.vecStart,
+            matDC_states, vecDN_states, output_dtype=dtype, **kw,
+        )
+        matDV = parallel_bw_dv(
+            matQ, matK, matDH, g.vecQlog, g.vecKlog, g.vecWstate, vecDenInv, g.vecStart, matDC_states,
+            output_dtype=dtype, **kw,
+        )
     vecN_last = vecN_states[:, -1]
     scaDlast = jnp.sum(matDC_last * matC_last, axis=(1, 2)) + jnp.sum(vecDN_last * vecN_last, axis=1)
     if fused_pullback:
@@ -465,6 +472,7 @@ def mlstm_chunkwise_pallas(
     gate_grads_impl: str | None = None,
     states_bf16: bool | None = None,
     save_gates: bool | None = None,
+    fuse_dkdv: bool | None = None,
 ):
     """Chunkwise mLSTM with the Pallas TFLA kernels, differentiable (``jax.custom_vjp``).
 
@@ -483,7 +491,7 @@ def mlstm_chunkwise_pallas(
     this device and shape, else the heuristics; ``tuned=False`` (or ``XLSTM_JAX_TUNING=off``) skips
     the tables (lookup at trace time, pure Python; see ``tuning``). ``interpret``:
     None compiles on an NVIDIA GPU and interprets elsewhere. ``m_scan``, ``gates_impl``,
-    ``gate_grads_impl``, ``states_bf16``, ``save_gates`` select the variant paths of ``heuristics.VARIANT_CHOICES``
+    ``gate_grads_impl``, ``states_bf16``, ``save_gates``, ``fuse_dkdv`` select the variant paths of ``heuristics.VARIANT_CHOICES``
     (None: the tuned table's choice, else the default, today's path).
     """
     tile_params = dict(
@@ -494,7 +502,7 @@ def mlstm_chunkwise_pallas(
         num_warps_intra=num_warps_intra, num_warps_inter=num_warps_inter,
         num_stages_intra=num_stages_intra, num_stages_inter=num_stages_inter,
         m_scan=m_scan, gates_impl=gates_impl, gate_grads_impl=gate_grads_impl, states_bf16=states_bf16,
-        save_gates=save_gates,
+        save_gates=save_gates, fuse_dkdv=fuse_dkdv,
     )
     call = validate_sequence_call(
         "chunkwise_pallas", matQ, matK, matV, vecI, vecF, c_initial, n_initial, m_initial,

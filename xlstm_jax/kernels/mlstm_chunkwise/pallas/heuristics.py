@@ -66,6 +66,7 @@ class ChunkwiseKernelParams:
     gate_grads_impl: str = "xla"
     states_bf16: bool = False
     save_gates: bool = False
+    fuse_dkdv: bool = False
 
     def tile(self, name: str, dim: int) -> int:
         """Head-dim tile ``name`` clamped to the (padded) head dim ``dim``."""
@@ -80,6 +81,7 @@ VARIANT_CHOICES = {
     "gate_grads_impl": ("xla", "pallas", "fused"),
     "states_bf16": (False, True),
     "save_gates": (False, True),
+    "fuse_dkdv": (False, True),
 }
 """The variant options and their values (the first is the default).
 
@@ -97,6 +99,9 @@ VARIANT_CHOICES = {
   kernel (``gate_kernels.fused_gate_gradients``: one launch instead of the XLA ``jax.vjp`` of the scan).
 * save_gates: keep the forward pass's gate vectors (seven (B*NH, S) vectors, 28 bytes per step and
   head) for the backward pass instead of recomputing them there.
+* fuse_dkdv: dK and dV from one kernel (``bw_parallel_dkdv``): the query tiles q, dh and the gate tile
+  loaded / evaluated once for both; a program holds bLk x (DHQK + DHV) fp32 accumulators (meant for
+  small heads).
 * states_bf16: store the chunk-border states C and dC (not n) in the 16-bit kernel dtype that
   the parallel kernels' products take anyway (the recurrences still accumulate in float32; the last
   state and dC0 stay float32). No effect for float32 kernels.

@@ -109,6 +109,7 @@ SEARCH_SPACE: tuple[tuple[str, tuple], ...] = (
     ("gate_grads_impl", ("xla", "pallas", "fused")),
     ("gates_impl", ("xla", "pallas", "fused")),
     ("save_gates", (False, True)),
+    ("fuse_dkdv", (False, True)),
     ("m_scan", ("associative", "linear")),
     ("siz_b_DH_parallel", (64, 128, 256)),
     ("siz_b_DHV_inter", (64, 128, 256)),
