@@ -30,8 +30,16 @@ the registry entry; the defaults are the paths above; ``heuristics.VARIANT_CHOIC
   states in the kernel dtype, which the parallel kernels' products cast them to anyway (bit-equal
   h, dq, dk, dv); the recurrences accumulate in fp32, and the last state C_NC and dC_0 come from
   extra fp32 outputs. Only the decay terms of the logf gradient see the rounded states.
+* ``gates_impl="fused"``: the m scan and the gate vectors in one Pallas launch, one program per row
+  (``gate_kernels.fused_gate_vectors``); the backward pass recomputes the vectors from m with the
+  ``"pallas"`` kernel.
+* ``gate_grads_impl="fused"``: as ``"pallas"``, and (exact gradients, exponential cell) the m
+  pull-back inside the gate-gradient kernel (``gate_kernels.fused_gate_gradients``).
+* ``save_gates=True``: the forward's gate vectors are residuals (no recomputation in the backward).
+* ``fuse_dkdv=True``: dK and dV from one kernel (``bw_parallel_dkdv``).
 
-The dh -> (1/den, dnq, dm) step and the m pull-back stay in XLA.
+The dh -> (1/den, dnq, dm) step stays in XLA, and so does the m pull-back except with
+``gate_grads_impl="fused"``.
 
 Inputs may be float32, bfloat16, float16 (float64 inputs run in float32); q, k, v are cast to the
 kernel dtype (``autocast_kernel_dtype``, default: the dtype of q), gates, states and all
@@ -491,8 +499,8 @@ def mlstm_chunkwise_pallas(
     this device and shape, else the heuristics; ``tuned=False`` (or ``XLSTM_JAX_TUNING=off``) skips
     the tables (lookup at trace time, pure Python; see ``tuning``). ``interpret``:
     None compiles on an NVIDIA GPU and interprets elsewhere. ``m_scan``, ``gates_impl``,
-    ``gate_grads_impl``, ``states_bf16``, ``save_gates``, ``fuse_dkdv`` select the variant paths of ``heuristics.VARIANT_CHOICES``
-    (None: the tuned table's choice, else the default, today's path).
+    ``gate_grads_impl``, ``states_bf16``, ``save_gates``, ``fuse_dkdv`` select the variant paths of
+    ``heuristics.VARIANT_CHOICES`` (None: the tuned table's choice, else the default, today's path).
     """
     tile_params = dict(
         chunk_size_inter=chunk_size_inter, chunk_size_intra=chunk_size_intra,
