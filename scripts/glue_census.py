@@ -10,7 +10,7 @@ kernel options as KEY=VALUE (``true`` / ``false`` for booleans). Example (the sm
     python scripts/glue_census.py --shape 16,8,2048,64,128 gates_impl=fused gate_grads_impl=fused
 
 The counts are of jaxpr equations, not of GPU kernels: XLA fuses chains of them (docs/benchmarks.md,
-"The XLA glue around the Pallas kernels").
+"The XLA glue around the Pallas kernels, and four options against it").
 """
 
 from __future__ import annotations
