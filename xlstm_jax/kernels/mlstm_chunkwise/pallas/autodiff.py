@@ -123,6 +123,22 @@ def chunkwise_forward(
 ) -> ForwardOut:
     """The forward pass on padded, flattened arrays."""
     p = cfg.params
+    vecM, g, matC_states, vecN_states, matC_last = forward_states(
+        matK, matV, vecI, vecLogF, matC0, vecN0, scaM0, cfg
+    )
+    matH, vecNq = parallel_fw_h(
+        matQ, matK, matV, g.vecQlog, g.vecKlog, g.vecWinter, vecM, g.vecStart, matC_states, vecN_states,
+        params=p, qk_scale=cfg.qk_scale, eps=cfg.eps, norm_val=cfg.norm_val,
+        stabilize_correctly=cfg.stabilize_correctly, output_dtype=cfg.h_dtype, interpret=cfg.interpret,
+    )
+    return ForwardOut(matH, vecNq, vecM, matC_states, vecN_states, g.scaM_borders, matC_last, g)
+
+
+def forward_states(matK, matV, vecI, vecLogF, matC0, vecN0, scaM0, cfg: CoreConfig):
+    """The forward pass up to the chunk-border states: (vecM, gates, matC_states, vecN_states,
+    matC_last fp32), i.e. the m scan (m == 0 for the sigmoid cell), the gate vectors and the
+    recurrent kernel; shared with the Mosaic GPU family (``mlstm_chunkwise.mosaic``)."""
+    p = cfg.params
     if cfg.max_state and p.gates_impl == "fused":  # the m scan and the vectors in one launch
         g, vecM = gate_kernels.fused_gate_vectors(vecI, vecLogF, scaM0, params=p, interpret=cfg.interpret)
     else:
@@ -132,12 +148,7 @@ def chunkwise_forward(
             vecM = jnp.zeros_like(vecI)
         g = _kernel_gates(vecI, vecLogF, vecM, scaM0, cfg)
     matC_states, vecN_states, matC_last = _fw_states(matK, matV, g, matC0, vecN0, cfg)
-    matH, vecNq = parallel_fw_h(
-        matQ, matK, matV, g.vecQlog, g.vecKlog, g.vecWinter, vecM, g.vecStart, matC_states, vecN_states,
-        params=p, qk_scale=cfg.qk_scale, eps=cfg.eps, norm_val=cfg.norm_val,
-        stabilize_correctly=cfg.stabilize_correctly, output_dtype=cfg.h_dtype, interpret=cfg.interpret,
-    )
-    return ForwardOut(matH, vecNq, vecM, matC_states, vecN_states, g.scaM_borders, matC_last, g)
+    return vecM, g, matC_states, vecN_states, matC_last
 
 
 def _kernel_gates(vecI, vecLogF, vecM, scaM0, cfg: CoreConfig) -> gates.KernelGates:
@@ -288,27 +299,40 @@ def _core(matQ, matK, matV, vecI, vecLogF, matC0, vecN0, scaM0, cfg: CoreConfig)
     return out.matH, out.matC_last, out.vecN_states[:, -1], out.scaM_borders[:, -1]
 
 
-def _core_fwd(matQ, matK, matV, vecI, vecLogF, matC0, vecN0, scaM0, cfg: CoreConfig):
-    out = chunkwise_forward(matQ, matK, matV, vecI, vecLogF, matC0, vecN0, scaM0, cfg)
+def forward_residuals(primals: tuple, out: ForwardOut, cfg: CoreConfig) -> tuple:
+    """What the backward pass keeps of a forward pass: the eight ``primals`` (matQ ... scaM0),
+    vecM, vecNq, h (``grad_mode="exact"`` only), unless ``recompute_states_in_bw`` the border
+    states, and with ``save_gates`` the gate vectors (``out.gates``; None: recomputed); the residuals
+    of ``backward_from_residuals`` (also used by the Mosaic GPU family)."""
     keep_states = not cfg.recompute_states_in_bw
-    res = (
-        matQ, matK, matV, vecI, vecLogF, matC0, vecN0, scaM0, out.vecM, out.vecNq,
+    return tuple(primals) + (
+        out.vecM, out.vecNq,
         out.matH if cfg.grad_mode == "exact" else None,
         out.matC_states if keep_states else None,
         out.vecN_states if keep_states else None,
         out.matC_last if keep_states else None,
         out.gates if cfg.params.save_gates else None,
     )
-    prim = (out.matH, out.matC_last, out.vecN_states[:, -1], out.scaM_borders[:, -1])
-    return prim, res
 
 
-def _core_bwd(cfg: CoreConfig, res, cts):
+def backward_from_residuals(cfg: CoreConfig, res: tuple, cts: tuple) -> tuple:
+    """The custom-VJP backward: cotangents of (h, C_last, n_last, m_last) and the residuals of
+    ``forward_residuals`` -> the cotangents of the eight primals, in their dtypes."""
     matDH, matDC_last, vecDN_last, scaDM_last = cts
     grads = chunkwise_backward(*res[:-2], matDH, matDC_last, vecDN_last, scaDM_last, cfg,
                                matC_last_kept=res[-2], gates_kept=res[-1])
     primals = res[:8]
     return tuple(gr.astype(x.dtype) for gr, x in zip(grads, primals))
+
+
+def _core_fwd(matQ, matK, matV, vecI, vecLogF, matC0, vecN0, scaM0, cfg: CoreConfig):
+    out = chunkwise_forward(matQ, matK, matV, vecI, vecLogF, matC0, vecN0, scaM0, cfg)
+    res = forward_residuals((matQ, matK, matV, vecI, vecLogF, matC0, vecN0, scaM0), out, cfg)
+    prim = (out.matH, out.matC_last, out.vecN_states[:, -1], out.scaM_borders[:, -1])
+    return prim, res
+
+
+_core_bwd = backward_from_residuals
 
 
 _core.defvjp(_core_fwd, _core_bwd)
