@@ -144,6 +144,12 @@ def _params(**kw):
     return chunkwise_kernel_params(S=48, DHQK=16, DHV=32, dtype=jnp.float32, chunk_size=L, **kw)
 
 
+def _chunk_form(g, name):
+    """A gate vector of a Pallas gate kernel, vecDecay in the (BH, NC) form of the XLA path."""
+    x = getattr(g, name)
+    return gates.chunk_decays(x, L, x.shape[1] // L) if name == "vecDecay" else x
+
+
 def test_gate_vectors_kernel_equals_xla():
     i, logf, m0 = _gates()
     vecM = gates.max_state_scan(i, logf, m0)
@@ -153,7 +159,7 @@ def test_gate_vectors_kernel_equals_xla():
     np.testing.assert_array_equal(np.asarray(got.vecReset), np.asarray(ref.vecReset))
     np.testing.assert_array_equal(np.asarray(got.vecStart), np.asarray(ref.vecStart))
     for name in ("vecQlog", "vecKlog", "vecWinter", "vecWstate", "vecDecay", "scaM_borders"):
-        a, b = np.asarray(getattr(got, name)), np.asarray(getattr(ref, name))
+        a, b = np.asarray(_chunk_form(got, name)), np.asarray(getattr(ref, name))
         np.testing.assert_array_equal(np.isinf(a), np.isinf(b), err_msg=name)
         fin = np.isfinite(b)
         np.testing.assert_allclose(a[fin], b[fin], rtol=1e-5, atol=1e-5, err_msg=name)
@@ -168,7 +174,7 @@ def test_gate_vectors_without_max_state():
     got = gate_kernels.gate_vectors(i, logf, zeros + 5.0, m0, params=_params(), interpret=True, max_state=False)
     np.testing.assert_array_equal(np.asarray(got.vecReset), np.asarray(ref.vecReset))
     for name in ("vecQlog", "vecKlog", "vecWinter", "vecWstate", "vecDecay", "scaM_borders"):
-        a, b = np.asarray(getattr(got, name)), np.asarray(getattr(ref, name))
+        a, b = np.asarray(_chunk_form(got, name)), np.asarray(getattr(ref, name))
         fin = np.isfinite(b)
         np.testing.assert_array_equal(np.isfinite(a), fin, err_msg=name)
         np.testing.assert_allclose(a[fin], b[fin], rtol=1e-5, atol=1e-5, err_msg=name)
@@ -190,7 +196,7 @@ def test_fused_gate_kernels_equal_xla():
     np.testing.assert_array_equal(np.asarray(g.vecReset), np.asarray(ref.vecReset))
     np.testing.assert_array_equal(np.asarray(g.vecStart), np.asarray(ref.vecStart))
     for name in ("vecQlog", "vecKlog", "vecWinter", "vecWstate", "vecDecay", "scaM_borders"):
-        a, b = np.asarray(getattr(g, name)), np.asarray(getattr(ref, name))
+        a, b = np.asarray(_chunk_form(g, name)), np.asarray(getattr(ref, name))
         np.testing.assert_array_equal(np.isinf(a), np.isinf(b), err_msg=name)
         fin = np.isfinite(b)
         np.testing.assert_allclose(a[fin], b[fin], rtol=1e-5, atol=1e-5, err_msg=name)
@@ -274,6 +280,16 @@ def test_recurrent_kernels_16bit_states_and_decay_grads():
     C32, n32 = recurrent_fw_states(kb, vb, w, decay, C0, n0, params=p, interpret=True)
     C16, n16, Clast = recurrent_fw_states(kb, vb, w, decay, C0, n0, params=p, interpret=True,
                                           states_dtype=jnp.bfloat16)
+    # the decay in the gate kernels' (BH, S) layout and the zero initial state (not loaded)
+    decay_rep = jnp.repeat(decay, L, axis=1)
+    Cz, nz = recurrent_fw_states(kb, vb, w, decay, jnp.zeros_like(C0), jnp.zeros_like(n0), params=p, interpret=True)
+    Cz2, nz2 = recurrent_fw_states(kb, vb, w, decay_rep, None, None, params=p, interpret=True)
+    np.testing.assert_array_equal(np.asarray(Cz2), np.asarray(Cz))
+    np.testing.assert_array_equal(np.asarray(nz2), np.asarray(nz))
+    with pytest.raises(ValueError, match="both"):
+        recurrent_fw_states(kb, vb, w, decay, C0, None, params=p, interpret=True)
+    with pytest.raises(ValueError, match="columns"):
+        recurrent_fw_states(kb, vb, w, decay[:, :2], C0, n0, params=p, interpret=True)
     assert C16.dtype == jnp.bfloat16 and Clast.dtype == jnp.float32
     np.testing.assert_array_equal(np.asarray(C16), np.asarray(C32.astype(jnp.bfloat16)))
     np.testing.assert_array_equal(np.asarray(Clast), np.asarray(C32[:, -1]))
@@ -283,6 +299,9 @@ def test_recurrent_kernels_16bit_states_and_decay_grads():
     dCl, dnl = C0[::-1], n0[::-1]
     kw = dict(params=p, qk_scale=0.25, interpret=True)
     dC32, dn32 = recurrent_bw_states(qb, dhb, w, den, dnq, decay, dCl, dnl, **kw)
+    dC32r, dn32r = recurrent_bw_states(qb, dhb, w, den, dnq, decay_rep, dCl, dnl, **kw)
+    np.testing.assert_array_equal(np.asarray(dC32r), np.asarray(dC32))
+    np.testing.assert_array_equal(np.asarray(dn32r), np.asarray(dn32))
     dC16, dn16, dC0, ddec = recurrent_bw_states(qb, dhb, w, den, dnq, decay, dCl, dnl, **kw,
                                                 states_dtype=jnp.bfloat16, matC_states=C16, vecN_states=n16)
     np.testing.assert_array_equal(np.asarray(dC16), np.asarray(dC32.astype(jnp.bfloat16)))

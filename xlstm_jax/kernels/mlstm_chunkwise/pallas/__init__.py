@@ -7,7 +7,8 @@ at trace time; ``xlstm-jax tune`` fills them), ``fw_recurrent`` / ``fw_parallel`
 kernels), ``bw_recurrent`` / ``bw_parallel_dq`` / ``bw_parallel_dk`` / ``bw_parallel_dv`` /
 ``bw_parallel_dkdv`` (backward kernels), ``autodiff`` (casting, padding, ``jax.custom_vjp``).
 Registered in the kernel registry as ``chunkwise_pallas``; the seed entry points
-(``triton_stablef``, ``max_triton_fwbw_v5xlchunksize``) are thin layers over this package through ``xlstm_jax.kernels.mlstm_chunkwise.seed_compat``.
+(``triton_stablef``, ``max_triton_fwbw_v5xlchunksize``) are thin layers over this package through
+``xlstm_jax.kernels.mlstm_chunkwise.seed_compat``.
 
 Notation: see ``xlstm_jax.kernels._common`` and ``gates``.
 """

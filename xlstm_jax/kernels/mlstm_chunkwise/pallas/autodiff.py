@@ -95,6 +95,9 @@ class CoreConfig:
     interpret: bool
     max_state: bool = True
     """False for the sigmoid cell (``input_gate="sigmoid"``): m == 0 and dm == 0."""
+    zero_initial_state: bool = False
+    """True when the call has no initial state (C0, n0, m0 are the zeros of ``prepare``): the
+    recurrent forward kernel then starts from zeros instead of loading them (bit-identical)."""
 
 
 class ForwardOut(NamedTuple):
@@ -170,6 +173,8 @@ def _states_dtype(cfg: CoreConfig, kernel_dtype):
 def _fw_states(matK, matV, g, matC0, vecN0, cfg: CoreConfig):
     """(matC_states, vecN_states, matC_last fp32) from the recurrent forward kernel."""
     sdt = _states_dtype(cfg, matK.dtype)
+    if cfg.zero_initial_state:  # no initial state: the kernel starts from zeros (nothing to load)
+        matC0 = vecN0 = None
     out = recurrent_fw_states(
         matK, matV, g.vecWstate, g.vecDecay, matC0, vecN0, params=cfg.params, interpret=cfg.interpret,
         states_dtype=sdt,
@@ -272,7 +277,7 @@ def chunkwise_backward(
         )
     else:
         # <dC_k, decay_k C_{k-1}> + <dn_k, decay_k n_{k-1}> for every chunk k (one pass over the states)
-        scaDdecay = g.vecDecay * (
+        scaDdecay = gates.chunk_decays(g.vecDecay, p.chunk_size_intra, matDC_states.shape[1] - 1) * (
             jnp.einsum("bkij,bkij->bk", matDC_states[:, 1:].astype(_F32), matC_states[:, :-1].astype(_F32),
                        precision=jax.lax.Precision.HIGHEST)
             + jnp.einsum("bki,bki->bk", vecDN_states[:, 1:], vecN_states[:, :-1],
@@ -458,7 +463,7 @@ def core_config(prep: Prepared, *, h_dtype, recompute_states_in_bw: bool, interp
         params=prep.params, qk_scale=float(prep.qk_scale), eps=opts.eps, norm_val=opts.norm_val,
         stabilize_correctly=opts.stabilize_correctly, grad_mode=opts.grad_mode, h_dtype=jnp.dtype(h_dtype),
         recompute_states_in_bw=bool(recompute_states_in_bw), interpret=resolve_interpret(interpret),
-        max_state=opts.max_state,
+        max_state=opts.max_state, zero_initial_state=prep.call.state is None,
     )
 
 

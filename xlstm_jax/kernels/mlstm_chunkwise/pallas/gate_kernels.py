@@ -148,7 +148,9 @@ def gate_vectors(
     max_state: bool = True,
 ) -> gates.KernelGates:
     """``gates.kernel_gates`` (no explicit resets) as one Pallas kernel; vecSeen is not returned (None),
-    vecReset comes as int32 (1 at a reset: the dtype the gate-gradient kernels load; no conversion).
+    vecReset comes as int32 (1 at a reset: the dtype the gate-gradient kernels load; no conversion),
+    vecDecay in the (BH, S) layout, each chunk's decay repeated over its L steps (the recurrent
+    kernels read it there: no XLA slice; ``gates.chunk_decays`` gives the (BH, NC) form).
 
     With ``max_state=False`` m == 0 everywhere (vecM, scaM0 unused; scaM_borders all 0).
     """
@@ -175,7 +177,7 @@ def gate_vectors(
         scaM_borders = gates.border_max_states(vecM.astype(_F32), scaM0.astype(_F32), L)
     else:
         scaM_borders = jnp.zeros((BH, NC + 1), _F32)
-    return gates.KernelGates(qlog, klog, winter, wstate, decay[:, ::L], scaM_borders, start, reset, None)
+    return gates.KernelGates(qlog, klog, winter, wstate, decay, scaM_borders, start, reset, None)
 
 
 def gate_gradients_kernel(
@@ -342,7 +344,7 @@ def fused_gate_vectors(
         name="mlstm_chunkwise_fused_gate_vectors",
     )(vecI.astype(_F32), vecLogF.astype(_F32), scaM0.astype(_F32).reshape(BH, 1))
     scaM_borders = gates.border_max_states(vecM, scaM0.astype(_F32), L)
-    g = gates.KernelGates(qlog, klog, winter, wstate, decay[:, ::L], scaM_borders, start, reset, None)
+    g = gates.KernelGates(qlog, klog, winter, wstate, decay, scaM_borders, start, reset, None)
     return g, vecM
 
 

@@ -83,11 +83,17 @@ class KernelGates(NamedTuple):
     vecKlog: jax.Array  # (BH, S) base-2 log weight, key side
     vecWinter: jax.Array  # (BH, S)
     vecWstate: jax.Array  # (BH, S)
-    vecDecay: jax.Array  # (BH, NC)
+    vecDecay: jax.Array  # (BH, NC); (BH, S) repeated per chunk from ``gate_kernels`` (``chunk_decays``)
     scaM_borders: jax.Array  # (BH, NC+1)
     vecStart: jax.Array  # (BH, S) int32: the latest reset <= t in t's chunk, else the chunk start
     vecReset: jax.Array  # (BH, S) bool: resets (int32, nonzero at a reset, from ``gate_kernels``)
     vecSeen: jax.Array  # (BH, S) bool: a reset at or before t in t's chunk
+
+
+def chunk_decays(vecDecay: jax.Array, L: int, NC: int) -> jax.Array:
+    """(BH, NC): ``KernelGates.vecDecay`` in either layout ((BH, NC), or (BH, NC * L) with each
+    chunk's decay repeated over its L steps)."""
+    return vecDecay if vecDecay.shape[-1] == NC else vecDecay[:, ::L]
 
 
 def log_forget_gate(vecF: jax.Array) -> jax.Array:
