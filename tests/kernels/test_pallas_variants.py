@@ -20,6 +20,9 @@ import pytest
 
 from xlstm_jax.kernels import get_mlstm_kernel
 from xlstm_jax.kernels.mlstm_chunkwise.pallas import chunkwise_kernel_params, gate_kernels, gates
+from xlstm_jax.kernels.mlstm_chunkwise.pallas.bw_parallel_dk import parallel_bw_dk
+from xlstm_jax.kernels.mlstm_chunkwise.pallas.bw_parallel_dkdv import parallel_bw_dkdv
+from xlstm_jax.kernels.mlstm_chunkwise.pallas.bw_parallel_dv import parallel_bw_dv
 from xlstm_jax.kernels.mlstm_chunkwise.pallas.bw_recurrent import recurrent_bw_states
 from xlstm_jax.kernels.mlstm_chunkwise.pallas.fw_recurrent import recurrent_fw_states
 from xlstm_jax.kernels.mlstm_parallel.native import mlstm_parallel
@@ -68,11 +71,37 @@ VARIANTS = [
      (("m_scan", "linear"), ("gates_impl", "pallas"), ("gate_grads_impl", "pallas"),
       ("states_bf16", True), ("recompute_states_in_bw", False))),
 ]
+# the fused row kernels and the kept gate vectors: exact mode only (in the TFLA mode the fused
+# gradient kernel is not used, and the forward is the one tested here)
+FUSED = ("fused-savegates-dkdv", "float32",
+         (("gates_impl", "fused"), ("gate_grads_impl", "fused"), ("save_gates", True), ("fuse_dkdv", True)))
 
 
 @pytest.mark.parametrize("grad_mode", ["exact", "tfla"])
 @pytest.mark.parametrize("name,dtype,options", VARIANTS, ids=[v[0] for v in VARIANTS])
 def test_variant_against_float64_reference(name, dtype, options, grad_mode):
+    _check_variant(name, dtype, options, grad_mode)
+
+
+def test_fused_gate_kernels_against_float64_reference():
+    _check_variant(*FUSED, "exact")
+
+
+def test_fused_gate_options_sigmoid_cell_with_segments():
+    """The sigmoid input gate (m == 0: the fused kernels fall back to the m-free Pallas paths) with
+    packed documents (two per row, one boundary inside a chunk), initial states, extreme gates."""
+    inputs, cots = _inputs("float32")
+    seg = jnp.asarray(np.array([[0] * 21 + [1] * 19], np.int32))
+    run = lambda fn: jax.jit(lambda i, c: outputs_and_grads_of(  # noqa: E731
+        lambda *a: fn(*a, return_last_states=True, segment_ids=seg, input_gate="sigmoid"), i, c))
+    kernel = get_mlstm_kernel("chunkwise_pallas", chunk_size=L, **dict(FUSED[2]))
+    outs, grads = run(kernel)(inputs, cots)
+    ref_outs, ref_grads = run(mlstm_parallel)(to_float64(inputs), to_float64(cots))
+    assert_trees_close(outs, ref_outs, TOL["float32"], "fused sigmoid segments outputs")
+    assert_trees_close(grads, ref_grads, TOL["float32"], "fused sigmoid segments gradients")
+
+
+def _check_variant(name, dtype, options, grad_mode):
     inputs, cots = _inputs(dtype)
     kernel = get_mlstm_kernel("chunkwise_pallas", chunk_size=L, **dict(options))
     fn = lambda *a: kernel(*a, return_last_states=True, grad_mode=grad_mode)  # noqa: E731
@@ -115,6 +144,12 @@ def _params(**kw):
     return chunkwise_kernel_params(S=48, DHQK=16, DHV=32, dtype=jnp.float32, chunk_size=L, **kw)
 
 
+def _chunk_form(g, name):
+    """A gate vector of a Pallas gate kernel, vecDecay in the (BH, NC) form of the XLA path."""
+    x = getattr(g, name)
+    return gates.chunk_decays(x, L, x.shape[1] // L) if name == "vecDecay" else x
+
+
 def test_gate_vectors_kernel_equals_xla():
     i, logf, m0 = _gates()
     vecM = gates.max_state_scan(i, logf, m0)
@@ -124,7 +159,7 @@ def test_gate_vectors_kernel_equals_xla():
     np.testing.assert_array_equal(np.asarray(got.vecReset), np.asarray(ref.vecReset))
     np.testing.assert_array_equal(np.asarray(got.vecStart), np.asarray(ref.vecStart))
     for name in ("vecQlog", "vecKlog", "vecWinter", "vecWstate", "vecDecay", "scaM_borders"):
-        a, b = np.asarray(getattr(got, name)), np.asarray(getattr(ref, name))
+        a, b = np.asarray(_chunk_form(got, name)), np.asarray(getattr(ref, name))
         np.testing.assert_array_equal(np.isinf(a), np.isinf(b), err_msg=name)
         fin = np.isfinite(b)
         np.testing.assert_allclose(a[fin], b[fin], rtol=1e-5, atol=1e-5, err_msg=name)
@@ -139,10 +174,67 @@ def test_gate_vectors_without_max_state():
     got = gate_kernels.gate_vectors(i, logf, zeros + 5.0, m0, params=_params(), interpret=True, max_state=False)
     np.testing.assert_array_equal(np.asarray(got.vecReset), np.asarray(ref.vecReset))
     for name in ("vecQlog", "vecKlog", "vecWinter", "vecWstate", "vecDecay", "scaM_borders"):
-        a, b = np.asarray(getattr(got, name)), np.asarray(getattr(ref, name))
+        a, b = np.asarray(_chunk_form(got, name)), np.asarray(getattr(ref, name))
         fin = np.isfinite(b)
         np.testing.assert_array_equal(np.isfinite(a), fin, err_msg=name)
         np.testing.assert_allclose(a[fin], b[fin], rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+def test_fused_gate_kernels_equal_xla():
+    """gates_impl="fused": m and the gate vectors from one kernel; gate_grads_impl="fused": the gate
+    gradients plus the m pull-back (the jax.vjp of the XLA scan) from one kernel."""
+    i, logf, m0 = _gates()
+    vecM = gates.max_state_scan(i, logf, m0)
+    ref = gates.kernel_gates(i, logf, vecM, m0, L)
+    p = _params()
+    g, m = jax.jit(lambda *a: gate_kernels.fused_gate_vectors(*a, params=p, interpret=True))(i, logf, m0)
+    np.testing.assert_allclose(np.asarray(m), np.asarray(vecM), rtol=1e-6, atol=1e-6)
+    # the m scan in sub-blocks (two per chunk here; the default 32 is the whole chunk at L = 16)
+    _, m_sub = jax.jit(lambda *a: gate_kernels.fused_gate_vectors(*a, params=p, interpret=True, m_block=8))(
+        i, logf, m0)
+    np.testing.assert_allclose(np.asarray(m_sub), np.asarray(vecM), rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(g.vecReset), np.asarray(ref.vecReset))
+    np.testing.assert_array_equal(np.asarray(g.vecStart), np.asarray(ref.vecStart))
+    for name in ("vecQlog", "vecKlog", "vecWinter", "vecWstate", "vecDecay", "scaM_borders"):
+        a, b = np.asarray(_chunk_form(g, name)), np.asarray(getattr(ref, name))
+        np.testing.assert_array_equal(np.isinf(a), np.isinf(b), err_msg=name)
+        fin = np.isfinite(b)
+        np.testing.assert_allclose(a[fin], b[fin], rtol=1e-5, atol=1e-5, err_msg=name)
+    rng = np.random.default_rng(5)
+    dqq, dkk, dks, dm = (jnp.asarray(rng.normal(size=i.shape), jnp.float32) for _ in range(4))
+    ddecay = jnp.asarray(rng.normal(size=(3, 48 // L)), jnp.float32)
+    dI, dLogF = gates.gate_gradients(dqq, dkk, dks, ddecay, ref.vecReset, L)
+    dI_m, dLogF_m, dM0_m = gates.max_state_pullback(i, logf, m0, dm)
+    got = jax.jit(lambda *a: gate_kernels.fused_gate_gradients(*a, params=p, interpret=True))(
+        i, logf, vecM, m0, dm, dqq, dkk, dks, ddecay, ref.vecReset)
+    assert float(jnp.abs(dM0_m).max()) > 0.1  # the pull-back reaches m0 in this test
+    for a, b, name in zip(got, (dI + dI_m, dLogF + dLogF_m, dM0_m), ("dI", "dLogF", "dM0")):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+def test_fused_dkdv_kernel_equals_separate_kernels():
+    """fuse_dkdv: the one kernel's dK, <dk, k>, <dk_state, k>, dV against the dK and dV kernels, with
+    several head-dim tiles of each contraction and a reset inside a chunk (vecStart)."""
+    BH, S_, DK, DV, Lc = 2, 64, 32, 64, 32
+    p = chunkwise_kernel_params(S=S_, DHQK=DK, DHV=DV, dtype=jnp.float32, chunk_size=Lc, siz_b_L_parallel=16,
+                                siz_b_L_loop=16, siz_b_DH_loop=16)
+    ks = jax.random.split(jax.random.PRNGKey(21), 11)
+    f32 = jnp.float32
+    q, k = (jax.random.normal(ks[i], (BH, S_, DK), f32) for i in range(2))
+    v, dh = (jax.random.normal(ks[i], (BH, S_, DV), f32) for i in range(2, 4))
+    qlog, klog = (-jax.random.uniform(ks[i], (BH, S_), f32) for i in range(4, 6))
+    wstate, den_inv, dnq = (jax.random.uniform(ks[i], (BH, S_), f32) for i in range(6, 9))
+    start = jnp.broadcast_to((jnp.arange(S_) // Lc * Lc).astype(jnp.int32), (BH, S_)).at[:, 40:].set(40)
+    dC = jax.random.normal(ks[9], (BH, S_ // Lc + 1, DK, DV), f32)
+    dN = jax.random.normal(ks[10], (BH, S_ // Lc + 1, DK), f32)
+    kw = dict(params=p, qk_scale=0.3, output_dtype=f32, interpret=True)
+    want = parallel_bw_dk(q, k, v, dh, qlog, klog, wstate, den_inv, dnq, start, dC, dN, **kw)
+    want = want + (parallel_bw_dv(q, k, dh, qlog, klog, wstate, den_inv, start, dC, **kw),)
+    got = parallel_bw_dkdv(q, k, v, dh, qlog, klog, wstate, den_inv, dnq, start, dC, dN, **kw)
+    for a, b, name in zip(got, want, ("dK", "dkk", "dkk_state", "dV")):
+        b = np.asarray(b)
+        assert np.abs(b).max() > 1.0, name
+        np.testing.assert_allclose(np.asarray(a), b, rtol=1e-6, atol=1e-6 * np.abs(b).max(), err_msg=name)
 
 
 def test_gate_gradients_kernel_equals_xla():
@@ -188,6 +280,16 @@ def test_recurrent_kernels_16bit_states_and_decay_grads():
     C32, n32 = recurrent_fw_states(kb, vb, w, decay, C0, n0, params=p, interpret=True)
     C16, n16, Clast = recurrent_fw_states(kb, vb, w, decay, C0, n0, params=p, interpret=True,
                                           states_dtype=jnp.bfloat16)
+    # the decay in the gate kernels' (BH, S) layout and the zero initial state (not loaded)
+    decay_rep = jnp.repeat(decay, L, axis=1)
+    Cz, nz = recurrent_fw_states(kb, vb, w, decay, jnp.zeros_like(C0), jnp.zeros_like(n0), params=p, interpret=True)
+    Cz2, nz2 = recurrent_fw_states(kb, vb, w, decay_rep, None, None, params=p, interpret=True)
+    np.testing.assert_array_equal(np.asarray(Cz2), np.asarray(Cz))
+    np.testing.assert_array_equal(np.asarray(nz2), np.asarray(nz))
+    with pytest.raises(ValueError, match="both"):
+        recurrent_fw_states(kb, vb, w, decay, C0, None, params=p, interpret=True)
+    with pytest.raises(ValueError, match="columns"):
+        recurrent_fw_states(kb, vb, w, decay[:, :2], C0, n0, params=p, interpret=True)
     assert C16.dtype == jnp.bfloat16 and Clast.dtype == jnp.float32
     np.testing.assert_array_equal(np.asarray(C16), np.asarray(C32.astype(jnp.bfloat16)))
     np.testing.assert_array_equal(np.asarray(Clast), np.asarray(C32[:, -1]))
@@ -197,6 +299,9 @@ def test_recurrent_kernels_16bit_states_and_decay_grads():
     dCl, dnl = C0[::-1], n0[::-1]
     kw = dict(params=p, qk_scale=0.25, interpret=True)
     dC32, dn32 = recurrent_bw_states(qb, dhb, w, den, dnq, decay, dCl, dnl, **kw)
+    dC32r, dn32r = recurrent_bw_states(qb, dhb, w, den, dnq, decay_rep, dCl, dnl, **kw)
+    np.testing.assert_array_equal(np.asarray(dC32r), np.asarray(dC32))
+    np.testing.assert_array_equal(np.asarray(dn32r), np.asarray(dn32))
     dC16, dn16, dC0, ddec = recurrent_bw_states(qb, dhb, w, den, dnq, decay, dCl, dnl, **kw,
                                                 states_dtype=jnp.bfloat16, matC_states=C16, vecN_states=n16)
     np.testing.assert_array_equal(np.asarray(dC16), np.asarray(dC32.astype(jnp.bfloat16)))
@@ -211,8 +316,11 @@ def test_variant_option_validation_and_registry():
     assert (p.m_scan, p.gates_impl, p.gate_grads_impl, p.states_bf16) == ("linear", "pallas", "pallas", True)
     d = _params()
     assert (d.m_scan, d.gates_impl, d.gate_grads_impl, d.states_bf16) == ("associative", "xla", "xla", False)
+    f = _params(gates_impl="fused", gate_grads_impl="fused", save_gates=True, fuse_dkdv=True)
+    assert (f.gates_impl, f.gate_grads_impl, f.save_gates, f.fuse_dkdv) == ("fused", "fused", True, True)
+    assert (d.save_gates, d.fuse_dkdv) == (False, False)
     for bad in (dict(m_scan="sequential"), dict(gates_impl="triton"), dict(gate_grads_impl=1),
-                dict(states_bf16="yes")):
+                dict(states_bf16="yes"), dict(save_gates=1), dict(fuse_dkdv="on")):
         with pytest.raises(ValueError, match=next(iter(bad))):
             _params(**bad)
     get_mlstm_kernel("chunkwise_pallas", m_scan="linear", gates_impl="pallas", gate_grads_impl="pallas",

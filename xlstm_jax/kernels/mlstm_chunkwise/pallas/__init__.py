@@ -4,10 +4,11 @@ Modules (one thing each): ``gates`` (log-sigmoid, m scan, per-chunk gate vectors
 ``gate_kernels`` (the same gate vectors and gate gradients as Pallas row kernels),
 ``heuristics`` (every default kernel parameter), ``tuning`` (tuned parameter tables, looked up
 at trace time; ``xlstm-jax tune`` fills them), ``fw_recurrent`` / ``fw_parallel`` (forward
-kernels), ``bw_recurrent`` / ``bw_parallel_dq`` / ``bw_parallel_dk`` / ``bw_parallel_dv`` (backward
-kernels), ``autodiff`` (casting, padding, ``jax.custom_vjp``). Registered in the kernel registry as
-``chunkwise_pallas``; the seed entry points (``triton_stablef``, ``max_triton_fwbw_v5xlchunksize``)
-are thin layers over this package through ``xlstm_jax.kernels.mlstm_chunkwise.seed_compat``.
+kernels), ``bw_recurrent`` / ``bw_parallel_dq`` / ``bw_parallel_dk`` / ``bw_parallel_dv`` /
+``bw_parallel_dkdv`` (backward kernels), ``autodiff`` (casting, padding, ``jax.custom_vjp``).
+Registered in the kernel registry as ``chunkwise_pallas``; the seed entry points
+(``triton_stablef``, ``max_triton_fwbw_v5xlchunksize``) are thin layers over this package through
+``xlstm_jax.kernels.mlstm_chunkwise.seed_compat``.
 
 Notation: see ``xlstm_jax.kernels._common`` and ``gates``.
 """
@@ -41,6 +42,8 @@ KERNEL_OPTIONS = {
     "gates_impl": None,
     "gate_grads_impl": None,
     "states_bf16": None,
+    "save_gates": None,
+    "fuse_dkdv": None,
 }
 
 

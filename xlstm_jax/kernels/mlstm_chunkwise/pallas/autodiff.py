@@ -30,8 +30,16 @@ the registry entry; the defaults are the paths above; ``heuristics.VARIANT_CHOIC
   states in the kernel dtype, which the parallel kernels' products cast them to anyway (bit-equal
   h, dq, dk, dv); the recurrences accumulate in fp32, and the last state C_NC and dC_0 come from
   extra fp32 outputs. Only the decay terms of the logf gradient see the rounded states.
+* ``gates_impl="fused"``: the m scan and the gate vectors in one Pallas launch, one program per row
+  (``gate_kernels.fused_gate_vectors``); the backward pass recomputes the vectors from m with the
+  ``"pallas"`` kernel.
+* ``gate_grads_impl="fused"``: as ``"pallas"``, and (exact gradients, exponential cell) the m
+  pull-back inside the gate-gradient kernel (``gate_kernels.fused_gate_gradients``).
+* ``save_gates=True``: the forward's gate vectors are residuals (no recomputation in the backward).
+* ``fuse_dkdv=True``: dK and dV from one kernel (``bw_parallel_dkdv``).
 
-The dh -> (1/den, dnq, dm) step and the m pull-back stay in XLA.
+The dh -> (1/den, dnq, dm) step stays in XLA, and so does the m pull-back except with
+``gate_grads_impl="fused"``.
 
 Inputs may be float32, bfloat16, float16 (float64 inputs run in float32); q, k, v are cast to the
 kernel dtype (``autocast_kernel_dtype``, default: the dtype of q), gates, states and all
@@ -60,6 +68,7 @@ from ...validation import (
 )
 from . import gate_kernels, gates, tuning
 from .bw_parallel_dk import parallel_bw_dk
+from .bw_parallel_dkdv import parallel_bw_dkdv
 from .bw_parallel_dq import parallel_bw_dq
 from .bw_parallel_dv import parallel_bw_dv
 from .bw_recurrent import recurrent_bw_states
@@ -86,6 +95,10 @@ class CoreConfig:
     interpret: bool
     max_state: bool = True
     """False for the sigmoid cell (``input_gate="sigmoid"``): m == 0 and dm == 0."""
+    zero_initial_state: bool = False
+    """True when the call has no initial state (C0, n0, m0 are the zeros of ``prepare``): the
+    recurrent forward kernel then starts from zeros instead of loading them (bit-identical in
+    interpret mode). ``core_config`` leaves it False until a compiled GPU run has checked it."""
 
 
 class ForwardOut(NamedTuple):
@@ -98,6 +111,7 @@ class ForwardOut(NamedTuple):
     vecN_states: jax.Array  # (BH, NC+1, DHQK)
     scaM_borders: jax.Array  # (BH, NC+1)
     matC_last: jax.Array  # (BH, DHQK, DHV) float32 (matC_states may be 16-bit: ``states_bf16``)
+    gates: gates.KernelGates | None = None  # the gate vectors (kept for the backward: ``save_gates``)
 
 
 def chunkwise_forward(
@@ -121,7 +135,7 @@ def chunkwise_forward(
         params=p, qk_scale=cfg.qk_scale, eps=cfg.eps, norm_val=cfg.norm_val,
         stabilize_correctly=cfg.stabilize_correctly, output_dtype=cfg.h_dtype, interpret=cfg.interpret,
     )
-    return ForwardOut(matH, vecNq, vecM, matC_states, vecN_states, g.scaM_borders, matC_last)
+    return ForwardOut(matH, vecNq, vecM, matC_states, vecN_states, g.scaM_borders, matC_last, g)
 
 
 def forward_states(matK, matV, vecI, vecLogF, matC0, vecN0, scaM0, cfg: CoreConfig):
@@ -129,11 +143,14 @@ def forward_states(matK, matV, vecI, vecLogF, matC0, vecN0, scaM0, cfg: CoreConf
     matC_last fp32), i.e. the m scan (m == 0 for the sigmoid cell), the gate vectors and the
     recurrent kernel; shared with the Mosaic GPU family (``mlstm_chunkwise.mosaic``)."""
     p = cfg.params
-    if cfg.max_state:
-        vecM = gates.max_state_scan_for(p.m_scan, p.chunk_size_intra)(vecI, vecLogF, scaM0)
-    else:  # the sigmoid cell: i is log_sigmoid of the gate, every log weight <= 0, m held at 0
-        vecM = jnp.zeros_like(vecI)
-    g = _kernel_gates(vecI, vecLogF, vecM, scaM0, cfg)
+    if cfg.max_state and p.gates_impl == "fused":  # the m scan and the vectors in one launch
+        g, vecM = gate_kernels.fused_gate_vectors(vecI, vecLogF, scaM0, params=p, interpret=cfg.interpret)
+    else:
+        if cfg.max_state:
+            vecM = gates.max_state_scan_for(p.m_scan, p.chunk_size_intra)(vecI, vecLogF, scaM0)
+        else:  # the sigmoid cell: i is log_sigmoid of the gate, every log weight <= 0, m held at 0
+            vecM = jnp.zeros_like(vecI)
+        g = _kernel_gates(vecI, vecLogF, vecM, scaM0, cfg)
     matC_states, vecN_states, matC_last = _fw_states(matK, matV, g, matC0, vecN0, cfg)
     return vecM, g, matC_states, vecN_states, matC_last
 
@@ -141,8 +158,9 @@ def forward_states(matK, matV, vecI, vecLogF, matC0, vecN0, scaM0, cfg: CoreConf
 def _kernel_gates(vecI, vecLogF, vecM, scaM0, cfg: CoreConfig) -> gates.KernelGates:
     """The kernel gate vectors by ``params.gates_impl`` (XLA or the Pallas row kernel)."""
     p = cfg.params
-    if p.gates_impl == "pallas":
-        return gate_kernels.gate_vectors(vecI, vecLogF, vecM, scaM0, params=p, interpret=cfg.interpret)
+    if p.gates_impl in ("pallas", "fused"):  # "fused" in the backward: m is known, only the vectors
+        return gate_kernels.gate_vectors(vecI, vecLogF, vecM, scaM0, params=p, interpret=cfg.interpret,
+                                         max_state=cfg.max_state)
     return gates.kernel_gates(vecI, vecLogF, vecM, scaM0, p.chunk_size_intra)
 
 
@@ -156,6 +174,8 @@ def _states_dtype(cfg: CoreConfig, kernel_dtype):
 def _fw_states(matK, matV, g, matC0, vecN0, cfg: CoreConfig):
     """(matC_states, vecN_states, matC_last fp32) from the recurrent forward kernel."""
     sdt = _states_dtype(cfg, matK.dtype)
+    if cfg.zero_initial_state:  # no initial state: the kernel starts from zeros (nothing to load)
+        matC0 = vecN0 = None
     out = recurrent_fw_states(
         matK, matV, g.vecWstate, g.vecDecay, matC0, vecN0, params=cfg.params, interpret=cfg.interpret,
         states_dtype=sdt,
@@ -185,15 +205,17 @@ def chunkwise_backward(
     scaDM_last: jax.Array,  # (BH,)
     cfg: CoreConfig,
     matC_last_kept: jax.Array | None = None,  # (BH, DHQK, DHV) fp32 last state (16-bit kept states)
+    gates_kept: gates.KernelGates | None = None,  # the forward's gate vectors (``save_gates``)
 ):
     """The backward pass: (dQ, dK, dV, dI, dLogF, dC0, dN0, dM0) on padded, flattened arrays.
 
-    With kept states, ``matC_last_kept`` is the fp32 last state (default: ``matC_states[:, -1]``).
+    With kept states, ``matC_last_kept`` is the fp32 last state (default: ``matC_states[:, -1]``);
+    ``gates_kept`` replaces the recomputation of the gate vectors.
     """
     p = cfg.params
     exact = cfg.grad_mode == "exact"
     dtype = matQ.dtype
-    g = _kernel_gates(vecI, vecLogF, vecM, scaM0, cfg)
+    g = _kernel_gates(vecI, vecLogF, vecM, scaM0, cfg) if gates_kept is None else gates_kept
     if matC_states is None:
         matC_states, vecN_states, matC_last = _fw_states(matK, matV, g, matC0, vecN0, cfg)
     else:
@@ -209,7 +231,9 @@ def chunkwise_backward(
     matDH = matDH.astype(dtype)
     kw = dict(params=p, qk_scale=cfg.qk_scale, interpret=cfg.interpret)
     sdt = _states_dtype(cfg, dtype)
-    fused_decay = p.gate_grads_impl == "pallas"
+    fused_decay = p.gate_grads_impl in ("pallas", "fused")
+    # "fused": the m pull-back inside the gate-gradient kernel (exact gradients of the exp cell only)
+    fused_pullback = p.gate_grads_impl == "fused" and exact and cfg.max_state
     bw = recurrent_bw_states(
         matQ, matDH, g.vecWinter, vecDenInv, vecDnq, g.vecDecay,
         matDC_last.astype(_F32), vecDN_last.astype(_F32), **kw, states_dtype=sdt,
@@ -221,16 +245,32 @@ def chunkwise_backward(
         matQ, matK, matV, matDH, g.vecQlog, g.vecKlog, g.vecWinter, vecDenInv, vecDnq, g.vecStart,
         matC_states, vecN_states, output_dtype=dtype, **kw,
     )
-    matDK, vecDkk, vecDkkState = parallel_bw_dk(
-        matQ, matK, matV, matDH, g.vecQlog, g.vecKlog, g.vecWstate, vecDenInv, vecDnq, g.vecStart,
-        matDC_states, vecDN_states, output_dtype=dtype, **kw,
-    )
-    matDV = parallel_bw_dv(
-        matQ, matK, matDH, g.vecQlog, g.vecKlog, g.vecWstate, vecDenInv, g.vecStart, matDC_states,
-        output_dtype=dtype, **kw,
-    )
+    if p.fuse_dkdv:  # one kernel for dK and dV
+        matDK, vecDkk, vecDkkState, matDV = parallel_bw_dkdv(
+            matQ, matK, matV, matDH, g.vecQlog, g.vecKlog, g.vecWstate, vecDenInv, vecDnq, g.vecStart,
+            matDC_states, vecDN_states, output_dtype=dtype, **kw,
+        )
+    else:
+        matDK, vecDkk, vecDkkState = parallel_bw_dk(
+            matQ, matK, matV, matDH, g.vecQlog, g.vecKlog, g.vecWstate, vecDenInv, vecDnq, g.vecStart,
+            matDC_states, vecDN_states, output_dtype=dtype, **kw,
+        )
+        matDV = parallel_bw_dv(
+            matQ, matK, matDH, g.vecQlog, g.vecKlog, g.vecWstate, vecDenInv, g.vecStart, matDC_states,
+            output_dtype=dtype, **kw,
+        )
     vecN_last = vecN_states[:, -1]
     scaDlast = jnp.sum(matDC_last * matC_last, axis=(1, 2)) + jnp.sum(vecDN_last * vecN_last, axis=1)
+    if fused_pullback:
+        scaDdecay = bw[-1]  # from the recurrent backward kernel
+        vecDN0 = vecDN_states[:, 0]
+        scaDM0 = jnp.sum(matDC0 * matC0, axis=(1, 2)) + jnp.sum(vecDN0 * vecN0, axis=1)
+        vecDM = vecDm.at[:, -1].add(scaDM_last - scaDlast)
+        vecDI, vecDLogF, dM0_m = gate_kernels.fused_gate_gradients(
+            vecI, vecLogF, vecM, scaM0, vecDM, vecDqq, vecDkk, vecDkkState, scaDdecay, g.vecReset,
+            params=p, interpret=cfg.interpret,
+        )
+        return matDQ, matDK, matDV, vecDI, vecDLogF, matDC0, vecDN0, scaDM0 + dM0_m
     if fused_decay:
         scaDdecay = bw[-1]  # from the recurrent backward kernel
         vecDI, vecDLogF = gate_kernels.gate_gradients(
@@ -238,7 +278,7 @@ def chunkwise_backward(
         )
     else:
         # <dC_k, decay_k C_{k-1}> + <dn_k, decay_k n_{k-1}> for every chunk k (one pass over the states)
-        scaDdecay = g.vecDecay * (
+        scaDdecay = gates.chunk_decays(g.vecDecay, p.chunk_size_intra, matDC_states.shape[1] - 1) * (
             jnp.einsum("bkij,bkij->bk", matDC_states[:, 1:].astype(_F32), matC_states[:, :-1].astype(_F32),
                        precision=jax.lax.Precision.HIGHEST)
             + jnp.einsum("bki,bki->bk", vecDN_states[:, 1:], vecN_states[:, :-1],
@@ -267,8 +307,9 @@ def _core(matQ, matK, matV, vecI, vecLogF, matC0, vecN0, scaM0, cfg: CoreConfig)
 
 def forward_residuals(primals: tuple, out: ForwardOut, cfg: CoreConfig) -> tuple:
     """What the backward pass keeps of a forward pass: the eight ``primals`` (matQ ... scaM0),
-    vecM, vecNq, h (``grad_mode="exact"`` only) and, unless ``recompute_states_in_bw``, the border
-    states; the residuals of ``backward_from_residuals`` (also used by the Mosaic GPU family)."""
+    vecM, vecNq, h (``grad_mode="exact"`` only), unless ``recompute_states_in_bw`` the border
+    states, and with ``save_gates`` the gate vectors (``out.gates``; None: recomputed); the residuals
+    of ``backward_from_residuals`` (also used by the Mosaic GPU family)."""
     keep_states = not cfg.recompute_states_in_bw
     return tuple(primals) + (
         out.vecM, out.vecNq,
@@ -276,6 +317,7 @@ def forward_residuals(primals: tuple, out: ForwardOut, cfg: CoreConfig) -> tuple
         out.matC_states if keep_states else None,
         out.vecN_states if keep_states else None,
         out.matC_last if keep_states else None,
+        out.gates if cfg.params.save_gates else None,
     )
 
 
@@ -283,8 +325,8 @@ def backward_from_residuals(cfg: CoreConfig, res: tuple, cts: tuple) -> tuple:
     """The custom-VJP backward: cotangents of (h, C_last, n_last, m_last) and the residuals of
     ``forward_residuals`` -> the cotangents of the eight primals, in their dtypes."""
     matDH, matDC_last, vecDN_last, scaDM_last = cts
-    grads = chunkwise_backward(*res[:-1], matDH, matDC_last, vecDN_last, scaDM_last, cfg,
-                               matC_last_kept=res[-1])
+    grads = chunkwise_backward(*res[:-2], matDH, matDC_last, vecDN_last, scaDM_last, cfg,
+                               matC_last_kept=res[-2], gates_kept=res[-1])
     primals = res[:8]
     return tuple(gr.astype(x.dtype) for gr, x in zip(grads, primals))
 
@@ -423,6 +465,8 @@ def core_config(prep: Prepared, *, h_dtype, recompute_states_in_bw: bool, interp
         stabilize_correctly=opts.stabilize_correctly, grad_mode=opts.grad_mode, h_dtype=jnp.dtype(h_dtype),
         recompute_states_in_bw=bool(recompute_states_in_bw), interpret=resolve_interpret(interpret),
         max_state=opts.max_state,
+        # zero_initial_state=prep.call.state is None would skip loading the zero initial state
+        # (bit-identical in interpret mode); left off until a compiled GPU run has checked it
     )
 
 
@@ -467,6 +511,8 @@ def mlstm_chunkwise_pallas(
     gates_impl: str | None = None,
     gate_grads_impl: str | None = None,
     states_bf16: bool | None = None,
+    save_gates: bool | None = None,
+    fuse_dkdv: bool | None = None,
 ):
     """Chunkwise mLSTM with the Pallas TFLA kernels, differentiable (``jax.custom_vjp``).
 
@@ -485,8 +531,8 @@ def mlstm_chunkwise_pallas(
     this device and shape, else the heuristics; ``tuned=False`` (or ``XLSTM_JAX_TUNING=off``) skips
     the tables (lookup at trace time, pure Python; see ``tuning``). ``interpret``:
     None compiles on an NVIDIA GPU and interprets elsewhere. ``m_scan``, ``gates_impl``,
-    ``gate_grads_impl``, ``states_bf16`` select the variant paths of ``heuristics.VARIANT_CHOICES``
-    (None: the tuned table's choice, else the default, today's path).
+    ``gate_grads_impl``, ``states_bf16``, ``save_gates``, ``fuse_dkdv`` select the variant paths of
+    ``heuristics.VARIANT_CHOICES`` (None: the tuned table's choice, else the default, today's path).
     """
     tile_params = dict(
         chunk_size_inter=chunk_size_inter, chunk_size_intra=chunk_size_intra,
@@ -496,6 +542,7 @@ def mlstm_chunkwise_pallas(
         num_warps_intra=num_warps_intra, num_warps_inter=num_warps_inter,
         num_stages_intra=num_stages_intra, num_stages_inter=num_stages_inter,
         m_scan=m_scan, gates_impl=gates_impl, gate_grads_impl=gate_grads_impl, states_bf16=states_bf16,
+        save_gates=save_gates, fuse_dkdv=fuse_dkdv,
     )
     call = validate_sequence_call(
         "chunkwise_pallas", matQ, matK, matV, vecI, vecF, c_initial, n_initial, m_initial,

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from ._kernel_utils import dot_tn, launch
+from .fw_recurrent import decay_stride_of
 from .heuristics import ChunkwiseKernelParams
 
 _F32 = jnp.float32
@@ -42,7 +43,7 @@ def recurrent_bw_kernel(
     vecWinter_ref,  # (S,)
     vecDenInv_ref,  # (S,)
     vecDnq_ref,  # (S,)
-    vecDecay_ref,  # (NC,)
+    vecDecay_ref,  # (NC * decay_stride,)
     matDC_last_ref,  # (bK, bV)
     vecDN_last_ref,  # (bK,)
     *refs,  # [matC_states (NC+1, bK, bV), vecN_states (NC+1, bK)] if decay_grads, then the outputs:
@@ -54,6 +55,7 @@ def recurrent_bw_kernel(
     qk_scale: float,
     split: bool = False,
     decay_grads: bool = False,
+    decay_stride: int = 1,
 ):
     """Kernel body of one (DHQK tile, DHV tile, batch*head) program."""
     dtype = matQ_ref.dtype
@@ -70,7 +72,7 @@ def recurrent_bw_kernel(
         k = NC - jj  # border after chunk k (1-based chunk index)
         matDC_states_ref[k, :, :] = matDC.astype(matDC_states_ref.dtype)
         vecDN_states_ref[k, :] = vecDN
-        scaDecay = vecDecay_ref[k - 1]
+        scaDecay = vecDecay_ref[(k - 1) * decay_stride]
         if decay_grads:
             matC_prev = matC_states_ref[k - 1, :, :].astype(_F32)
             vecN_prev = vecN_states_ref[k - 1, :]
@@ -104,7 +106,7 @@ def recurrent_bw_states(
     vecWinter: jax.Array,  # (BH, S)
     vecDenInv: jax.Array,  # (BH, S)
     vecDnq: jax.Array,  # (BH, S)
-    vecDecay: jax.Array,  # (BH, NC)
+    vecDecay: jax.Array,  # (BH, NC), or (BH, S) repeated per chunk (``fw_recurrent.decay_stride_of``)
     matDC_last: jax.Array,  # (BH, DHQK, DHV)
     vecDN_last: jax.Array,  # (BH, DHQK)
     *,
@@ -132,7 +134,7 @@ def recurrent_bw_states(
     nK, nV = DHQK // bK, DHV // bV
     kernel = functools.partial(
         recurrent_bw_kernel, NC=NC, L=L, L_inter=L_inter, qk_scale=float(qk_scale), split=split,
-        decay_grads=decay_grads,
+        decay_grads=decay_grads, decay_stride=decay_stride_of(vecDecay, NC, L),
     )
     seq = pl.BlockSpec((None, S), lambda ik, iv, b: (b, 0))
     state_spec = pl.BlockSpec((None, NC + 1, bK, bV), lambda ik, iv, b: (b, 0, ik, iv))
@@ -157,7 +159,7 @@ def recurrent_bw_states(
             pl.BlockSpec((None, S, bK), lambda ik, iv, b: (b, 0, ik)),
             pl.BlockSpec((None, S, bV), lambda ik, iv, b: (b, 0, iv)),
             seq, seq, seq,
-            pl.BlockSpec((None, NC), lambda ik, iv, b: (b, 0)),
+            pl.BlockSpec((None, vecDecay.shape[1]), lambda ik, iv, b: (b, 0)),
             tile_spec,
             pl.BlockSpec((None, bK), lambda ik, iv, b: (b, ik)),
         ] + ([state_spec, vec_state_spec] if decay_grads else []),

@@ -63,6 +63,15 @@ def _latest_reset(reset, L):
     return jnp.max(cand, axis=1)
 
 
+def _shift_down(x, d: int, L: int, fill):
+    """(L,): x_{t-d} at t >= d, ``fill`` below (a masked (L, L) selection: exact, any values)."""
+    idx = jnp.arange(L, dtype=jnp.int32)
+    hit = idx[None, :] == idx[:, None] - d
+    if fill == -jnp.inf:
+        return jnp.max(jnp.where(hit, x[None, :], -jnp.inf), axis=1)
+    return jnp.where(idx >= d, jnp.sum(jnp.where(hit, x[None, :], 0.0), axis=1), fill)
+
+
 def gate_vectors_kernel(
     vecI_ref,  # (L,)
     vecLogF_ref,  # (L,)
@@ -83,21 +92,30 @@ def gate_vectors_kernel(
     k = pl.program_id(1)
     c0 = pl.multiple_of(k * L, L)
     idx = jnp.arange(L, dtype=jnp.int32)
-    t_ = idx[:, None]
-    s_ = idx[None, :]
     vecI = vecI_ref[...]
     vecLogF = vecLogF_ref[...]
     if max_state:
         vecM = vecM_ref[pl.ds(c0, L)]
         m_next = vecM_ref[c0 + L - 1]
         m_border = jnp.where(k > 0, vecM_ref[jnp.maximum(c0 - 1, 0)], scaM0_ref[0])
-        # m_{t-1}: m shifted by one step, the entering m first
-        shifted = jnp.sum(jnp.where(s_ == t_ - 1, vecM[None, :], 0.0), axis=1)
-        vecMprev = jnp.where(idx == 0, m_border, shifted)
+        vecMprev = jnp.where(idx == 0, m_border, _shift_down(vecM, 1, L, 0.0))
     else:
         vecM = jnp.zeros((L,), _F32)
         m_next = m_border = jnp.float32(0.0)
         vecMprev = vecM
+    outs = _chunk_gate_vectors(vecI, vecLogF, vecM, vecMprev, m_border, m_next, c0, L)
+    refs = (vecQlog_ref, vecKlog_ref, vecWinter_ref, vecWstate_ref, vecStart_ref, vecReset_ref, vecDecay_ref)
+    for ref, val in zip(refs, outs):
+        ref[...] = val
+
+
+def _chunk_gate_vectors(vecI, vecLogF, vecM, vecMprev, m_border, m_next, c0, L):
+    """The gate vectors of one chunk from its i, logf, m, m_{t-1} (all (L,)), the entering m and
+    the chunk's last m (scalars): (vecQlog, vecKlog, vecWinter, vecWstate, vecStart, reset int32,
+    the chunk's decay repeated over (L,)), the seven outputs of ``gate_vectors_kernel``."""
+    idx = jnp.arange(L, dtype=jnp.int32)
+    t_ = idx[:, None]
+    s_ = idx[None, :]
     reset = (vecLogF + vecMprev - vecM < -gates.RESET_LOG_WEIGHT).astype(jnp.int32)
     latest = _latest_reset(reset, L)
     last = jnp.max(jnp.where(reset != 0, idx, jnp.int32(-1)))
@@ -108,13 +126,15 @@ def gate_vectors_kernel(
     b_end = jnp.sum(jnp.where(idx == L - 1, vecB, 0.0))  # b_{L-1}: the same rounding as vecB
     scaG = jnp.where(last >= 0, -jnp.inf, b_end)
     seen = latest >= 0
-    vecQlog_ref[...] = (vecB - vecM) * gates.LOG2_E
-    vecKlog_ref[...] = (vecI - vecB) * gates.LOG2_E
-    vecWinter_ref[...] = jnp.where(seen, 0.0, jnp.exp(vecB + m_border - vecM))
-    vecWstate_ref[...] = jnp.exp(vecA - m_next)
-    vecStart_ref[...] = c0 + jnp.maximum(latest, 0)
-    vecReset_ref[...] = reset
-    vecDecay_ref[...] = jnp.full((L,), jnp.exp(scaG + m_border - m_next), _F32)
+    return (
+        (vecB - vecM) * gates.LOG2_E,
+        (vecI - vecB) * gates.LOG2_E,
+        jnp.where(seen, 0.0, jnp.exp(vecB + m_border - vecM)),
+        jnp.exp(vecA - m_next),
+        c0 + jnp.maximum(latest, 0),
+        reset,
+        jnp.full((L,), jnp.exp(scaG + m_border - m_next), _F32),
+    )
 
 
 def gate_vectors(
@@ -127,7 +147,10 @@ def gate_vectors(
     interpret: bool,
     max_state: bool = True,
 ) -> gates.KernelGates:
-    """``gates.kernel_gates`` (no explicit resets) as one Pallas kernel; vecSeen is not returned (None).
+    """``gates.kernel_gates`` (no explicit resets) as one Pallas kernel; vecSeen is not returned (None),
+    vecReset comes as int32 (1 at a reset: the dtype the gate-gradient kernels load; no conversion),
+    vecDecay in the (BH, S) layout, each chunk's decay repeated over its L steps (the recurrent
+    kernels read it there: no XLA slice; ``gates.chunk_decays`` gives the (BH, NC) form).
 
     With ``max_state=False`` m == 0 everywhere (vecM, scaM0 unused; scaM_borders all 0).
     """
@@ -154,7 +177,7 @@ def gate_vectors(
         scaM_borders = gates.border_max_states(vecM.astype(_F32), scaM0.astype(_F32), L)
     else:
         scaM_borders = jnp.zeros((BH, NC + 1), _F32)
-    return gates.KernelGates(qlog, klog, winter, wstate, decay[:, ::L], scaM_borders, start, reset != 0, None)
+    return gates.KernelGates(qlog, klog, winter, wstate, decay, scaM_borders, start, reset, None)
 
 
 def gate_gradients_kernel(
@@ -212,3 +235,235 @@ def gate_gradients(
     )(vecDqq.astype(_F32), vecDkk.astype(_F32), vecDkkState.astype(_F32), scaDdecay.astype(_F32),
       vecReset.astype(jnp.int32))
     return vecDkk, dlogf
+
+
+# ----------------------------------------------------------------------------- fused row kernels
+def _in_chunk_max_maps(vecLogF, vecI, L: int):
+    """(A_t, B_t) of one chunk: the (max, +) maps x -> max(x + logf_t, i_t) of steps 0..t composed,
+    m_t = max(m_{k-1} + A_t, B_t). Hillis-Steele over log2(L) levels, each shift a masked (L, L)
+    selection; the composition is ``gates._compose`` (sums of logf <= 0: no cancellation)."""
+    a, b = vecLogF, vecI
+    d = 1
+    while d < L:
+        a_sh = _shift_down(a, d, L, 0.0)  # the identity map (0, -inf) before the chunk start
+        b_sh = _shift_down(b, d, L, -jnp.inf)
+        a, b = a_sh + a, jnp.maximum(b_sh + a, b)
+        d *= 2
+    return a, b
+
+
+def fused_gate_vectors_kernel(
+    vecI_ref,  # (S,) the whole row
+    vecLogF_ref,  # (S,)
+    scaM0_ref,  # (1,)
+    vecQlog_ref,  # out (S,)
+    vecKlog_ref,  # out (S,)
+    vecWinter_ref,  # out (S,)
+    vecWstate_ref,  # out (S,)
+    vecStart_ref,  # out (S,) int32
+    vecReset_ref,  # out (S,) int32
+    vecDecay_ref,  # out (S,) each chunk's decay repeated over its L slots
+    vecM_ref,  # out (S,)
+    *,
+    L: int,
+    NC: int,
+    Lm: int,
+):
+    """Kernel body of one batch*head row: the m scan and the gate vectors, chunk by chunk.
+
+    The m scan runs on sub-blocks of ``Lm`` steps (a Hillis-Steele scan of (Lm, Lm) selections, m
+    carried from one sub-block to the next), placed into the chunk's (L,) vector by one masked
+    (L, Lm) selection each: (L / Lm) (2 log2 Lm + 1) Lm L element operations instead of 2 log2 L L^2.
+    """
+    idx = jnp.arange(L, dtype=jnp.int32)
+    idx_m = jnp.arange(Lm, dtype=jnp.int32)
+    outs = (vecQlog_ref, vecKlog_ref, vecWinter_ref, vecWstate_ref, vecStart_ref, vecReset_ref, vecDecay_ref)
+
+    def chunk(k, m_border):
+        c0 = pl.multiple_of(k * L, L)
+        vecI = vecI_ref[pl.ds(c0, L)]
+        vecLogF = vecLogF_ref[pl.ds(c0, L)]
+        m_run = m_border
+        vecM = jnp.full((L,), -jnp.inf, _F32)
+        for j in range(L // Lm):  # static: the sub-blocks of the chunk, in order
+            b0 = pl.multiple_of(c0 + j * Lm, Lm)
+            vecA, vecB = _in_chunk_max_maps(vecLogF_ref[pl.ds(b0, Lm)], vecI_ref[pl.ds(b0, Lm)], Lm)
+            vecMj = jnp.maximum(m_run + vecA, vecB)
+            m_run = jnp.max(jnp.where(idx_m == Lm - 1, vecMj, -jnp.inf))
+            if Lm == L:
+                vecM = vecMj
+            else:
+                place = idx[:, None] == idx_m[None, :] + j * Lm
+                vecM = jnp.maximum(vecM, jnp.max(jnp.where(place, vecMj[None, :], -jnp.inf), axis=1))
+        m_next = m_run
+        vecMprev = jnp.where(idx == 0, m_border, _shift_down(vecM, 1, L, 0.0))
+        vals = _chunk_gate_vectors(vecI, vecLogF, vecM, vecMprev, m_border, m_next, c0, L)
+        for ref, val in zip(outs, vals):
+            ref[pl.ds(c0, L)] = val
+        vecM_ref[pl.ds(c0, L)] = vecM
+        return m_next
+
+    jax.lax.fori_loop(jnp.int32(0), jnp.int32(NC), chunk, scaM0_ref[0])
+
+
+def fused_gate_vectors(
+    vecI: jax.Array,  # (BH, S) float32
+    vecLogF: jax.Array,  # (BH, S)
+    scaM0: jax.Array,  # (BH,)
+    *,
+    params: ChunkwiseKernelParams,
+    interpret: bool,
+    m_block: int = 32,
+) -> tuple[gates.KernelGates, jax.Array]:
+    """``gates_impl="fused"``: (the kernel gate vectors, vecM) from i, logf and m0 in one launch.
+
+    One program per (batch, head) row walks its chunks in order carrying m_{k-1}: per chunk the m
+    scan (``_in_chunk_max_maps``, the maps of ``gates.max_state_scan`` composed in another order:
+    equal up to the rounding of sums of logf <= 0) and the vectors of ``gate_vectors``. vecSeen is
+    not returned (None). ``m_block``: the sub-block of the m scan (a power of two; min(m_block, L)).
+    """
+    BH, S = vecI.shape
+    L = params.chunk_size_intra
+    NC = S // L
+    Lm = min(int(m_block), L)
+    if Lm < 1 or L % Lm:
+        raise ValueError(f"m_block must divide chunk_size_intra={L}; got {m_block!r}")
+    kernel = functools.partial(fused_gate_vectors_kernel, L=L, NC=NC, Lm=Lm)
+    row = pl.BlockSpec((None, S), lambda b: (b, 0))
+    f32 = jax.ShapeDtypeStruct((BH, S), _F32)
+    i32 = jax.ShapeDtypeStruct((BH, S), jnp.int32)
+    qlog, klog, winter, wstate, start, reset, decay, vecM = launch(
+        kernel,
+        grid=(BH,),
+        in_specs=[row, row, pl.BlockSpec((None, 1), lambda b: (b, 0))],
+        out_specs=[row] * 8,
+        out_shape=[f32, f32, f32, f32, i32, i32, f32, f32],
+        num_warps=_row_kernel_warps(L),
+        num_stages=1,
+        interpret=interpret,
+        name="mlstm_chunkwise_fused_gate_vectors",
+    )(vecI.astype(_F32), vecLogF.astype(_F32), scaM0.astype(_F32).reshape(BH, 1))
+    scaM_borders = gates.border_max_states(vecM, scaM0.astype(_F32), L)
+    g = gates.KernelGates(qlog, klog, winter, wstate, decay, scaM_borders, start, reset, None)
+    return g, vecM
+
+
+def _row_kernel_warps(L: int) -> int:
+    """Warps of the fused row kernels: their (L, L) temporaries are L^2 fp32 values."""
+    return 8 if L >= 128 else 4
+
+
+def _inclusive_count(flag, L: int):
+    """(L,) int32: the number of set flags at or before t (a masked (L, L) row sum, exact)."""
+    idx = jnp.arange(L, dtype=jnp.int32)
+    return jnp.sum(jnp.where(idx[None, :] <= idx[:, None], flag[None, :], 0), axis=1)
+
+
+def fused_gate_gradients_kernel(
+    vecI_ref,  # (S,) the whole row
+    vecLogF_ref,  # (S,)
+    vecM_ref,  # (S,)
+    scaM0_ref,  # (1,)
+    vecDM_ref,  # (S,) the cotangent of every m_t
+    vecDqq_ref,  # (S,)
+    vecDkk_ref,  # (S,)
+    vecDkkState_ref,  # (S,)
+    scaDdecay_ref,  # (NC,)
+    vecReset_ref,  # (S,) int32
+    vecDI_ref,  # out (S,)
+    vecDLogF_ref,  # out (S,)
+    scaDM0_ref,  # out (1,)
+    *,
+    L: int,
+    NC: int,
+):
+    """Kernel body of one batch*head row: the chunks in reverse, carrying the m cotangent."""
+    idx = jnp.arange(L, dtype=jnp.int32)
+    t_ = idx[:, None]  # output index (rows)
+    u_ = idx[None, :]  # summed index (columns)
+
+    def chunk(j, carry):
+        k = NC - 1 - j
+        c0 = pl.multiple_of(k * L, L)
+        vecI = vecI_ref[pl.ds(c0, L)]
+        vecLogF = vecLogF_ref[pl.ds(c0, L)]
+        vecM = vecM_ref[pl.ds(c0, L)]
+        m_border = jnp.where(k > 0, vecM_ref[jnp.maximum(c0 - 1, 0)], scaM0_ref[0])
+        vecMprev = jnp.where(idx == 0, m_border, _shift_down(vecM, 1, L, 0.0))
+        # d m_t / d m_{t-1} of m_t = max(logf_t + m_{t-1}, i_t): 1, 0, or 1/2 at a tie (jnp.maximum)
+        lhs = vecLogF + vecMprev
+        sel = jnp.where(lhs > vecI, 1.0, jnp.where(lhs == vecI, 0.5, 0.0))
+        zeros = _inclusive_count((sel == 0.0).astype(jnp.int32), L)
+        ties = _inclusive_count((sel == 0.5).astype(jnp.int32), L)
+        # P[t, u] = prod_{t < r <= u} sel_r for u >= t: 0 past a zero, else 2^-(ties in (t, u])
+        reach = (u_ >= t_) & (zeros[None, :] == zeros[:, None])
+        matP = jnp.where(reach, jnp.exp2(-(ties[None, :] - ties[:, None]).astype(_F32)), 0.0)
+        zeros_end = jnp.max(zeros)  # counts are non-decreasing: the chunk's total
+        ties_end = jnp.max(ties)
+        to_end = jnp.where(zeros == zeros_end, jnp.exp2(-(ties_end - ties).astype(_F32)), 0.0)
+        # G_t: the total cotangent of m_t (its own plus all later steps' through the scan)
+        vecG = jnp.sum(matP * vecDM_ref[pl.ds(c0, L)][None, :], axis=1) + to_end * carry
+        # the gate gradients with m held fixed (gate_gradients_kernel)
+        reset = vecReset_ref[pl.ds(c0, L)]
+        x = vecDqq_ref[pl.ds(c0, L)] - vecDkk_ref[pl.ds(c0, L)]
+        latest = _latest_reset(reset, L)
+        suffix = jnp.sum(jnp.where((u_ >= t_) & (latest[None, :] <= t_), x[None, :], 0.0), axis=1)
+        last = jnp.max(jnp.where(reset != 0, idx, jnp.int32(-1)))
+        per_chunk = jnp.sum(vecDkkState_ref[pl.ds(c0, L)]) + scaDdecay_ref[k]
+        dlogf = jnp.where(reset != 0, 0.0, suffix + jnp.where(idx >= last, per_chunk, 0.0))
+        vecDLogF_ref[pl.ds(c0, L)] = dlogf + sel * vecG
+        vecDI_ref[pl.ds(c0, L)] = vecDkk_ref[pl.ds(c0, L)] + (1.0 - sel) * vecG
+        return jnp.sum(jnp.where(idx == 0, sel * vecG, 0.0))  # into m_{k-1}: the step before the chunk
+
+    carry = jax.lax.fori_loop(jnp.int32(0), jnp.int32(NC), chunk, jnp.float32(0.0))
+    scaDM0_ref[...] = jnp.full((1,), carry, _F32)
+
+
+def fused_gate_gradients(
+    vecI: jax.Array,  # (BH, S)
+    vecLogF: jax.Array,  # (BH, S)
+    vecM: jax.Array,  # (BH, S)
+    scaM0: jax.Array,  # (BH,)
+    vecDM: jax.Array,  # (BH, S) cotangent of every m_t
+    vecDqq: jax.Array,  # (BH, S)
+    vecDkk: jax.Array,  # (BH, S)
+    vecDkkState: jax.Array,  # (BH, S)
+    scaDdecay: jax.Array,  # (BH, NC)
+    vecReset: jax.Array,  # (BH, S) bool or int
+    *,
+    params: ChunkwiseKernelParams,
+    interpret: bool,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``gate_grads_impl="fused"`` (exact gradients, exponential input gate): (dI, dLogF, dM0), the
+    gate gradients of ``gate_gradients`` plus the pull-back of ``vecDM`` through the m scan, in one
+    launch.
+
+    The pull-back in its recurrent form: with sel_t = d m_t / d m_{t-1} (1 where logf_t + m_{t-1}
+    wins, 0 where i_t wins, 1/2 at a tie, as ``jnp.maximum`` splits it), the total cotangent of m_t
+    is G_t = dm_t + sel_{t+1} G_{t+1}, and dI_t += (1 - sel_t) G_t, dLogF_t += sel_t G_t,
+    dM0 = sel_0 G_0. One program per (batch, head) row walks its chunks in reverse carrying
+    sel G at the chunk start; inside a chunk G_t = sum_{u >= t} P[t, u] dm_u + P[t, L-1] carry
+    with P[t, u] = prod_{t < r <= u} sel_r, from exact integer counts of the zeros and ties of sel
+    ((L, L) masked sums). Away from ties this is the pull-back of ``gates.max_state_pullback``
+    (the ``jax.vjp`` of the associative scan), summed in another order.
+    """
+    BH, S = vecI.shape
+    L = params.chunk_size_intra
+    NC = S // L
+    kernel = functools.partial(fused_gate_gradients_kernel, L=L, NC=NC)
+    row = pl.BlockSpec((None, S), lambda b: (b, 0))
+    one = pl.BlockSpec((None, 1), lambda b: (b, 0))
+    f32 = jax.ShapeDtypeStruct((BH, S), _F32)
+    dI, dLogF, dM0 = launch(
+        kernel,
+        grid=(BH,),
+        in_specs=[row, row, row, one, row, row, row, row, pl.BlockSpec((None, NC), lambda b: (b, 0)), row],
+        out_specs=[row, row, one],
+        out_shape=[f32, f32, jax.ShapeDtypeStruct((BH, 1), _F32)],
+        num_warps=_row_kernel_warps(L),
+        num_stages=1,
+        interpret=interpret,
+        name="mlstm_chunkwise_fused_gate_gradients",
+    )(*(x.astype(_F32) for x in (vecI, vecLogF, vecM)), scaM0.astype(_F32).reshape(BH, 1),
+      *(x.astype(_F32) for x in (vecDM, vecDqq, vecDkk, vecDkkState, scaDdecay)), vecReset.astype(jnp.int32))
+    return dI, dLogF, dM0[:, 0]

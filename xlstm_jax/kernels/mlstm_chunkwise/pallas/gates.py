@@ -83,11 +83,17 @@ class KernelGates(NamedTuple):
     vecKlog: jax.Array  # (BH, S) base-2 log weight, key side
     vecWinter: jax.Array  # (BH, S)
     vecWstate: jax.Array  # (BH, S)
-    vecDecay: jax.Array  # (BH, NC)
+    vecDecay: jax.Array  # (BH, NC); (BH, S) repeated per chunk from ``gate_kernels`` (``chunk_decays``)
     scaM_borders: jax.Array  # (BH, NC+1)
     vecStart: jax.Array  # (BH, S) int32: the latest reset <= t in t's chunk, else the chunk start
-    vecReset: jax.Array  # (BH, S) bool: resets
+    vecReset: jax.Array  # (BH, S) bool: resets (int32, nonzero at a reset, from ``gate_kernels``)
     vecSeen: jax.Array  # (BH, S) bool: a reset at or before t in t's chunk
+
+
+def chunk_decays(vecDecay: jax.Array, L: int, NC: int) -> jax.Array:
+    """(BH, NC): ``KernelGates.vecDecay`` in either layout ((BH, NC), or (BH, NC * L) with each
+    chunk's decay repeated over its L steps)."""
+    return vecDecay if vecDecay.shape[-1] == NC else vecDecay[:, ::L]
 
 
 def log_forget_gate(vecF: jax.Array) -> jax.Array:
@@ -391,7 +397,7 @@ def gate_gradients(
     vecDkk: jax.Array,  # (BH, S) <dk_t, k_t>
     vecDkkState: jax.Array,  # (BH, S) <dk_t, k_t> through the state leaving t's chunk only
     scaDdecay: jax.Array,  # (BH, NC) <dC_k, vecDecay_k C_{k-1}> + <dn_k, vecDecay_k n_{k-1}>
-    vecReset: jax.Array,  # (BH, S) bool, the reset positions of ``kernel_gates``
+    vecReset: jax.Array,  # (BH, S) bool (or int, nonzero), the reset positions of ``kernel_gates``
     L: int,
 ) -> tuple[jax.Array, jax.Array]:
     """(dI, dLogF) with every m held fixed, from chunk-local sums only.
@@ -416,7 +422,7 @@ def gate_gradients(
     BH, S = vecDqq.shape
     NC = S // L
     chunked = lambda x: x.reshape(BH, NC, L)  # noqa: E731
-    reset = chunked(vecReset)
+    reset = chunked(vecReset.astype(bool))
     suffix = _segmented_suffix_sum(chunked(vecDqq - vecDkk), reset)
     last = _latest_reset(reset)[..., -1:]  # (BH, NC, 1)
     in_last_segment = jnp.arange(L, dtype=jnp.int32) >= last

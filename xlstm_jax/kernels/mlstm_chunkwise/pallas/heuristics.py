@@ -65,6 +65,8 @@ class ChunkwiseKernelParams:
     gates_impl: str = "xla"
     gate_grads_impl: str = "xla"
     states_bf16: bool = False
+    save_gates: bool = False
+    fuse_dkdv: bool = False
 
     def tile(self, name: str, dim: int) -> int:
         """Head-dim tile ``name`` clamped to the (padded) head dim ``dim``."""
@@ -75,19 +77,31 @@ OVERRIDABLE = tuple(f.name for f in dataclasses.fields(ChunkwiseKernelParams))
 
 VARIANT_CHOICES = {
     "m_scan": ("associative", "linear"),
-    "gates_impl": ("xla", "pallas"),
-    "gate_grads_impl": ("xla", "pallas"),
+    "gates_impl": ("xla", "pallas", "fused"),
+    "gate_grads_impl": ("xla", "pallas", "fused"),
     "states_bf16": (False, True),
+    "save_gates": (False, True),
+    "fuse_dkdv": (False, True),
 }
 """The variant options and their values (the first is the default).
 
 * m_scan: the max-state scan over the sequence, ``"associative"`` (one associative scan over S)
   or ``"linear"`` (associative inside each chunk, a sequential ``lax.scan`` over the chunk borders).
 * gates_impl: the forward gate vectors from m (``gates.kernel_gates``) in XLA or in one Pallas
-  kernel per (batch, head) row (``gate_kernels.py``).
+  kernel per (batch, head) row (``gate_kernels.py``); ``"fused"``: the m scan and the gate vectors
+  together in one Pallas launch, one program per row walking its chunks (``gate_kernels.
+  fused_gate_vectors``; ``m_scan`` is then unused in the forward pass; the backward pass, which has
+  m, recomputes the vectors with the ``"pallas"`` kernel).
 * gate_grads_impl: the backward glue in XLA, or in Pallas: the state-decay inner products
   <dC_k, C_{k-1}> fused into the recurrent backward kernel and the per-chunk gate-gradient sums in a
-  Pallas kernel (``gate_kernels.py``).
+  Pallas kernel (``gate_kernels.py``); ``"fused"``: as ``"pallas"``, and with exact gradients of the
+  exponential cell the pull-back of the m cotangents through the m scan joins the gate-gradient
+  kernel (``gate_kernels.fused_gate_gradients``: one launch instead of the XLA ``jax.vjp`` of the scan).
+* save_gates: keep the forward pass's gate vectors (seven (B*NH, S) vectors, 28 bytes per step and
+  head) for the backward pass instead of recomputing them there.
+* fuse_dkdv: dK and dV from one kernel (``bw_parallel_dkdv``): the query tiles q, dh and the gate tile
+  loaded / evaluated once for both; a program holds bLk x (DHQK + DHV) fp32 accumulators (meant for
+  small heads).
 * states_bf16: store the chunk-border states C and dC (not n) in the 16-bit kernel dtype that
   the parallel kernels' products take anyway (the recurrences still accumulate in float32; the last
   state and dC0 stay float32). No effect for float32 kernels.

@@ -110,11 +110,14 @@ SEARCH_SPACE: tuple[tuple[str, tuple], ...] = (
     # H200 sweeps: keeping the states, the parallel kernels' head tile, the recurrent kernels' DHV
     # tile), then the rest; siz_b_L_parallel late (its default, 128, was measured best at 16 bit)
     ("recompute_states_in_bw", (True, False)),
-    # the variant paths of heuristics.VARIANT_CHOICES (2026-12-01, not yet measured); gates_impl is
-    # left out: its m0 gradient misses the float32 hard-gate tolerance (docs/benchmarks.md)
+    # the variant paths of heuristics.VARIANT_CHOICES (2026-12-01/02, not yet measured); the glue
+    # options early: at the small heads the time is launches and glue (docs/benchmarks.md, issue 9)
     ("states_bf16", (False, True)),
+    ("gate_grads_impl", ("xla", "pallas", "fused")),
+    ("gates_impl", ("xla", "pallas", "fused")),
+    ("save_gates", (False, True)),
+    ("fuse_dkdv", (False, True)),
     ("m_scan", ("associative", "linear")),
-    ("gate_grads_impl", ("xla", "pallas")),
     ("siz_b_DH_parallel", (64, 128, 256)),
     ("siz_b_DHV_inter", (64, 128, 256)),
     ("chunk_size_intra", (64, 128, 256)),
