@@ -66,7 +66,8 @@ VARIANTS = [
     ("m_scan-linear", "float32", (("m_scan", "linear"),)),
     ("gates-pallas", "float32", (("gates_impl", "pallas"),)),
     ("gate_grads-pallas", "float32", (("gate_grads_impl", "pallas"),)),
-    ("states_bf16", "bfloat16", (("states_bf16", True),)),
+    # slow: "all-keepstates-bf16" runs states_bf16 with the same inputs and tolerance (among others)
+    pytest.param("states_bf16", "bfloat16", (("states_bf16", True),), marks=pytest.mark.slow),
     ("all-keepstates-bf16", "bfloat16",
      (("m_scan", "linear"), ("gates_impl", "pallas"), ("gate_grads_impl", "pallas"),
       ("states_bf16", True), ("recompute_states_in_bw", False))),
@@ -78,7 +79,7 @@ FUSED = ("fused-savegates-dkdv", "float32",
 
 
 @pytest.mark.parametrize("grad_mode", ["exact", "tfla"])
-@pytest.mark.parametrize("name,dtype,options", VARIANTS, ids=[v[0] for v in VARIANTS])
+@pytest.mark.parametrize("name,dtype,options", VARIANTS, ids=[getattr(v, "values", v)[0] for v in VARIANTS])
 def test_variant_against_float64_reference(name, dtype, options, grad_mode):
     _check_variant(name, dtype, options, grad_mode)
 
