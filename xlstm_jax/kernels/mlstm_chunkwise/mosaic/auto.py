@@ -34,7 +34,7 @@ from ...validation import validate_sequence_call
 from ..pallas import tuning
 from ..pallas.autodiff import kernel_dtype_of, mlstm_chunkwise_pallas
 from .forward import MOSAIC_DTYPES, mlstm_chunkwise_mosaic
-from .fw_parallel import BLOCK
+from .fw_parallel import BLOCK, _mosaic
 
 KERNEL_NAME = "chunkwise_auto"
 MOSAIC_TUNED_OPTIONS = (
@@ -52,11 +52,6 @@ def mosaic_options(params: dict) -> dict:
     """The options of a tuned entry's ``params`` (or a tuner candidate) for ``chunkwise_mosaic``."""
     return {k: v for k, v in params.items() if k in MOSAIC_TUNED_OPTIONS}
 
-
-def _mosaic():
-    from ...pallas import _mosaic as mod
-
-    return mod
 
 
 @dataclasses.dataclass(frozen=True)

@@ -63,17 +63,11 @@ from ..pallas.autodiff import (
     kernel_dtype_of,
     prepare,
 )
-from .fw_parallel import BLOCK, parallel_fw_h_mosaic
+from .fw_parallel import BLOCK, _mosaic, parallel_fw_h_mosaic
 
 KERNEL_NAME = "chunkwise_mosaic"
 _F32 = jnp.float32
 
-
-def _mosaic():
-    """``xlstm_jax.kernels.pallas._mosaic``, imported on first use (never at package import)."""
-    from ...pallas import _mosaic as mod
-
-    return mod
 MOSAIC_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 DEFAULT_BV = 128
 """DHV tile of one program (register budget: two 64 x bV f32 accumulators in one warpgroup)."""
