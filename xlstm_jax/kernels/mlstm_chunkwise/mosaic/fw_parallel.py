@@ -76,7 +76,7 @@ def _kernel(
     rows_ref,  # (BH, S / 64, 4, 64) f32: vecQlog, W * qk_scale, nqInter, lam
     start_ref,  # (BH, S / 64, 64) int32: z_t - chunk start
     klog_ref,  # (BH, S / 64, 64) f32
-    c_ref,  # (BH, NC, DHQK, DHV) kernel dtype: the state entering each chunk
+    c_ref,  # (BH, NC or NC + 1, DHQK, DHV) kernel dtype: row k is the state entering chunk k
     h_ref,  # out (BH, S, DHV) kernel dtype
     nq_ref,  # out (BH, S) f32: the signed normaliser qs_t . n_t (a residual of the backward pass)
     smem,
@@ -211,7 +211,7 @@ def parallel_fw_h_mosaic(
     rows: jax.Array,  # (BH, S / 64, 4, 64) f32
     start: jax.Array,  # (BH, S / 64, 64) int32
     klog: jax.Array,  # (BH, S / 64, 64) f32
-    matC_enter: jax.Array,  # (BH, NC, DHQK, DHV) dtype of q
+    matC_enter: jax.Array,  # (BH, NC or NC + 1, DHQK, DHV) dtype of q: row k enters chunk k
     *,
     L: int,
     bV: int,
@@ -231,9 +231,13 @@ def parallel_fw_h_mosaic(
             f"parallel_fw_h_mosaic needs S % L == 0, L % 64 == 0, DHQK % 64 == 0, DHV % bV == 0, "
             f"bV % 64 == 0; got S={S}, L={L}, DHQK={DHQK}, DHV={DHV}, bV={bV}"
         )
-    if matC_enter.shape != (BH, NC, DHQK, DHV) or matC_enter.dtype != dtype:
+    if (
+        matC_enter.shape not in ((BH, NC, DHQK, DHV), (BH, NC + 1, DHQK, DHV))
+        or matC_enter.dtype != dtype
+    ):
         raise ValueError(
-            f"matC_enter must be {(BH, NC, DHQK, DHV)} {jnp.dtype(dtype).name}; got "
+            f"matC_enter must be {(BH, NC, DHQK, DHV)} or {(BH, NC + 1, DHQK, DHV)} "
+            f"{jnp.dtype(dtype).name}; got "
             f"{matC_enter.shape} {matC_enter.dtype}"
         )
     tr = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))

@@ -98,7 +98,7 @@ class CoreConfig:
     zero_initial_state: bool = False
     """True when the call has no initial state (C0, n0, m0 are the zeros of ``prepare``): the
     recurrent forward kernel then starts from zeros instead of loading them (bit-identical in
-    interpret mode). ``core_config`` leaves it False until a compiled GPU run has checked it."""
+    interpret mode and compiled). ``core_config`` sets it whenever the call has no initial state."""
 
 
 class ForwardOut(NamedTuple):
@@ -465,8 +465,7 @@ def core_config(prep: Prepared, *, h_dtype, recompute_states_in_bw: bool, interp
         stabilize_correctly=opts.stabilize_correctly, grad_mode=opts.grad_mode, h_dtype=jnp.dtype(h_dtype),
         recompute_states_in_bw=bool(recompute_states_in_bw), interpret=resolve_interpret(interpret),
         max_state=opts.max_state,
-        # zero_initial_state=prep.call.state is None would skip loading the zero initial state
-        # (bit-identical in interpret mode); left off until a compiled GPU run has checked it
+        zero_initial_state=prep.call.state is None,
     )
 
 
