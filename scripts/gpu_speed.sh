@@ -31,6 +31,7 @@
 #   OURS_PEER_TIMER 1: also time ours through .peers/peer_shapes.py             [0]
 #   PY              python                                                      [python3]
 #   ONLY_TABLE      1: only (d), from the files already in $OUT                 [0]
+#   PEER_FIRST      1: run (c) before (b)                                      [0]
 set -u
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 OUT=${OUT:-/tmp/xlstm_speed}; mkdir -p "$OUT"
@@ -64,6 +65,7 @@ if [ "$SKIP_TUNE" != 1 ]; then
   done
 fi
 
+bench_ours() {
 # (b) bench with the tuned table -------------------------------------------------------------------
 for g in "${GROUPS_[@]}"; do
   read -r heads peer shapes rows <<<"$g"
@@ -75,6 +77,9 @@ for g in "${GROUPS_[@]}"; do
   status+=("bench $heads: rc=$? ($(( $(date +%s) - t0 )) s, limit $T s)")
 done
 
+}
+
+peer_run() {
 # (c) the peer (and optionally ours) through .peers/peer_shapes.py ----------------------------------
 if [ -f .peers/peer_shapes.py ] && ls .whl/*.whl >/dev/null 2>&1; then
   $PY -m pip install -q --no-index --no-deps --target /tmp/peers .whl/*.whl >"$OUT/peer_install.log" 2>&1 \
@@ -94,6 +99,11 @@ if [ -f .peers/peer_shapes.py ] && ls .whl/*.whl >/dev/null 2>&1; then
 else
   status+=("peer: skipped (carry .peers/peer_shapes.py and .whl/*.whl)")
 fi
+
+}
+
+# PEER_FIRST=1: the peer before ours (a call that may be cut short keeps the peer's figures)
+if [ "${PEER_FIRST:-0}" = 1 ]; then peer_run; bench_ours; else bench_ours; peer_run; fi
 
 fi  # ONLY_TABLE
 
