@@ -110,13 +110,7 @@ SEARCH_SPACE: tuple[tuple[str, tuple], ...] = (
     # H200 sweeps: keeping the states, the parallel kernels' head tile, the recurrent kernels' DHV
     # tile), then the rest; siz_b_L_parallel late (its default, 128, was measured best at 16 bit)
     ("recompute_states_in_bw", (True, False)),
-    # the variant paths of heuristics.VARIANT_CHOICES (2026-12-01/02, not yet measured); the glue
-    # options early: at the small heads the time is launches and glue (docs/benchmarks.md, issue 9)
     ("states_bf16", (False, True)),
-    ("gate_grads_impl", ("xla", "pallas", "fused")),
-    ("gates_impl", ("xla", "pallas", "fused")),
-    ("save_gates", (False, True)),
-    ("fuse_dkdv", (False, True)),
     ("m_scan", ("associative", "linear")),
     ("siz_b_DH_parallel", (64, 128, 256)),
     ("siz_b_DHV_inter", (64, 128, 256)),
@@ -130,6 +124,15 @@ SEARCH_SPACE: tuple[tuple[str, tuple], ...] = (
     ("num_warps_inter", (4, 8)),
     ("num_stages_inter", (1, 2, 3)),
     ("chunk_size_inter", (32, 64, 128)),
+    # last: the glue-path variants of heuristics.VARIANT_CHOICES, each measured slower than the
+    # default at the small, standard and 7B rows (2026-12-02 H200, docs/benchmarks.md: e.g. small
+    # 16 x 2048 fwbw 1.52 ms default, 1.71 gate_grads_impl=fused, 1.60 fuse_dkdv; standard 8 x 8192
+    # fwbw 6.87 default, 7.45 gate_grads_impl=pallas, 7.97 fused; gates_impl=fused fw 2.21 -> 3.32):
+    # a search with budget left still tries them (another GPU may differ)
+    ("gate_grads_impl", ("xla", "pallas", "fused")),
+    ("gates_impl", ("xla", "pallas", "fused")),
+    ("save_gates", (False, True)),
+    ("fuse_dkdv", (False, True)),
 )
 """The tuner's options and candidates (one line per option; see the module doc)."""
 
