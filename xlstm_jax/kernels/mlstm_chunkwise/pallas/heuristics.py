@@ -105,6 +105,13 @@ VARIANT_CHOICES = {
 * states_bf16: store the chunk-border states C and dC (not n) in the 16-bit kernel dtype that
   the parallel kernels' products take anyway (the recurrences still accumulate in float32; the last
   state and dC0 stay float32). No effect for float32 kernels.
+
+Measured (2026-12-02, one H200, bf16, exact; docs/benchmarks.md): every ``gates_impl``,
+``gate_grads_impl`` and ``fuse_dkdv`` value other than the default is slower at the small, standard
+and 7B rows (the row kernels walk their chunks serially: 0.29 / 1.12 ms for the fused gate
+vectors at the small / standard row; the decay products add 0.04 / 0.42 ms to the recurrent
+backward kernel against the 0.04 / 0.24 ms XLA reduction they replace), and ``save_gates`` gains
+nothing measurable. They stay selectable and last in the tuner's search; the defaults are XLA.
 """
 
 
