@@ -129,13 +129,15 @@ def load(path):
 
 
 ours = {}  # (heads, B, S, grad_mode, mode) -> ms (chunkwise_pallas, no explicit options)
-mosaic = {}  # the same for chunkwise_mosaic
+mosaic = {}  # label ("chunkwise_mosaic[:options]") -> the same for chunkwise_mosaic, with any options
 params = {}  # (heads, B, S, grad_mode) -> (source, kernel params)
 for path in glob.glob(os.path.join(out, "bench_*.json")):
     for r in (load(path) or {}).get("results", []):
         key = (r["heads"], r["B"], r["S"], r["grad_mode"], r["mode"])
-        if r["kernel"] == "chunkwise_mosaic" and not r.get("options"):
-            mosaic[key] = r.get("ms", r.get("error", "error"))
+        if r["kernel"] == "chunkwise_mosaic":
+            label = "chunkwise_mosaic" + "".join(
+                (":" if i == 0 else ",") + f"{k}={v}" for i, (k, v) in enumerate((r.get("options") or {}).items()))
+            mosaic.setdefault(label, {})[key] = r.get("ms", r.get("error", "error"))
             continue
         if r["kernel"] != "chunkwise_pallas" or r.get("options"):
             continue
@@ -207,12 +209,12 @@ for heads, B, S in ROWS:
                      peer_fwbw_ms=pfwbw, fw_ratio=r_fw, fwbw_ratio=r_bw, goal_met=goal,
                      tuned_entry=e, bench_params=params.get((heads, B, S, "exact")),
                      ours_peer_timer={m: ours_pt.get((heads, B, S, m)) for m in ("exact", "tfla")}))
-if mosaic:
-    print("\nchunkwise_mosaic (Mosaic GPU forward kernel; same bench call), ms and ratio to the peer:")
+for label, res in sorted(mosaic.items()):
+    print(f"\n{label} (Mosaic GPU kernels; same bench call), ms and ratio to the peer:")
     print(f"{'heads':<9}{'B x S':>9}{'fw':>8}{'fwbw':>8}{'fwbw tfla':>10}{'fw/peer':>8}{'fwbw/peer':>10}"
           f"{'fw/pallas':>10}{'fwbw/pallas':>12}")
     for heads, B, S in ROWS:
-        m = {k: mosaic.get((heads, B, S) + k) for k in (("exact", "fw"), ("exact", "fwbw"), ("tfla", "fwbw"))}
+        m = {k: res.get((heads, B, S) + k) for k in (("exact", "fw"), ("exact", "fwbw"), ("tfla", "fwbw"))}
         if not any(m.values()):
             continue
         num = {k: v if isinstance(v, (int, float)) else None for k, v in m.items()}
@@ -225,7 +227,7 @@ if mosaic:
               + "".join(f"  {k[1]} {k[0]}: {v[:60]}" for k, v in m.items() if isinstance(v, str)))
         for r in rows:
             if (r["heads"], r["B"], r["S"]) == (heads, B, S):
-                r["mosaic"] = {f"{k[1]}_{k[0]}": v for k, v in m.items()}
+                r.setdefault("mosaic", {})[label] = {f"{k[1]}_{k[0]}": v for k, v in m.items()}
 if ours_pt:
     print("\nours through peer_shapes.py (same timer as the peer), fw / fwbw ms:")
     for heads, B, S in ROWS:

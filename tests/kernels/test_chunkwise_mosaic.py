@@ -144,7 +144,8 @@ def test_registry_entry():
 
     assert not spec.tool_default and not get_mlstm_kernel_spec("chunkwise_auto").tool_default
     assert "chunkwise_mosaic" not in default_tool_kernels() and "chunkwise_auto" not in default_tool_kernels()
-    assert spec.options == pallas.options  # same options as the Triton family
+    # the Triton family's options, plus the choice of backward kernels
+    assert spec.options == {**pallas.options, "bw_kernels": None}
     with pytest.raises(ValueError, match="no option"):
         get_mlstm_kernel("chunkwise_mosaic", chunk_sise=64)
 
@@ -184,6 +185,10 @@ def test_option_errors():
         kern(*_inputs(1, 1, 64, 64, 64, "float32"))
     with pytest.raises(ValueError, match="grad_mode"):
         kern(*x, grad_mode="approximate")
+    with pytest.raises(ValueError, match="bw_kernels must be one of"):
+        kern(*x, bw_kernels="cuda")
+    with pytest.raises(ValueError, match="exclude each other"):
+        kern(*x, bw_kernels="mosaic", fuse_dkdv=True, interpret=True)
 
 
 def test_empty_batch():
@@ -216,21 +221,96 @@ def test_compiled_path_lowers_for_cuda(case, monkeypatch):
     assert "mosaic_gpu" in text
 
 
-def test_compiled_gradient_path_lowers_for_cuda(monkeypatch):
+GRAD_LOWERING_CASES = [  # (DHQK, DHV, bw_kernels): standard heads; 7B heads with the Mosaic dV kernel
+    (128, 256, "triton"),
+    (256, 512, "mosaic"),
+]
+
+
+@pytest.mark.parametrize("case", GRAD_LOWERING_CASES, ids=["-".join(map(str, c)) for c in GRAD_LOWERING_CASES])
+def test_compiled_gradient_path_lowers_for_cuda(case, monkeypatch):
     """The gradient traces with the compiled Mosaic kernel (its nq output feeding the backward
-    pass; on CPU the Triton backward kernels lower interpreted) and lowers for CUDA."""
+    pass; on CPU the Triton backward kernels lower interpreted) and lowers for CUDA; with
+    ``bw_kernels="mosaic"`` the Mosaic dV kernel is a second Mosaic GPU custom call."""
     from xlstm_jax.kernels.pallas import _mosaic
 
+    DHQK, DHV, bw_kernels = case
     monkeypatch.setattr(_mosaic, "check_backend", lambda *a: None)
-    B, NH, S, DHQK, DHV = 1, 2, 256, 128, 256
+    B, NH, S = 1, 2, 256
     sds = lambda *shape, dt=jnp.dtype("bfloat16"): jax.ShapeDtypeStruct(shape, dt)  # noqa: E731
     args = (sds(B, NH, S, DHQK), sds(B, NH, S, DHQK), sds(B, NH, S, DHV),
             sds(B, NH, S, dt=jnp.float32), sds(B, NH, S, dt=jnp.float32))
-    fn = get_mlstm_kernel("chunkwise_mosaic", chunk_size=128, interpret=False)
+    fn = get_mlstm_kernel("chunkwise_mosaic", chunk_size=128, interpret=False, bw_kernels=bw_kernels)
     loss = lambda *a: jnp.sum(fn(*a).astype(jnp.float32))  # noqa: E731
     grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))
     text = grad.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    assert "mosaic_gpu" in text
+    assert text.count("custom_call @mosaic_gpu") == (2 if bw_kernels == "mosaic" else 1)
+
+
+def _dv_reference(q, k, dh, qlog, klog, wstate, deninv, start, dC, L, qk_scale):
+    """dV of the formula in ``mosaic/bw_parallel_dv.py``, float64 numpy (the 16-bit operands as
+    the kernels round them: q, k, dh and dC in bf16)."""
+    f = lambda x: np.asarray(jnp.asarray(x).astype(jnp.float32), np.float64)  # noqa: E731
+    q, k, dh, dC = f(q), f(k), f(dh), f(dC)
+    qlog, klog, wstate, deninv, start = f(qlog), f(klog), f(wstate), f(deninv), np.asarray(start)
+    BH, S, _ = q.shape
+    t = np.arange(S)
+    out = np.zeros(dh.shape, np.float64)
+    for b in range(BH):
+        for s in range(S):
+            c = s // L
+            sel = (t >= s) & (t < (c + 1) * L) & (start[b] <= s)
+            w = (q[b, sel] @ k[b, s]) * qk_scale * deninv[b, sel] * np.exp2(qlog[b, sel] + klog[b, s])
+            out[b, s] = w @ dh[b, sel] + wstate[b, s] * (k[b, s] @ dC[b, c + 1])
+    return out
+
+
+def test_interpret_dv_kernel_against_float64_and_triton():
+    """The Mosaic dV kernel (interpret mode) against the float64 formula and against the Triton
+    dV kernel (interpreted) on the same inputs: two chunks of 128 (two 64-row key blocks each: the
+    loop over query blocks from the diagonal, the double-buffered q / dh slots), two DHV tiles,
+    resets inside chunks (the start mask), bf16 operands."""
+    from xlstm_jax.kernels.mlstm_chunkwise.mosaic.bw_parallel_dv import parallel_bw_dv_mosaic
+    from xlstm_jax.kernels.mlstm_chunkwise.pallas.bw_parallel_dv import parallel_bw_dv
+    from xlstm_jax.kernels.mlstm_chunkwise.pallas.heuristics import chunkwise_kernel_params
+
+    BH, S, DQ, DV, L, bV, qk_scale = 2, 256, 64, 128, 128, 64, 0.125
+    ks = jax.random.split(jax.random.PRNGKey(7), 9)
+    bf = jnp.bfloat16
+    q = jax.random.normal(ks[0], (BH, S, DQ)).astype(bf)
+    k = jax.random.normal(ks[1], (BH, S, DQ)).astype(bf)
+    dh = jax.random.normal(ks[2], (BH, S, DV)).astype(bf)
+    qlog = jax.random.uniform(ks[3], (BH, S), minval=-3.0, maxval=1.0)
+    klog = jax.random.uniform(ks[4], (BH, S), minval=-3.0, maxval=1.0)
+    wstate = jax.random.uniform(ks[5], (BH, S), minval=0.0, maxval=2.0)
+    deninv = jax.random.uniform(ks[6], (BH, S), minval=0.2, maxval=1.0)
+    dC = jax.random.normal(ks[7], (BH, S // L + 1, DQ, DV)).astype(bf)
+    # latest reset <= t inside t's chunk (else the chunk start): resets at random steps
+    reset = np.array(jax.random.uniform(ks[8], (BH, S)) < 0.02)
+    reset[0, 70] = reset[1, 128 + 64] = True  # one inside a key block, one on a block edge
+    start = np.zeros((BH, S), np.int32)
+    for b in range(BH):
+        z = 0
+        for t_ in range(S):
+            if t_ % L == 0:
+                z = t_
+            if reset[b, t_]:
+                z = t_
+            start[b, t_] = z
+    args = (q, k, dh, qlog, klog, wstate, deninv, jnp.asarray(start), dC)
+    got = parallel_bw_dv_mosaic(*args, L=L, bV=bV, qk_scale=qk_scale, interpret=True)
+    assert got.shape == (BH, S, DV) and got.dtype == jnp.dtype(bf)
+    ref = _dv_reference(*args, L, qk_scale)
+    got64 = np.asarray(got.astype(jnp.float32), np.float64)
+    assert relative_error(got64, ref) < 4e-3  # bf16 output and bf16 P (the kernels' rounding)
+    params = chunkwise_kernel_params(S=S, DHQK=DQ, DHV=DV, dtype=bf, chunk_size=L, siz_b_L_parallel=64,
+                                     siz_b_L_loop=64, siz_b_DH_parallel=bV)
+    tri = parallel_bw_dv(*args, params=params, qk_scale=qk_scale, output_dtype=bf, interpret=True)
+    tri64 = np.asarray(tri.astype(jnp.float32), np.float64)
+    # both 1.7e-3 from float64 (the bf16 output's rounding; bf16 eps 3.9e-3) and equal to each other
+    # in interpret mode (2026-12-02): the same products in the same precision
+    assert relative_error(tri64, ref) < 4e-3
+    assert relative_error(got64, tri64) < 1e-3
 
 
 INTERPRET_CASES = [
@@ -239,6 +319,9 @@ INTERPRET_CASES = [
     ("exp-exact-S100-resets", 1, 2, 100, "exp", "exact", False, {}),
     ("sigmoid-tfla-segments-kept-bf16-states", 1, 1, 128, "sigmoid", "tfla", True,
      dict(recompute_states_in_bw=False, states_bf16=True)),
+    # the Mosaic dV kernel in the backward pass (resets of the hard gates; the kernel's own test
+    # above covers two key blocks per chunk and two DHV tiles)
+    ("exp-exact-S100-resets-mosaic-dv", 1, 2, 100, "exp", "exact", False, dict(bw_kernels="mosaic")),
     # slow: the other two crossings of gate and grad mode (each property is covered above)
     pytest.param(("sigmoid-exact-segments", 1, 1, 128, "sigmoid", "exact", True, {}), marks=pytest.mark.slow),
     pytest.param(("exp-tfla-segments", 1, 1, 128, "exp", "tfla", True, {}), marks=pytest.mark.slow),
@@ -316,6 +399,10 @@ GPU_GRAD_CASES = [
     # 263 KB of shared memory (more than the H200's 227 KB; a compile error, 2026-12-02)
     (1, 4, 320, 128, 256, "float16", 128, "sigmoid", "exact", False, False,
      dict(gate_grads_impl="pallas", m_scan="linear")),
+    # the Mosaic dV kernel: 7B heads (bV 128 of DHV 512, two key blocks per chunk), and small heads
+    # with packed documents, hard gates and chunk 64 (one key block per chunk)
+    (1, 2, 512, 256, 512, "bfloat16", 128, "exp", "exact", False, False, dict(bw_kernels="mosaic")),
+    (2, 2, 1024, 64, 128, "bfloat16", 64, "exp", "tfla", True, True, dict(bw_kernels="mosaic")),
 ]
 
 

@@ -1,9 +1,10 @@
 """Mosaic GPU (Hopper-native Pallas) chunkwise mLSTM kernels, issue 14.
 
 The forward intra-chunk kernel is on Mosaic GPU; state recurrence and backward are the Triton
-family's kernels (Mosaic backward kernels not written yet). Modules: ``fw_parallel`` (the
-intra-chunk kernel: h and the normaliser from the chunk-border state and the attention-like part,
-wgmma + TMA; its docstring has the design), ``forward`` (preparation, the Triton family's gates and
+family's kernels, except dV with ``bw_kernels="mosaic"`` (dQ, dK on Mosaic GPU not written yet).
+Modules: ``fw_parallel`` (the intra-chunk kernel: h and the normaliser from the chunk-border state
+and the attention-like part, wgmma + TMA; its docstring has the design), ``bw_parallel_dv`` (dV of
+a key block, the forward kernel transposed), ``forward`` (preparation, the Triton family's gates and
 recurrent state kernel, the launch, the ``jax.custom_vjp`` over the Triton family's backward).
 Registered as ``chunkwise_mosaic`` with the options of ``chunkwise_pallas`` (``needs_gpu``: an
 NVIDIA Hopper GPU); differentiable. ``auto`` registers ``chunkwise_auto``: the family (Mosaic or
@@ -21,8 +22,9 @@ from ..pallas import KERNEL_OPTIONS as _PALLAS_OPTIONS
 from .auto import FamilyChoice, choose_family, mlstm_chunkwise_auto
 from .forward import mlstm_chunkwise_mosaic
 
-KERNEL_OPTIONS = dict(_PALLAS_OPTIONS)
-"""The options of ``chunkwise_pallas`` (same names and defaults; see ``mlstm_chunkwise_mosaic``)."""
+KERNEL_OPTIONS = {**_PALLAS_OPTIONS, "bw_kernels": None}
+"""The options of ``chunkwise_pallas`` (same names and defaults) and ``bw_kernels`` (the Mosaic
+backward kernels; see ``mlstm_chunkwise_mosaic``)."""
 
 
 def _chunkwise_mosaic_kernel(q, k, v, i, f, c_initial=None, n_initial=None, m_initial=None, **kw):
@@ -35,7 +37,7 @@ register_mlstm_kernel(
     options=KERNEL_OPTIONS,
     description=(
         "chunkwise (TFLA): forward intra-chunk kernel on Mosaic GPU (wgmma, TMA); state recurrence "
-        "and backward are the Triton family's kernels (Mosaic backward kernels not written yet); "
+        "and backward are the Triton family's kernels (dV on Mosaic GPU with bw_kernels='mosaic'); "
         "needs an NVIDIA Hopper GPU (interpret=True: CPU simulation)"
     ),
     needs_gpu=True,

@@ -1,5 +1,6 @@
 """The Mosaic GPU chunkwise family: the forward intra-chunk kernel on Mosaic GPU; state recurrence
-and backward are the Triton family's kernels (Mosaic backward kernels not written yet).
+and backward are the Triton family's kernels, except dV with ``bw_kernels="mosaic"`` (the Mosaic
+kernel ``bw_parallel_dv``; dQ and dK on Mosaic GPU are not written yet).
 
 ``mlstm_chunkwise_mosaic`` has the signature and options of ``mlstm_chunkwise_pallas``
 (``xlstm_jax.kernels.mlstm_chunkwise.pallas``) and computes the same function with the same
@@ -23,7 +24,8 @@ gradients. Forward pass:
 
 Backward pass (``jax.custom_vjp``): the residuals and the backward of the Triton family
 (``autodiff.forward_residuals`` / ``backward_from_residuals``: the recurrent backward kernel, the
-dQ, dK, dV kernels, the gate-gradient sums and, in exact mode, the m pull-back), so
+dQ, dK, dV kernels, the gate-gradient sums and, in exact mode, the m pull-back; with
+``bw_kernels="mosaic"`` the dV kernel is ``bw_parallel_dv.parallel_bw_dv_mosaic``), so
 ``grad_mode``, ``recompute_states_in_bw``, ``states_bf16`` and ``gate_grads_impl`` act as in
 ``chunkwise_pallas``. The residual nq_t is written by the Mosaic kernel (its programs of DHV tile
 0 store the 64 values they hold anyway: BH * S * 4 bytes, under 1% of h's traffic) rather than
@@ -63,6 +65,7 @@ from ..pallas.autodiff import (
     kernel_dtype_of,
     prepare,
 )
+from .bw_parallel_dv import parallel_bw_dv_mosaic
 from .fw_parallel import BLOCK, _mosaic, parallel_fw_h_mosaic
 
 KERNEL_NAME = "chunkwise_mosaic"
@@ -71,6 +74,11 @@ _F32 = jnp.float32
 MOSAIC_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 DEFAULT_BV = 128
 """DHV tile of one program (register budget: two 64 x bV f32 accumulators in one warpgroup)."""
+
+BW_KERNELS = ("triton", "mosaic")
+"""The values of ``bw_kernels`` (the first is the default): the backward pass's kernels all Triton,
+or with the Mosaic GPU kernels written so far (dV: ``bw_parallel_dv``; dQ, dK and the recurrent
+backward stay Triton). ``"mosaic"`` is not the default until a GPU measurement says it is faster."""
 _OPEN_FORGET_GATE = 1e30  # log_sigmoid(1e30) == 0 exactly: the state carries through
 
 
@@ -112,6 +120,9 @@ class MosaicConfig:
     core: CoreConfig
     bV: int
     interpret_mosaic: bool
+    bw_kernels: str = "triton"
+    """``"mosaic"``: dV from the Mosaic kernel ``bw_parallel_dv`` (the other backward kernels stay
+    Triton); ``"triton"``: every backward kernel the Triton family's."""
 
 
 def forward_padded(q, k, v, i, logf, C0, n0, m0, cfg: MosaicConfig) -> ForwardOut:
@@ -149,7 +160,7 @@ def forward_padded(q, k, v, i, logf, C0, n0, m0, cfg: MosaicConfig) -> ForwardOu
         q, k, v, rows.astype(_F32), start, klog.astype(_F32), matC_enter,
         L=L, bV=cfg.bV, qk_scale=c.qk_scale, eps=c.eps, interpret=cfg.interpret_mosaic,
     )
-    return ForwardOut(matH, vecNq, vecM, matC_states, vecN_states, g.scaM_borders, matC_last)
+    return ForwardOut(matH, vecNq, vecM, matC_states, vecN_states, g.scaM_borders, matC_last, g)
 
 
 def _primal_outputs(out: ForwardOut):
@@ -167,8 +178,16 @@ def _forward_fwd(q, k, v, i, logf, C0, n0, m0, cfg: MosaicConfig):
 
 
 def _forward_bwd(cfg: MosaicConfig, res, cts):
-    """The Triton family's backward pass (kernels and gate pull-backs) on the Mosaic residuals."""
-    return backward_from_residuals(cfg.core, res, cts)
+    """The Triton family's backward pass (kernels and gate pull-backs) on the Mosaic residuals,
+    with ``bw_kernels="mosaic"`` the Mosaic dV kernel in place of the Triton one."""
+    dv_fn = None
+    if cfg.bw_kernels == "mosaic":
+        c = cfg.core
+        dv_fn = functools.partial(
+            parallel_bw_dv_mosaic, L=c.params.chunk_size_intra, bV=cfg.bV, qk_scale=c.qk_scale,
+            interpret=cfg.interpret_mosaic,
+        )
+    return backward_from_residuals(cfg.core, res, cts, dv_fn=dv_fn)
 
 
 _forward.defvjp(_forward_fwd, _forward_bwd)
@@ -215,6 +234,9 @@ def mlstm_chunkwise_mosaic(
     gates_impl: str | None = None,
     gate_grads_impl: str | None = None,
     states_bf16: bool | None = None,
+    save_gates: bool | None = None,
+    fuse_dkdv: bool | None = None,
+    bw_kernels: str | None = None,
 ):
     """Chunkwise mLSTM with the Mosaic GPU intra-chunk forward kernel, differentiable.
 
@@ -234,7 +256,10 @@ def mlstm_chunkwise_mosaic(
     tables (``tuned``) or the heuristics. The recurrent (``*_inter``) options and the variant
     options (``m_scan``, ``gates_impl``, ``gate_grads_impl``, ``states_bf16``) and
     ``recompute_states_in_bw`` act as in ``chunkwise_pallas`` (the recurrence and the backward
-    are its kernels). The kernel dtype must be bfloat16 or float16 (``NotImplementedError`` for
+    are its kernels). ``bw_kernels`` (this family only): ``"triton"`` (default) or ``"mosaic"``:
+    dV from the Mosaic GPU kernel ``bw_parallel_dv`` (its docstring has the design), dQ, dK and the
+    recurrent backward still Triton; ``ValueError`` with ``fuse_dkdv``. ``save_gates`` and
+    ``fuse_dkdv`` act as in ``chunkwise_pallas``. The kernel dtype must be bfloat16 or float16 (``NotImplementedError`` for
     float32: no tf32 kernel yet). ``interpret``: None or False compile (an NVIDIA Hopper GPU,
     else ``RuntimeError``); True runs Mosaic GPU's interpret mode and the Triton kernels
     interpreted (CPU).
@@ -276,6 +301,9 @@ def mlstm_chunkwise_mosaic(
             f"{KERNEL_NAME}: siz_b_DH_parallel (the DHV tile) must be a positive multiple of 64; "
             f"got {siz_b_DH_parallel!r}"
         )
+    if bw_kernels not in (None,) + BW_KERNELS:
+        raise ValueError(f"{KERNEL_NAME}: bw_kernels must be one of {list(BW_KERNELS)} or None; got {bw_kernels!r}")
+    bw_kernels = bw_kernels or BW_KERNELS[0]
     interpret_mosaic = bool(interpret)
     _mosaic().check_backend(KERNEL_NAME, interpret_mosaic)
 
@@ -296,7 +324,8 @@ def mlstm_chunkwise_mosaic(
             chunk_size_inter=chunk_size_inter, siz_b_DHQK_inter=siz_b_DHQK_inter,
             siz_b_DHV_inter=siz_b_DHV_inter, num_warps_inter=num_warps_inter,
             num_stages_inter=num_stages_inter, m_scan=m_scan, gates_impl=gates_impl,
-            gate_grads_impl=gate_grads_impl, states_bf16=states_bf16,
+            gate_grads_impl=gate_grads_impl, states_bf16=states_bf16, save_gates=save_gates,
+            fuse_dkdv=fuse_dkdv,
         ),
         call_options=dict(recompute_states_in_bw=recompute_states_in_bw),
         tuned=tuning.tuning_enabled(tuned),
@@ -323,8 +352,13 @@ def mlstm_chunkwise_mosaic(
             prep, h_dtype=kd, recompute_states_in_bw=prep.call_options["recompute_states_in_bw"],
             interpret=True if interpret_mosaic else None,
         ),
-        bV=bV, interpret_mosaic=interpret_mosaic,
+        bV=bV, interpret_mosaic=interpret_mosaic, bw_kernels=bw_kernels,
     )
+    if bw_kernels == "mosaic" and prep.params.fuse_dkdv:
+        raise ValueError(
+            f"{KERNEL_NAME}: bw_kernels='mosaic' (the Mosaic dV kernel) and fuse_dkdv (dK and dV from "
+            f"one Triton kernel) exclude each other; got fuse_dkdv=True (explicit or from the tuned table)"
+        )
     matH, matC_last, vecN_last, scaM_last = _forward(q, k, v, i, logf, C0, n0, m0, cfg)
     h = matH[:, :S, :DHV].reshape(B, NH, S, DHV).astype(out_dtype)
     if not return_last_states:

@@ -206,11 +206,15 @@ def chunkwise_backward(
     cfg: CoreConfig,
     matC_last_kept: jax.Array | None = None,  # (BH, DHQK, DHV) fp32 last state (16-bit kept states)
     gates_kept: gates.KernelGates | None = None,  # the forward's gate vectors (``save_gates``)
+    dv_fn=None,
 ):
     """The backward pass: (dQ, dK, dV, dI, dLogF, dC0, dN0, dM0) on padded, flattened arrays.
 
     With kept states, ``matC_last_kept`` is the fp32 last state (default: ``matC_states[:, -1]``);
-    ``gates_kept`` replaces the recomputation of the gate vectors.
+    ``gates_kept`` replaces the recomputation of the gate vectors. ``dv_fn``: another dV kernel
+    (the Mosaic family's), called as ``dv_fn(matQ, matK, matDH, vecQlog, vecKlog, vecWstate,
+    vecDenInv, vecStart, matDC_states)`` in place of the Triton ``parallel_bw_dv`` (not with
+    ``fuse_dkdv``).
     """
     p = cfg.params
     exact = cfg.grad_mode == "exact"
@@ -245,6 +249,8 @@ def chunkwise_backward(
         matQ, matK, matV, matDH, g.vecQlog, g.vecKlog, g.vecWinter, vecDenInv, vecDnq, g.vecStart,
         matC_states, vecN_states, output_dtype=dtype, **kw,
     )
+    if p.fuse_dkdv and dv_fn is not None:
+        raise ValueError("fuse_dkdv computes dV in the fused Triton kernel: it takes no other dV kernel")
     if p.fuse_dkdv:  # one kernel for dK and dV
         matDK, vecDkk, vecDkkState, matDV = parallel_bw_dkdv(
             matQ, matK, matV, matDH, g.vecQlog, g.vecKlog, g.vecWstate, vecDenInv, vecDnq, g.vecStart,
@@ -255,10 +261,11 @@ def chunkwise_backward(
             matQ, matK, matV, matDH, g.vecQlog, g.vecKlog, g.vecWstate, vecDenInv, vecDnq, g.vecStart,
             matDC_states, vecDN_states, output_dtype=dtype, **kw,
         )
-        matDV = parallel_bw_dv(
-            matQ, matK, matDH, g.vecQlog, g.vecKlog, g.vecWstate, vecDenInv, g.vecStart, matDC_states,
-            output_dtype=dtype, **kw,
-        )
+        dv_args = (matQ, matK, matDH, g.vecQlog, g.vecKlog, g.vecWstate, vecDenInv, g.vecStart, matDC_states)
+        if dv_fn is None:
+            matDV = parallel_bw_dv(*dv_args, output_dtype=dtype, **kw)
+        else:
+            matDV = dv_fn(*dv_args)
     vecN_last = vecN_states[:, -1]
     scaDlast = jnp.sum(matDC_last * matC_last, axis=(1, 2)) + jnp.sum(vecDN_last * vecN_last, axis=1)
     if fused_pullback:
@@ -321,12 +328,13 @@ def forward_residuals(primals: tuple, out: ForwardOut, cfg: CoreConfig) -> tuple
     )
 
 
-def backward_from_residuals(cfg: CoreConfig, res: tuple, cts: tuple) -> tuple:
+def backward_from_residuals(cfg: CoreConfig, res: tuple, cts: tuple, dv_fn=None) -> tuple:
     """The custom-VJP backward: cotangents of (h, C_last, n_last, m_last) and the residuals of
-    ``forward_residuals`` -> the cotangents of the eight primals, in their dtypes."""
+    ``forward_residuals`` -> the cotangents of the eight primals, in their dtypes (``dv_fn`` as in
+    ``chunkwise_backward``)."""
     matDH, matDC_last, vecDN_last, scaDM_last = cts
     grads = chunkwise_backward(*res[:-2], matDH, matDC_last, vecDN_last, scaDM_last, cfg,
-                               matC_last_kept=res[-2], gates_kept=res[-1])
+                               matC_last_kept=res[-2], gates_kept=res[-1], dv_fn=dv_fn)
     primals = res[:8]
     return tuple(gr.astype(x.dtype) for gr, x in zip(grads, primals))
 
