@@ -221,9 +221,12 @@ def test_compiled_path_lowers_for_cuda(case, monkeypatch):
     assert "mosaic_gpu" in text
 
 
-GRAD_LOWERING_CASES = [  # (DHQK, DHV, bw_kernels): standard heads; 7B heads with the Mosaic dV kernel
-    (128, 256, "triton"),
-    (256, 512, "mosaic"),
+GRAD_LOWERING_CASES = [  # (DHQK, DHV, bw_kernels, Mosaic GPU calls): the forward kernel, with
+    # bw_kernels="mosaic" also dV and, where they fit (not at DHV 512), dK and dQ
+    (128, 256, "triton", 1),
+    (128, 256, "mosaic", 4),
+    (256, 512, "mosaic", 2),
+    (64, 128, "mosaic", 4),
 ]
 
 
@@ -231,10 +234,10 @@ GRAD_LOWERING_CASES = [  # (DHQK, DHV, bw_kernels): standard heads; 7B heads wit
 def test_compiled_gradient_path_lowers_for_cuda(case, monkeypatch):
     """The gradient traces with the compiled Mosaic kernel (its nq output feeding the backward
     pass; on CPU the Triton backward kernels lower interpreted) and lowers for CUDA; with
-    ``bw_kernels="mosaic"`` the Mosaic dV kernel is a second Mosaic GPU custom call."""
+    ``bw_kernels="mosaic"`` the Mosaic dV, dK and dQ kernels are further Mosaic GPU custom calls."""
     from xlstm_jax.kernels.pallas import _mosaic
 
-    DHQK, DHV, bw_kernels = case
+    DHQK, DHV, bw_kernels, calls = case
     monkeypatch.setattr(_mosaic, "check_backend", lambda *a: None)
     B, NH, S = 1, 2, 256
     sds = lambda *shape, dt=jnp.dtype("bfloat16"): jax.ShapeDtypeStruct(shape, dt)  # noqa: E731
@@ -244,7 +247,7 @@ def test_compiled_gradient_path_lowers_for_cuda(case, monkeypatch):
     loss = lambda *a: jnp.sum(fn(*a).astype(jnp.float32))  # noqa: E731
     grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))
     text = grad.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    assert text.count("custom_call @mosaic_gpu") == (2 if bw_kernels == "mosaic" else 1)
+    assert text.count("custom_call @mosaic_gpu") == calls
 
 
 def _dv_reference(q, k, dh, qlog, klog, wstate, deninv, start, dC, L, qk_scale):
@@ -263,6 +266,133 @@ def _dv_reference(q, k, dh, qlog, klog, wstate, deninv, start, dC, L, qk_scale):
             w = (q[b, sel] @ k[b, s]) * qk_scale * deninv[b, sel] * np.exp2(qlog[b, sel] + klog[b, s])
             out[b, s] = w @ dh[b, sel] + wstate[b, s] * (k[b, s] @ dC[b, c + 1])
     return out
+
+
+def _bw_kernel_inputs(BH, S, DQ, DV, L, seed=7):
+    """Random inputs of the parallel backward kernels (bf16 tiles, fp32 vectors) with resets
+    inside chunks: one inside a key block, one on a block edge, others at random steps."""
+    ks = jax.random.split(jax.random.PRNGKey(seed), 13)
+    bf = jnp.bfloat16
+    u = lambda i, lo, hi: jax.random.uniform(ks[i], (BH, S), minval=lo, maxval=hi)  # noqa: E731
+    x = dict(
+        q=jax.random.normal(ks[0], (BH, S, DQ)).astype(bf), k=jax.random.normal(ks[1], (BH, S, DQ)).astype(bf),
+        v=jax.random.normal(ks[9], (BH, S, DV)).astype(bf), dh=jax.random.normal(ks[2], (BH, S, DV)).astype(bf),
+        qlog=u(3, -3.0, 1.0), klog=u(4, -3.0, 1.0), wstate=u(5, 0.0, 2.0), deninv=u(6, 0.2, 1.0),
+        dnq=u(10, -1.0, 1.0),
+        dC=jax.random.normal(ks[7], (BH, S // L + 1, DQ, DV)).astype(bf),
+        dN=jax.random.normal(ks[11], (BH, S // L + 1, DQ)),
+    )
+    reset = np.array(jax.random.uniform(ks[8], (BH, S)) < 0.02)
+    reset[0, 70] = reset[-1, L + 64] = True
+    start = np.zeros((BH, S), np.int32)
+    for b in range(BH):
+        z = 0
+        for t_ in range(S):
+            if t_ % L == 0 or reset[b, t_]:
+                z = t_
+            start[b, t_] = z
+    x["start"] = jnp.asarray(start)
+    return x
+
+
+def _f64(x):
+    return np.asarray(jnp.asarray(x).astype(jnp.float32), np.float64)
+
+
+def _dk_reference(x, L, qk_scale):
+    """(dK, <dk, k>, <dk_state, k>) of the formula in ``mosaic/bw_parallel_dk.py``, float64."""
+    q, k, v, dh, dC, dN = (_f64(x[n]) for n in ("q", "k", "v", "dh", "dC", "dN"))
+    qlog, klog, ws, di, dnq = (_f64(x[n]) for n in ("qlog", "klog", "wstate", "deninv", "dnq"))
+    start = np.asarray(x["start"])
+    BH, S, _ = q.shape
+    t = np.arange(S)
+    dk, dkk, dkks = np.zeros(k.shape), np.zeros((BH, S)), np.zeros((BH, S))
+    for b in range(BH):
+        for s in range(S):
+            c = s // L
+            sel = (t >= s) & (t < (c + 1) * L) & (start[b] <= s)
+            dp = (dh[b, sel] @ v[b, s]) * di[b, sel] + dnq[b, sel]
+            w = dp * np.exp2(qlog[b, sel] + klog[b, s])
+            st = ws[b, s] * (dC[b, c + 1] @ v[b, s] + dN[b, c + 1])
+            dk[b, s] = qk_scale * (w @ q[b, sel]) + st
+            dkk[b, s], dkks[b, s] = dk[b, s] @ k[b, s], st @ k[b, s]
+    return dk, dkk, dkks
+
+
+@pytest.mark.parametrize("dims", [(64, 128), (128, 256)], ids=["DHQK64-DHV128", "DHQK128-DHV256"])
+def test_interpret_dk_kernel_against_float64_and_triton(dims):
+    """The Mosaic dK kernel (interpret mode) against the float64 formula and the Triton dK kernel
+    (interpreted): dK and both row sums; two chunks of 128 (two key blocks each), resets inside
+    chunks; at DHQK 128 one 128-column tile, at DHQK 64 with bK 64."""
+    from xlstm_jax.kernels.mlstm_chunkwise.mosaic.bw_parallel_dk import parallel_bw_dk_mosaic
+    from xlstm_jax.kernels.mlstm_chunkwise.pallas.bw_parallel_dk import parallel_bw_dk
+    from xlstm_jax.kernels.mlstm_chunkwise.pallas.heuristics import chunkwise_kernel_params
+
+    (DQ, DV), BH, S, L, qk_scale = dims, 2, 256, 128, 0.125
+    x = _bw_kernel_inputs(BH, S, DQ, DV, L)
+    args = (x["q"], x["k"], x["v"], x["dh"], x["qlog"], x["klog"], x["wstate"], x["deninv"], x["dnq"],
+            x["start"], x["dC"], x["dN"])
+    got = parallel_bw_dk_mosaic(*args, L=L, qk_scale=qk_scale, interpret=True)
+    assert got[0].shape == (BH, S, DQ) and got[0].dtype == jnp.dtype(jnp.bfloat16)
+    ref = _dk_reference(x, L, qk_scale)
+    params = chunkwise_kernel_params(S=S, DHQK=DQ, DHV=DV, dtype=jnp.bfloat16, chunk_size=L,
+                                     siz_b_L_parallel=64, siz_b_L_loop=64)
+    tri = parallel_bw_dk(*args, params=params, qk_scale=qk_scale, output_dtype=jnp.bfloat16, interpret=True)
+    for name, a, b, r in zip(("dk", "dkk", "dkk_state"), got, tri, ref):
+        a, b = _f64(a), _f64(b)
+        assert relative_error(b, r) < 4e-3, name
+        assert relative_error(a, r) < 4e-3, name
+        assert relative_error(a, b) < 1e-3, name
+
+
+def _dq_reference(x, C, N, winter, L, qk_scale):
+    """(dQ, <dq, q>) of the formula in ``mosaic/bw_parallel_dq.py``, float64."""
+    q, k, v, dh, C, N = (_f64(a) for a in (x["q"], x["k"], x["v"], x["dh"], C, N))
+    qlog, klog, di, dnq, wi = (_f64(a) for a in (x["qlog"], x["klog"], x["deninv"], x["dnq"], winter))
+    start = np.asarray(x["start"])
+    BH, S, _ = q.shape
+    s_ = np.arange(S)
+    dq, dqq = np.zeros(q.shape), np.zeros((BH, S))
+    for b in range(BH):
+        for t in range(S):
+            c = t // L
+            sel = (s_ <= t) & (s_ >= c * L) & (s_ >= start[b, t])
+            dp = (v[b, sel] @ dh[b, t]) * di[b, t] + dnq[b, t]
+            w = dp * np.exp2(qlog[b, t] + klog[b, sel])
+            inter = wi[b, t] * (C[b, c] @ dh[b, t] * di[b, t] + dnq[b, t] * N[b, c])
+            dq[b, t] = qk_scale * (w @ k[b, sel] + inter)
+            dqq[b, t] = dq[b, t] @ q[b, t]
+    return dq, dqq
+
+
+@pytest.mark.parametrize("dims", [(64, 128), (128, 256)], ids=["DHQK64-DHV128", "DHQK128-DHV256"])
+def test_interpret_dq_kernel_against_float64_and_triton(dims):
+    """The Mosaic dQ kernel (interpret mode) against the float64 formula and the Triton dQ kernel
+    (interpreted): dQ and its row sum; two chunks of 128 (the second query block of a chunk loops
+    over two key blocks), resets inside chunks, the entering states of both chunks."""
+    from xlstm_jax.kernels.mlstm_chunkwise.mosaic.bw_parallel_dq import parallel_bw_dq_mosaic
+    from xlstm_jax.kernels.mlstm_chunkwise.pallas.bw_parallel_dq import parallel_bw_dq
+    from xlstm_jax.kernels.mlstm_chunkwise.pallas.heuristics import chunkwise_kernel_params
+
+    (DQ, DV), BH, S, L, qk_scale = dims, 2, 256, 128, 0.125
+    x = _bw_kernel_inputs(BH, S, DQ, DV, L, seed=11)
+    ks = jax.random.split(jax.random.PRNGKey(12), 3)
+    C = jax.random.normal(ks[0], (BH, S // L + 1, DQ, DV)).astype(jnp.bfloat16)
+    N = jax.random.normal(ks[1], (BH, S // L + 1, DQ))
+    winter = jax.random.uniform(ks[2], (BH, S), minval=0.0, maxval=2.0)
+    args = (x["q"], x["k"], x["v"], x["dh"], x["qlog"], x["klog"], winter, x["deninv"], x["dnq"],
+            x["start"], C, N)
+    got = parallel_bw_dq_mosaic(*args, L=L, qk_scale=qk_scale, interpret=True)
+    assert got[0].shape == (BH, S, DQ) and got[0].dtype == jnp.dtype(jnp.bfloat16)
+    ref = _dq_reference(x, C, N, winter, L, qk_scale)
+    params = chunkwise_kernel_params(S=S, DHQK=DQ, DHV=DV, dtype=jnp.bfloat16, chunk_size=L,
+                                     siz_b_L_parallel=64, siz_b_L_loop=64)
+    tri = parallel_bw_dq(*args, params=params, qk_scale=qk_scale, output_dtype=jnp.bfloat16, interpret=True)
+    for name, a, b, r in zip(("dq", "dqq"), got, tri, ref):
+        a, b = _f64(a), _f64(b)
+        assert relative_error(b, r) < 4e-3, name
+        assert relative_error(a, r) < 4e-3, name
+        assert relative_error(a, b) < 1e-3, name
 
 
 def test_interpret_dv_kernel_against_float64_and_triton():
@@ -319,9 +449,9 @@ INTERPRET_CASES = [
     ("exp-exact-S100-resets", 1, 2, 100, "exp", "exact", False, {}),
     ("sigmoid-tfla-segments-kept-bf16-states", 1, 1, 128, "sigmoid", "tfla", True,
      dict(recompute_states_in_bw=False, states_bf16=True)),
-    # the Mosaic dV kernel in the backward pass (resets of the hard gates; the kernel's own test
-    # above covers two key blocks per chunk and two DHV tiles)
-    ("exp-exact-S100-resets-mosaic-dv", 1, 2, 100, "exp", "exact", False, dict(bw_kernels="mosaic")),
+    # the Mosaic dV, dK and dQ kernels in the backward pass (resets of the hard gates; the kernels' own
+    # tests above cover two blocks per chunk, two DHV tiles, both dK / dQ tilings)
+    ("exp-exact-S100-resets-mosaic-bw", 1, 2, 100, "exp", "exact", False, dict(bw_kernels="mosaic")),
     # slow: the other two crossings of gate and grad mode (each property is covered above)
     pytest.param(("sigmoid-exact-segments", 1, 1, 128, "sigmoid", "exact", True, {}), marks=pytest.mark.slow),
     pytest.param(("exp-tfla-segments", 1, 1, 128, "exp", "tfla", True, {}), marks=pytest.mark.slow),

@@ -1,10 +1,11 @@
 """Mosaic GPU (Hopper-native Pallas) chunkwise mLSTM kernels, issue 14.
 
 The forward intra-chunk kernel is on Mosaic GPU; state recurrence and backward are the Triton
-family's kernels, except dV with ``bw_kernels="mosaic"`` (dQ, dK on Mosaic GPU not written yet).
+family's kernels, or with ``bw_kernels="mosaic"`` the parallel backward kernels on Mosaic GPU.
 Modules: ``fw_parallel`` (the intra-chunk kernel: h and the normaliser from the chunk-border state
 and the attention-like part, wgmma + TMA; its docstring has the design), ``bw_parallel_dv`` (dV of
-a key block, the forward kernel transposed), ``forward`` (preparation, the Triton family's gates and
+a key block, the forward kernel transposed), ``bw_parallel_dk`` and ``bw_parallel_dq`` (dK of a
+key block, dQ of a query block, with the row sums of the gate gradients; DHV <= 256), ``forward`` (preparation, the Triton family's gates and
 recurrent state kernel, the launch, the ``jax.custom_vjp`` over the Triton family's backward).
 Registered as ``chunkwise_mosaic`` with the options of ``chunkwise_pallas`` (``needs_gpu``: an
 NVIDIA Hopper GPU); differentiable. ``auto`` registers ``chunkwise_auto``: the family (Mosaic or
@@ -37,7 +38,7 @@ register_mlstm_kernel(
     options=KERNEL_OPTIONS,
     description=(
         "chunkwise (TFLA): forward intra-chunk kernel on Mosaic GPU (wgmma, TMA); state recurrence "
-        "and backward are the Triton family's kernels (dV on Mosaic GPU with bw_kernels='mosaic'); "
+        "and backward are the Triton family's kernels (dV, dK, dQ on Mosaic GPU with bw_kernels='mosaic'); "
         "needs an NVIDIA Hopper GPU (interpret=True: CPU simulation)"
     ),
     needs_gpu=True,

@@ -1,6 +1,7 @@
 """The Mosaic GPU chunkwise family: the forward intra-chunk kernel on Mosaic GPU; state recurrence
-and backward are the Triton family's kernels, except dV with ``bw_kernels="mosaic"`` (the Mosaic
-kernel ``bw_parallel_dv``; dQ and dK on Mosaic GPU are not written yet).
+and backward are the Triton family's kernels, or with ``bw_kernels="mosaic"`` the parallel
+backward kernels on Mosaic GPU (``bw_parallel_dv``, and where their tiles fit, DHV <= 256,
+``bw_parallel_dk`` and ``bw_parallel_dq``; the recurrent backward stays Triton).
 
 ``mlstm_chunkwise_mosaic`` has the signature and options of ``mlstm_chunkwise_pallas``
 (``xlstm_jax.kernels.mlstm_chunkwise.pallas``) and computes the same function with the same
@@ -25,7 +26,7 @@ gradients. Forward pass:
 Backward pass (``jax.custom_vjp``): the residuals and the backward of the Triton family
 (``autodiff.forward_residuals`` / ``backward_from_residuals``: the recurrent backward kernel, the
 dQ, dK, dV kernels, the gate-gradient sums and, in exact mode, the m pull-back; with
-``bw_kernels="mosaic"`` the dV kernel is ``bw_parallel_dv.parallel_bw_dv_mosaic``), so
+``bw_kernels="mosaic"`` the parallel kernels of ``mosaic_bw_fns``), so
 ``grad_mode``, ``recompute_states_in_bw``, ``states_bf16`` and ``gate_grads_impl`` act as in
 ``chunkwise_pallas``. The residual nq_t is written by the Mosaic kernel (its programs of DHV tile
 0 store the 64 values they hold anyway: BH * S * 4 bytes, under 1% of h's traffic) rather than
@@ -65,6 +66,7 @@ from ..pallas.autodiff import (
     kernel_dtype_of,
     prepare,
 )
+from . import bw_parallel_dk, bw_parallel_dq
 from .bw_parallel_dv import parallel_bw_dv_mosaic
 from .fw_parallel import BLOCK, _mosaic, parallel_fw_h_mosaic
 
@@ -77,8 +79,9 @@ DEFAULT_BV = 128
 
 BW_KERNELS = ("triton", "mosaic")
 """The values of ``bw_kernels`` (the first is the default): the backward pass's kernels all Triton,
-or with the Mosaic GPU kernels written so far (dV: ``bw_parallel_dv``; dQ, dK and the recurrent
-backward stay Triton). ``"mosaic"`` is not the default until a GPU measurement says it is faster."""
+or with the Mosaic GPU kernels written so far (dV: ``bw_parallel_dv``; dK and dQ:
+``bw_parallel_dk``, ``bw_parallel_dq`` where their tiles fit, DHV <= 256; the recurrent backward
+stays Triton). ``"mosaic"`` is not the default until a GPU measurement says it is faster."""
 _OPEN_FORGET_GATE = 1e30  # log_sigmoid(1e30) == 0 exactly: the state carries through
 
 
@@ -121,8 +124,8 @@ class MosaicConfig:
     bV: int
     interpret_mosaic: bool
     bw_kernels: str = "triton"
-    """``"mosaic"``: dV from the Mosaic kernel ``bw_parallel_dv`` (the other backward kernels stay
-    Triton); ``"triton"``: every backward kernel the Triton family's."""
+    """``"mosaic"``: the Mosaic parallel backward kernels of ``mosaic_bw_fns``; ``"triton"``:
+    every backward kernel the Triton family's."""
 
 
 def forward_padded(q, k, v, i, logf, C0, n0, m0, cfg: MosaicConfig) -> ForwardOut:
@@ -180,14 +183,27 @@ def _forward_fwd(q, k, v, i, logf, C0, n0, m0, cfg: MosaicConfig):
 def _forward_bwd(cfg: MosaicConfig, res, cts):
     """The Triton family's backward pass (kernels and gate pull-backs) on the Mosaic residuals,
     with ``bw_kernels="mosaic"`` the Mosaic dV kernel in place of the Triton one."""
-    dv_fn = None
-    if cfg.bw_kernels == "mosaic":
-        c = cfg.core
-        dv_fn = functools.partial(
-            parallel_bw_dv_mosaic, L=c.params.chunk_size_intra, bV=cfg.bV, qk_scale=c.qk_scale,
-            interpret=cfg.interpret_mosaic,
-        )
-    return backward_from_residuals(cfg.core, res, cts, dv_fn=dv_fn)
+    return backward_from_residuals(cfg.core, res, cts, bw_fns=mosaic_bw_fns(cfg, res[0].shape[-1], res[2].shape[-1]))
+
+
+def mosaic_bw_fns(cfg: MosaicConfig, DQ: int, DV: int) -> dict:
+    """The Mosaic backward kernels that replace Triton ones (``chunkwise_backward``'s ``bw_fns``)
+    for ``cfg.bw_kernels`` at the padded head dims DQ, DV: dV always with ``"mosaic"``; dK where
+    its tiles fit in shared memory (``bw_parallel_dk.fits``: not at DHV 512), else the Triton dK; dQ
+    likewise (``bw_parallel_dq.fits``)."""
+    if cfg.bw_kernels != "mosaic":
+        return {}
+    c = cfg.core
+    L = c.params.chunk_size_intra
+    fns = {"dv": functools.partial(parallel_bw_dv_mosaic, L=L, bV=cfg.bV, qk_scale=c.qk_scale,
+                                   interpret=cfg.interpret_mosaic)}
+    if bw_parallel_dk.fits(DQ, DV):
+        fns["dk"] = functools.partial(bw_parallel_dk.parallel_bw_dk_mosaic, L=L, qk_scale=c.qk_scale,
+                                      interpret=cfg.interpret_mosaic)
+    if bw_parallel_dq.fits(DQ, DV):
+        fns["dq"] = functools.partial(bw_parallel_dq.parallel_bw_dq_mosaic, L=L, qk_scale=c.qk_scale,
+                                      interpret=cfg.interpret_mosaic)
+    return fns
 
 
 _forward.defvjp(_forward_fwd, _forward_bwd)
@@ -257,8 +273,9 @@ def mlstm_chunkwise_mosaic(
     options (``m_scan``, ``gates_impl``, ``gate_grads_impl``, ``states_bf16``) and
     ``recompute_states_in_bw`` act as in ``chunkwise_pallas`` (the recurrence and the backward
     are its kernels). ``bw_kernels`` (this family only): ``"triton"`` (default) or ``"mosaic"``:
-    dV from the Mosaic GPU kernel ``bw_parallel_dv`` (its docstring has the design), dQ, dK and the
-    recurrent backward still Triton; ``ValueError`` with ``fuse_dkdv``. ``save_gates`` and
+    the parallel backward kernels on Mosaic GPU (dV always; dK and dQ where their tiles fit in
+    shared memory, DHV <= 256: at the 7B heads those two stay Triton; designs in the kernels'
+    docstrings), the recurrent backward still Triton; ``ValueError`` with ``fuse_dkdv``. ``save_gates`` and
     ``fuse_dkdv`` act as in ``chunkwise_pallas``. The kernel dtype must be bfloat16 or float16 (``NotImplementedError`` for
     float32: no tf32 kernel yet). ``interpret``: None or False compile (an NVIDIA Hopper GPU,
     else ``RuntimeError``); True runs Mosaic GPU's interpret mode and the Triton kernels

@@ -206,17 +206,27 @@ def chunkwise_backward(
     cfg: CoreConfig,
     matC_last_kept: jax.Array | None = None,  # (BH, DHQK, DHV) fp32 last state (16-bit kept states)
     gates_kept: gates.KernelGates | None = None,  # the forward's gate vectors (``save_gates``)
-    dv_fn=None,
+    bw_fns: dict | None = None,
 ):
     """The backward pass: (dQ, dK, dV, dI, dLogF, dC0, dN0, dM0) on padded, flattened arrays.
 
     With kept states, ``matC_last_kept`` is the fp32 last state (default: ``matC_states[:, -1]``);
-    ``gates_kept`` replaces the recomputation of the gate vectors. ``dv_fn``: another dV kernel
-    (the Mosaic family's), called as ``dv_fn(matQ, matK, matDH, vecQlog, vecKlog, vecWstate,
-    vecDenInv, vecStart, matDC_states)`` in place of the Triton ``parallel_bw_dv`` (not with
-    ``fuse_dkdv``).
+    ``gates_kept`` replaces the recomputation of the gate vectors. ``bw_fns``: other kernels (the
+    Mosaic family's) in place of Triton ones, by name: ``"dv"`` called as ``fn(matQ, matK, matDH,
+    vecQlog, vecKlog, vecWstate, vecDenInv, vecStart, matDC_states) -> matDV`` instead of
+    ``parallel_bw_dv``, ``"dk"`` as ``fn(matQ, matK, matV, matDH, vecQlog, vecKlog, vecWstate,
+    vecDenInv, vecDnq, vecStart, matDC_states, vecDN_states) -> (matDK, vecDkk, vecDkkState)``
+    instead of ``parallel_bw_dk`` (neither with ``fuse_dkdv``), ``"dq"`` as ``fn(matQ, matK, matV,
+    matDH, vecQlog, vecKlog, vecWinter, vecDenInv, vecDnq, vecStart, matC_states, vecN_states) ->
+    (matDQ, vecDqq)`` instead of ``parallel_bw_dq``.
     """
     p = cfg.params
+    bw_fns = dict(bw_fns or {})
+    unknown = sorted(set(bw_fns) - {"dk", "dq", "dv"})
+    if unknown:
+        raise ValueError(f"bw_fns: unknown kernel name(s) {unknown}; known: ['dk', 'dq', 'dv']")
+    if p.fuse_dkdv and ("dk" in bw_fns or "dv" in bw_fns):
+        raise ValueError("fuse_dkdv computes dK and dV in the fused Triton kernel: it takes no other dK or dV kernel")
     exact = cfg.grad_mode == "exact"
     dtype = matQ.dtype
     g = _kernel_gates(vecI, vecLogF, vecM, scaM0, cfg) if gates_kept is None else gates_kept
@@ -245,27 +255,29 @@ def chunkwise_backward(
     )
     matDC_states, vecDN_states = bw[0], bw[1]
     matDC0 = bw[2] if sdt is not None else matDC_states[:, 0]
-    matDQ, vecDqq = parallel_bw_dq(
-        matQ, matK, matV, matDH, g.vecQlog, g.vecKlog, g.vecWinter, vecDenInv, vecDnq, g.vecStart,
-        matC_states, vecN_states, output_dtype=dtype, **kw,
-    )
-    if p.fuse_dkdv and dv_fn is not None:
-        raise ValueError("fuse_dkdv computes dV in the fused Triton kernel: it takes no other dV kernel")
+    dq_args = (matQ, matK, matV, matDH, g.vecQlog, g.vecKlog, g.vecWinter, vecDenInv, vecDnq, g.vecStart,
+               matC_states, vecN_states)
+    if "dq" in bw_fns:
+        matDQ, vecDqq = bw_fns["dq"](*dq_args)
+    else:
+        matDQ, vecDqq = parallel_bw_dq(*dq_args, output_dtype=dtype, **kw)
     if p.fuse_dkdv:  # one kernel for dK and dV
         matDK, vecDkk, vecDkkState, matDV = parallel_bw_dkdv(
             matQ, matK, matV, matDH, g.vecQlog, g.vecKlog, g.vecWstate, vecDenInv, vecDnq, g.vecStart,
             matDC_states, vecDN_states, output_dtype=dtype, **kw,
         )
     else:
-        matDK, vecDkk, vecDkkState = parallel_bw_dk(
-            matQ, matK, matV, matDH, g.vecQlog, g.vecKlog, g.vecWstate, vecDenInv, vecDnq, g.vecStart,
-            matDC_states, vecDN_states, output_dtype=dtype, **kw,
-        )
-        dv_args = (matQ, matK, matDH, g.vecQlog, g.vecKlog, g.vecWstate, vecDenInv, g.vecStart, matDC_states)
-        if dv_fn is None:
-            matDV = parallel_bw_dv(*dv_args, output_dtype=dtype, **kw)
+        dk_args = (matQ, matK, matV, matDH, g.vecQlog, g.vecKlog, g.vecWstate, vecDenInv, vecDnq, g.vecStart,
+                   matDC_states, vecDN_states)
+        if "dk" in bw_fns:
+            matDK, vecDkk, vecDkkState = bw_fns["dk"](*dk_args)
         else:
-            matDV = dv_fn(*dv_args)
+            matDK, vecDkk, vecDkkState = parallel_bw_dk(*dk_args, output_dtype=dtype, **kw)
+        dv_args = (matQ, matK, matDH, g.vecQlog, g.vecKlog, g.vecWstate, vecDenInv, g.vecStart, matDC_states)
+        if "dv" in bw_fns:
+            matDV = bw_fns["dv"](*dv_args)
+        else:
+            matDV = parallel_bw_dv(*dv_args, output_dtype=dtype, **kw)
     vecN_last = vecN_states[:, -1]
     scaDlast = jnp.sum(matDC_last * matC_last, axis=(1, 2)) + jnp.sum(vecDN_last * vecN_last, axis=1)
     if fused_pullback:
@@ -328,13 +340,13 @@ def forward_residuals(primals: tuple, out: ForwardOut, cfg: CoreConfig) -> tuple
     )
 
 
-def backward_from_residuals(cfg: CoreConfig, res: tuple, cts: tuple, dv_fn=None) -> tuple:
+def backward_from_residuals(cfg: CoreConfig, res: tuple, cts: tuple, bw_fns: dict | None = None) -> tuple:
     """The custom-VJP backward: cotangents of (h, C_last, n_last, m_last) and the residuals of
-    ``forward_residuals`` -> the cotangents of the eight primals, in their dtypes (``dv_fn`` as in
+    ``forward_residuals`` -> the cotangents of the eight primals, in their dtypes (``bw_fns`` as in
     ``chunkwise_backward``)."""
     matDH, matDC_last, vecDN_last, scaDM_last = cts
     grads = chunkwise_backward(*res[:-2], matDH, matDC_last, vecDN_last, scaDM_last, cfg,
-                               matC_last_kept=res[-2], gates_kept=res[-1], dv_fn=dv_fn)
+                               matC_last_kept=res[-2], gates_kept=res[-1], bw_fns=bw_fns)
     primals = res[:8]
     return tuple(gr.astype(x.dtype) for gr, x in zip(grads, primals))
 
