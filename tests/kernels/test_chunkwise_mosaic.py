@@ -10,8 +10,10 @@ kernels interpreted) against the float64 reference: outputs, last states and all
 for the exponential and sigmoid input gates, packed documents, both grad modes, kept bf16 states
 (``test_interpret_*``; tiny shapes, ~12 s of CPU each: two cases in the default suite, the other
 two crossings of gate and grad mode ``slow``), plus (``slow``) one larger forward case (two query
-blocks per chunk, two DHV tiles); and the family choice (``chunkwise_auto``, the tuner's
-``--families``) with a fake tuning cache.
+blocks per chunk, two DHV tiles); the Mosaic backward kernels (``bw_kernels="mosaic"``: dV, dK,
+dQ) each against a float64 formula and the Triton kernel in interpret mode, lowered for CUDA
+within the gradient, and end to end in one interpret case; and the family choice
+(``chunkwise_auto``, the tuner's ``--families``) with a fake tuning cache.
 """
 
 from __future__ import annotations
@@ -319,7 +321,9 @@ def _dk_reference(x, L, qk_scale):
     return dk, dkk, dkks
 
 
-@pytest.mark.parametrize("dims", [(64, 128), (128, 256)], ids=["DHQK64-DHV128", "DHQK128-DHV256"])
+@pytest.mark.parametrize("dims", [
+    # slow: the bK = 64 tiling also runs in the end-to-end case "exp-exact-S100-resets-mosaic-bw"
+    pytest.param((64, 128), marks=pytest.mark.slow), (128, 256)], ids=["DHQK64-DHV128", "DHQK128-DHV256"])
 def test_interpret_dk_kernel_against_float64_and_triton(dims):
     """The Mosaic dK kernel (interpret mode) against the float64 formula and the Triton dK kernel
     (interpreted): dK and both row sums; two chunks of 128 (two key blocks each), resets inside
@@ -365,7 +369,9 @@ def _dq_reference(x, C, N, winter, L, qk_scale):
     return dq, dqq
 
 
-@pytest.mark.parametrize("dims", [(64, 128), (128, 256)], ids=["DHQK64-DHV128", "DHQK128-DHV256"])
+@pytest.mark.parametrize("dims", [
+    # slow: the bK = 64 tiling also runs in the end-to-end case "exp-exact-S100-resets-mosaic-bw"
+    pytest.param((64, 128), marks=pytest.mark.slow), (128, 256)], ids=["DHQK64-DHV128", "DHQK128-DHV256"])
 def test_interpret_dq_kernel_against_float64_and_triton(dims):
     """The Mosaic dQ kernel (interpret mode) against the float64 formula and the Triton dQ kernel
     (interpreted): dQ and its row sum; two chunks of 128 (the second query block of a chunk loops
@@ -445,8 +451,10 @@ def test_interpret_dv_kernel_against_float64_and_triton():
 
 INTERPRET_CASES = [
     # (id, B, NH, S, input_gate, grad_mode, packed, options): D = 64 (one Mosaic tile), chunk 64
-    # (two chunks: the entering state, the inter-chunk term of h and of nq), initial states
-    ("exp-exact-S100-resets", 1, 2, 100, "exp", "exact", False, {}),
+    # (two chunks: the entering state, the inter-chunk term of h and of nq), initial states.
+    # slow: the same inputs as "...-mosaic-bw" below, with the Triton backward (which the sigmoid
+    # case covers in the default suite)
+    pytest.param(("exp-exact-S100-resets", 1, 2, 100, "exp", "exact", False, {}), marks=pytest.mark.slow),
     ("sigmoid-tfla-segments-kept-bf16-states", 1, 1, 128, "sigmoid", "tfla", True,
      dict(recompute_states_in_bw=False, states_bf16=True)),
     # the Mosaic dV, dK and dQ kernels in the backward pass (resets of the hard gates; the kernels' own
@@ -529,8 +537,9 @@ GPU_GRAD_CASES = [
     # 263 KB of shared memory (more than the H200's 227 KB; a compile error, 2026-12-02)
     (1, 4, 320, 128, 256, "float16", 128, "sigmoid", "exact", False, False,
      dict(gate_grads_impl="pallas", m_scan="linear")),
-    # the Mosaic dV kernel: 7B heads (bV 128 of DHV 512, two key blocks per chunk), and small heads
-    # with packed documents, hard gates and chunk 64 (one key block per chunk)
+    # the Mosaic backward kernels: standard heads (dV, dK, dQ; bK 128), 7B heads (dV only: bV 128 of
+    # DHV 512; dK, dQ Triton), and small heads (bK 64) with packed documents, hard gates and chunk 64
+    (1, 4, 512, 128, 256, "bfloat16", 128, "exp", "exact", False, False, dict(bw_kernels="mosaic")),
     (1, 2, 512, 256, 512, "bfloat16", 128, "exp", "exact", False, False, dict(bw_kernels="mosaic")),
     (2, 2, 1024, 64, 128, "bfloat16", 64, "exp", "tfla", True, True, dict(bw_kernels="mosaic")),
 ]

@@ -22,10 +22,11 @@ Design (``bw_parallel_dv``'s, with the products of the Triton dK kernel):
   DHV 256, bK 128): 32 + 16 + 64 + 2 * (32 + 16) = 208 KB; small heads (64, 128, bK 64): 88 KB.
   At DHV = 512 (7B heads) the tiles need 280 KB even with bK = 64: ``fits`` says no, and the
   family runs the Triton dK kernel there (a DHV-split design is left for later).
-* First the state part: acc_state = v dC_c^T (wgmma, the state tile transposed in shared memory)
-  + dn_c, times Wstate. Then per query block: dP^T = v dh^T (wgmma over DHV), scaled per query
-  column by 1 / den_t and shifted by dnq_t, the gate matrix with the causal and reset masks, and
-  acc += dS^T q (P^T as a 16-bit register operand).
+* Per query block: dP^T = v dh^T (wgmma over DHV), scaled per query column by 1 / den_t and
+  shifted by dnq_t, the gate matrix with the causal and reset masks, and acc += dS^T q (dS^T as a
+  16-bit register operand). After the loop the state part: v dC_c^T (wgmma, the state tile
+  transposed in shared memory) + dn_c, times Wstate (after the loop so that its 64 x bK f32
+  accumulator is not live beside the loop's: 64 + 32 registers per thread at bK = 128).
 * Outputs: the dK tile (64, bK) in the kernel dtype, and per (DHQK tile, key row) the two fp32 row
   sums (64 values each: (DHQK / bK, BH, S) arrays that the launcher sums over the tiles).
 
@@ -133,27 +134,8 @@ def _kernel(
     matKlog = lax.broadcast_in_dim(vecKlog, shape_s, [0])
     shape_dk = (BLOCK, bK)
 
-    # the state part: Wstate_s (dC_c v_s + dn_c), kept apart for its row sum
-    plgpu.barrier_wait(v_bar)
-    plgpu.barrier_wait(dc_bar)
-    plgpu.barrier_wait(dn_bar)
-    if interpret:
-        matState = lax.dot_general(
-            v_smem[...], dc_smem[...], (((1,), (1,)), ((), ())), preferred_element_type=_F32
-        )
-    else:
-
-        def state(acc_ref):
-            plgpu.wgmma(acc_ref, v_smem, plgpu.transpose_ref(dc_smem, (1, 0)))
-            return acc_ref[...]
-
-        matState = pl.run_scoped(state, plgpu.ACC(shape_dk, _F32))
-    vecDn = load(dn_smem, col_layout)
-    matDKstate = (matState + lax.broadcast_in_dim(vecDn, shape_dk, [1])) * lax.broadcast_in_dim(
-        vecWstate, shape_dk, [0]
-    )
-
     n_iter = nb - ik
+    plgpu.barrier_wait(v_bar)  # v is read by every step's dP^T and by the state part
 
     def step(j, matAcc):
         """Query block ik + j of the chunk: acc -> acc + dS^T q of this block."""
@@ -201,6 +183,27 @@ def _kernel(
 
     matAcc0 = _mosaic().layout_cast(jnp.zeros(shape_dk, _F32), wg, interpret=interpret)
     matAcc = lax.fori_loop(jnp.int32(0), n_iter, step, matAcc0)
+
+    # the state part after the loop (its accumulator is not live across it): Wstate_s (dC_c v_s +
+    # dn_c), kept apart for its row sum
+    plgpu.barrier_wait(dc_bar)
+    plgpu.barrier_wait(dn_bar)
+    if interpret:
+        matState = lax.dot_general(
+            v_smem[...], dc_smem[...], (((1,), (1,)), ((), ())), preferred_element_type=_F32
+        )
+    else:
+
+        def state(acc_ref):
+            plgpu.wgmma(acc_ref, v_smem, plgpu.transpose_ref(dc_smem, (1, 0)))
+            return acc_ref[...]
+
+        matState = pl.run_scoped(state, plgpu.ACC(shape_dk, _F32))
+    vecDn = load(dn_smem, col_layout)
+    matDKstate = (matState + lax.broadcast_in_dim(vecDn, shape_dk, [1])) * lax.broadcast_in_dim(
+        vecWstate, shape_dk, [0]
+    )
+
     matDK = matAcc * qk_scale + matDKstate
 
     plgpu.barrier_wait(k_bar)
