@@ -224,10 +224,10 @@ def test_compiled_path_lowers_for_cuda(case, monkeypatch):
 
 
 GRAD_LOWERING_CASES = [  # (DHQK, DHV, bw_kernels, Mosaic GPU calls): the forward kernel, with
-    # bw_kernels="mosaic" also dV and, where they fit (not at DHV 512), dK and dQ
+    # bw_kernels="mosaic" also dV, dK and dQ (bK 128 at the standard heads, 64 at the 7B and small)
     (128, 256, "triton", 1),
     (128, 256, "mosaic", 4),
-    (256, 512, "mosaic", 2),
+    (256, 512, "mosaic", 4),
     (64, 128, "mosaic", 4),
 ]
 
@@ -322,8 +322,10 @@ def _dk_reference(x, L, qk_scale):
 
 
 @pytest.mark.parametrize("dims", [
-    # slow: the bK = 64 tiling also runs in the end-to-end case "exp-exact-S100-resets-mosaic-bw"
-    pytest.param((64, 128), marks=pytest.mark.slow), (128, 256)], ids=["DHQK64-DHV128", "DHQK128-DHV256"])
+    # (DHQK, DHV, bK): bK 128, one tile; bK 64 (the state tile in a freed slot, the 7B heads'
+    # tiling) with two DHQK tiles; slow: DHQK 64 (bK 64, also in the end-to-end case below)
+    pytest.param((64, 128, None), marks=pytest.mark.slow), (128, 256, None), (128, 256, 64)],
+    ids=["DHQK64-DHV128", "DHQK128-DHV256", "DHQK128-DHV256-bK64"])
 def test_interpret_dk_kernel_against_float64_and_triton(dims):
     """The Mosaic dK kernel (interpret mode) against the float64 formula and the Triton dK kernel
     (interpreted): dK and both row sums; two chunks of 128 (two key blocks each), resets inside
@@ -332,11 +334,11 @@ def test_interpret_dk_kernel_against_float64_and_triton(dims):
     from xlstm_jax.kernels.mlstm_chunkwise.pallas.bw_parallel_dk import parallel_bw_dk
     from xlstm_jax.kernels.mlstm_chunkwise.pallas.heuristics import chunkwise_kernel_params
 
-    (DQ, DV), BH, S, L, qk_scale = dims, 2, 256, 128, 0.125
+    (DQ, DV, bK), BH, S, L, qk_scale = dims, 2, 256, 128, 0.125
     x = _bw_kernel_inputs(BH, S, DQ, DV, L)
     args = (x["q"], x["k"], x["v"], x["dh"], x["qlog"], x["klog"], x["wstate"], x["deninv"], x["dnq"],
             x["start"], x["dC"], x["dN"])
-    got = parallel_bw_dk_mosaic(*args, L=L, qk_scale=qk_scale, interpret=True)
+    got = parallel_bw_dk_mosaic(*args, L=L, qk_scale=qk_scale, interpret=True, bK=bK)
     assert got[0].shape == (BH, S, DQ) and got[0].dtype == jnp.dtype(jnp.bfloat16)
     ref = _dk_reference(x, L, qk_scale)
     params = chunkwise_kernel_params(S=S, DHQK=DQ, DHV=DV, dtype=jnp.bfloat16, chunk_size=L,
@@ -370,8 +372,10 @@ def _dq_reference(x, C, N, winter, L, qk_scale):
 
 
 @pytest.mark.parametrize("dims", [
-    # slow: the bK = 64 tiling also runs in the end-to-end case "exp-exact-S100-resets-mosaic-bw"
-    pytest.param((64, 128), marks=pytest.mark.slow), (128, 256)], ids=["DHQK64-DHV128", "DHQK128-DHV256"])
+    # (DHQK, DHV, bK): bK 128, one tile; bK 64 (the state tile in a freed slot, the 7B heads'
+    # tiling) with two DHQK tiles; slow: DHQK 64 (bK 64, also in the end-to-end case below)
+    pytest.param((64, 128, None), marks=pytest.mark.slow), (128, 256, None), (128, 256, 64)],
+    ids=["DHQK64-DHV128", "DHQK128-DHV256", "DHQK128-DHV256-bK64"])
 def test_interpret_dq_kernel_against_float64_and_triton(dims):
     """The Mosaic dQ kernel (interpret mode) against the float64 formula and the Triton dQ kernel
     (interpreted): dQ and its row sum; two chunks of 128 (the second query block of a chunk loops
@@ -380,7 +384,7 @@ def test_interpret_dq_kernel_against_float64_and_triton(dims):
     from xlstm_jax.kernels.mlstm_chunkwise.pallas.bw_parallel_dq import parallel_bw_dq
     from xlstm_jax.kernels.mlstm_chunkwise.pallas.heuristics import chunkwise_kernel_params
 
-    (DQ, DV), BH, S, L, qk_scale = dims, 2, 256, 128, 0.125
+    (DQ, DV, bK), BH, S, L, qk_scale = dims, 2, 256, 128, 0.125
     x = _bw_kernel_inputs(BH, S, DQ, DV, L, seed=11)
     ks = jax.random.split(jax.random.PRNGKey(12), 3)
     C = jax.random.normal(ks[0], (BH, S // L + 1, DQ, DV)).astype(jnp.bfloat16)
@@ -388,7 +392,7 @@ def test_interpret_dq_kernel_against_float64_and_triton(dims):
     winter = jax.random.uniform(ks[2], (BH, S), minval=0.0, maxval=2.0)
     args = (x["q"], x["k"], x["v"], x["dh"], x["qlog"], x["klog"], winter, x["deninv"], x["dnq"],
             x["start"], C, N)
-    got = parallel_bw_dq_mosaic(*args, L=L, qk_scale=qk_scale, interpret=True)
+    got = parallel_bw_dq_mosaic(*args, L=L, qk_scale=qk_scale, interpret=True, bK=bK)
     assert got[0].shape == (BH, S, DQ) and got[0].dtype == jnp.dtype(jnp.bfloat16)
     ref = _dq_reference(x, C, N, winter, L, qk_scale)
     params = chunkwise_kernel_params(S=S, DHQK=DQ, DHV=DV, dtype=jnp.bfloat16, chunk_size=L,
@@ -537,8 +541,8 @@ GPU_GRAD_CASES = [
     # 263 KB of shared memory (more than the H200's 227 KB; a compile error, 2026-12-02)
     (1, 4, 320, 128, 256, "float16", 128, "sigmoid", "exact", False, False,
      dict(gate_grads_impl="pallas", m_scan="linear")),
-    # the Mosaic backward kernels: standard heads (dV, dK, dQ; bK 128), 7B heads (dV only: bV 128 of
-    # DHV 512; dK, dQ Triton), and small heads (bK 64) with packed documents, hard gates and chunk 64
+    # the Mosaic backward kernels: standard heads (bK 128), 7B heads (bK 64, the state tiles in freed
+    # slots; bV 128 of DHV 512), and small heads (bK 64) with packed documents, hard gates and chunk 64
     (1, 4, 512, 128, 256, "bfloat16", 128, "exp", "exact", False, False, dict(bw_kernels="mosaic")),
     (1, 2, 512, 256, 512, "bfloat16", 128, "exp", "exact", False, False, dict(bw_kernels="mosaic")),
     (2, 2, 1024, 64, 128, "bfloat16", 64, "exp", "tfla", True, True, dict(bw_kernels="mosaic")),

@@ -5,7 +5,7 @@ family's kernels, or with ``bw_kernels="mosaic"`` the parallel backward kernels 
 Modules: ``fw_parallel`` (the intra-chunk kernel: h and the normaliser from the chunk-border state
 and the attention-like part, wgmma + TMA; its docstring has the design), ``bw_parallel_dv`` (dV of
 a key block, the forward kernel transposed), ``bw_parallel_dk`` and ``bw_parallel_dq`` (dK of a
-key block, dQ of a query block, with the row sums of the gate gradients; DHV <= 256), ``forward`` (preparation, the Triton family's gates and
+key block, dQ of a query block, with the row sums of the gate gradients), ``forward`` (preparation, the Triton family's gates and
 recurrent state kernel, the launch, the ``jax.custom_vjp`` over the Triton family's backward).
 Registered as ``chunkwise_mosaic`` with the options of ``chunkwise_pallas`` (``needs_gpu``: an
 NVIDIA Hopper GPU); differentiable. ``auto`` registers ``chunkwise_auto``: the family (Mosaic or

@@ -15,13 +15,14 @@ Design (``bw_parallel_dv``'s, with the products of the Triton dK kernel):
 
 * Grid (DHQK / bK, S / 64, BH). A program of key block b (block ik inside chunk c) loops over the
   query blocks of its chunk from the diagonal on.
-* Shared memory (16-bit tiles, (8, 64) tiling, 128-byte swizzle): v (64, DHV), the k tile (64, bK)
-  and the state-cotangent tile dC_c (bK, DHV) loaded once; dh (64, DHV), the q tile (64, bK) and
-  the per-query vectors double-buffered. The k tile is read into registers for the row sums at the
-  end and its buffer then holds the dK tile for the TMA store. At the standard heads (DHQK 128,
-  DHV 256, bK 128): 32 + 16 + 64 + 2 * (32 + 16) = 208 KB; small heads (64, 128, bK 64): 88 KB.
-  At DHV = 512 (7B heads) the tiles need 280 KB even with bK = 64: ``fits`` says no, and the
-  family runs the Triton dK kernel there (a DHV-split design is left for later).
+* Shared memory (16-bit tiles, (8, 64) tiling, 128-byte swizzle): v (64, DHV) and the k tile
+  (64, bK) loaded once; dh (64, DHV), the q tile (64, bK) and the per-query vectors
+  double-buffered; the state-cotangent tile dC_c (bK, DHV) in a buffer of its own at bK = 128,
+  and at bK = 64 (the same shape as a dh tile) in the dh slot that the last loop step leaves free
+  (its TMA issued at the start of that step, overlapping its products). The k tile is read into
+  registers for the row sums at the end and its buffer then holds the dK tile for the TMA store.
+  Standard heads (DHQK 128, DHV 256, bK 128): 32 + 16 + 64 + 2 * (32 + 16) = 208 KB; 7B heads
+  (256, 512, bK 64): 64 + 8 + 2 * (64 + 8) = 216 KB; small heads (64, 128, bK 64): 72 KB.
 * Per query block: dP^T = v dh^T (wgmma over DHV), scaled per query column by 1 / den_t and
   shifted by dnq_t, the gate matrix with the causal and reset masks, and acc += dS^T q (dS^T as a
   16-bit register operand). After the loop the state part: v dC_c^T (wgmma, the state tile
@@ -54,10 +55,17 @@ for barriers and the compiler's own scratch)."""
 _F32 = jnp.float32
 
 
+def reuses_slot(bK: int) -> bool:
+    """Whether the state tile (bK, DHV) goes into a freed double-buffer slot of the (64, DHV) tiles
+    (the same shape when bK == 64) instead of a buffer of its own."""
+    return bK == BLOCK
+
+
 def smem_bytes(DHQK: int, DHV: int, bK: int, itemsize: int = 2) -> int:
     """Shared memory of one program (tiles and vectors; ``fits`` compares it with SMEM_LIMIT)."""
     del DHQK
-    tiles = BLOCK * DHV + BLOCK * bK + bK * DHV + 2 * (BLOCK * DHV + BLOCK * bK)
+    state = 0 if reuses_slot(bK) else bK * DHV
+    tiles = BLOCK * DHV + BLOCK * bK + state + 2 * (BLOCK * DHV + BLOCK * bK)
     vecs = 4 * (N_KVECS * BLOCK + 2 * N_QVECS * BLOCK + 2 * BLOCK + bK + 2 * BLOCK)
     return tiles * itemsize + vecs
 
@@ -94,8 +102,14 @@ def _kernel(
     interpret: bool,
 ):
     plgpu = _mosaic().plgpu()
-    (v_smem, k_smem, dc_smem, dh_smem, q_smem, kvec_smem, qvec_smem, start_smem, dn_smem,
-     dkk_smem, dkks_smem) = smem
+    reuse = reuses_slot(bK)
+    if reuse:  # the dC tile goes into a freed dh slot in the last loop step
+        (v_smem, k_smem, dh_smem, q_smem, kvec_smem, qvec_smem, start_smem, dn_smem,
+         dkk_smem, dkks_smem) = smem
+        dc_smem = None
+    else:
+        (v_smem, k_smem, dc_smem, dh_smem, q_smem, kvec_smem, qvec_smem, start_smem, dn_smem,
+         dkk_smem, dkks_smem) = smem
     v_bar, k_bar, dc_bar, kvec_bar, dn_bar, dh_bar, q_bar, qvec_bar, start_bar = bars
     wg = plgpu.Layout.WGMMA
     row_layout, col_layout = wg.reduce(1), wg.reduce(0)
@@ -121,7 +135,9 @@ def _kernel(
     plgpu.copy_gmem_to_smem(v_ref.at[bh, krows], v_smem, v_bar)
     plgpu.copy_gmem_to_smem(kvec_ref.at[bh, kb], kvec_smem, kvec_bar)
     plgpu.copy_gmem_to_smem(dn_ref.at[bh, chunk + 1, dcols], dn_smem, dn_bar)
-    plgpu.copy_gmem_to_smem(dc_ref.at[bh, chunk + 1, dcols], dc_smem, dc_bar)
+    dc_tile = dc_ref.at[bh, chunk + 1, dcols]  # (bK, DHV)
+    if not reuse:
+        plgpu.copy_gmem_to_smem(dc_tile, dc_smem, dc_bar)
     fetch_q(0, 0)
     plgpu.copy_gmem_to_smem(k_ref.at[bh, krows, dcols], k_smem, k_bar)
 
@@ -144,6 +160,12 @@ def _kernel(
         @pl.when(j + 1 < n_iter)
         def _prefetch():  # the other slot was last read by block j - 1, whose wgmmas are done
             fetch_q(j + 1, 1 - slot)
+
+        if reuse:
+
+            @pl.when(j + 1 == n_iter)
+            def _prefetch_state():  # the last step: the other dh slot is free for the dC tile
+                plgpu.copy_gmem_to_smem(dc_tile, dh_smem.at[1 - slot], dc_bar)
 
         plgpu.barrier_wait(dh_bar.at[slot])
         plgpu.barrier_wait(qvec_bar.at[slot])
@@ -188,14 +210,15 @@ def _kernel(
     # dn_c), kept apart for its row sum
     plgpu.barrier_wait(dc_bar)
     plgpu.barrier_wait(dn_bar)
+    dc_buf = dh_smem.at[lax.rem(n_iter, jnp.int32(2))] if reuse else dc_smem  # the last step's other slot
     if interpret:
         matState = lax.dot_general(
-            v_smem[...], dc_smem[...], (((1,), (1,)), ((), ())), preferred_element_type=_F32
+            v_smem[...], dc_buf[...], (((1,), (1,)), ((), ())), preferred_element_type=_F32
         )
     else:
 
         def state(acc_ref):
-            plgpu.wgmma(acc_ref, v_smem, plgpu.transpose_ref(dc_smem, (1, 0)))
+            plgpu.wgmma(acc_ref, v_smem, plgpu.transpose_ref(dc_buf, (1, 0)))
             return acc_ref[...]
 
         matState = pl.run_scoped(state, plgpu.ACC(shape_dk, _F32))
@@ -278,8 +301,10 @@ def parallel_bw_dk_mosaic(
     smem = (
         plgpu.SMEM((BLOCK, DHV), dtype, transforms=tr),  # v of the key block
         plgpu.SMEM((BLOCK, bK), dtype, transforms=tr),  # k tile, then the dK tile
+    ) + (() if reuses_slot(bK) else (
         plgpu.SMEM((bK, DHV), dtype, transforms=tr),  # dC tile of the chunk
-        plgpu.SMEM((2, BLOCK, DHV), dtype, transforms=tr),  # dh, 2 slots
+    )) + (
+        plgpu.SMEM((2, BLOCK, DHV), dtype, transforms=tr),  # dh, 2 slots (bK 64: one takes dC last)
         plgpu.SMEM((2, BLOCK, bK), dtype, transforms=tr),  # q tile, 2 slots
         plgpu.SMEM((N_KVECS, BLOCK), _F32),
         plgpu.SMEM((2, N_QVECS, BLOCK), _F32),  # per-query vectors, 2 slots

@@ -12,16 +12,17 @@ Design (the forward kernel's loop, ``fw_parallel.py``, with the products of the 
 
 * Grid (DHQK / bK, S / 64, BH). A program of query block b (block iq inside chunk c) loops over the
   iq + 1 key blocks of its chunk up to the diagonal.
-* Shared memory (16-bit tiles, (8, 64) tiling, 128-byte swizzle): dh (64, DHV), the q tile
-  (64, bK) and the entering-state tile C_{c-1} (bK, DHV) loaded once; v (64, DHV), the k tile
-  (64, bK) and the key gate vector double-buffered; the q tile is read into registers for the row
-  sum at the end and its buffer then holds the dQ tile for the TMA store. The same bytes as the dK
-  kernel (``bw_parallel_dk.smem_bytes``): 208 KB at the standard heads with bK 128; at DHV 512 it
-  does not fit and the family runs the Triton dQ kernel.
-* First the inter-chunk term: acc = Winter_t (dh_t C^T / den_t + dnq_t n) (wgmma with the state
-  tile transposed in shared memory). Then per key block: dP = dh v^T (wgmma over DHV), scaled per
-  query row, the gate matrix with the causal and reset masks, acc += dS k (dS as a 16-bit register
-  operand).
+* Shared memory (16-bit tiles, (8, 64) tiling, 128-byte swizzle): dh (64, DHV) and the q tile
+  (64, bK) loaded once; v (64, DHV), the k tile (64, bK) and the key gate vector double-buffered;
+  the entering-state tile C_{c-1} (bK, DHV) in a buffer of its own at bK = 128, at bK = 64 in the
+  v slot the last loop step leaves free (as the dK kernel's dC tile). The q tile is read into
+  registers for the row sum at the end and its buffer then holds the dQ tile for the TMA store.
+  The same bytes as the dK kernel (``bw_parallel_dk.smem_bytes``): 208 KB at the standard heads
+  (bK 128), 216 KB at the 7B heads (bK 64).
+* Per key block: dP = dh v^T (wgmma over DHV), scaled per query row, the gate matrix with the
+  causal and reset masks, acc += dS k (dS as a 16-bit register operand). After the loop the
+  inter-chunk term Winter_t (dh_t C^T / den_t + dnq_t n) (wgmma with the state tile transposed in
+  shared memory) is added.
 * Outputs: the dQ tile (64, bK) in the kernel dtype and the fp32 row sums of dq * q per DHQK tile
   ((DHQK / bK, BH, S), summed over the tiles by the launcher).
 
@@ -37,7 +38,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from .bw_parallel_dk import SMEM_LIMIT, default_bK, smem_bytes
+from .bw_parallel_dk import SMEM_LIMIT, default_bK, reuses_slot, smem_bytes
 from .fw_parallel import BLOCK, _mosaic
 
 N_QVECS = 4
@@ -72,8 +73,13 @@ def _kernel(
     interpret: bool,
 ):
     plgpu = _mosaic().plgpu()
-    (dh_smem, q_smem, c_smem, v_smem, k_smem, qvec_smem, start_smem, klog_smem, n_smem,
-     dqq_smem) = smem
+    reuse = reuses_slot(bK)
+    if reuse:  # the state tile goes into a freed v slot in the last loop step
+        (dh_smem, q_smem, v_smem, k_smem, qvec_smem, start_smem, klog_smem, n_smem, dqq_smem) = smem
+        c_smem = None
+    else:
+        (dh_smem, q_smem, c_smem, v_smem, k_smem, qvec_smem, start_smem, klog_smem, n_smem,
+         dqq_smem) = smem
     dh_bar, q_bar, c_bar, qvec_bar, start_bar, n_bar, v_bar, k_bar, klog_bar = bars
     wg = plgpu.Layout.WGMMA
     row_layout, col_layout = wg.reduce(1), wg.reduce(0)
@@ -100,7 +106,9 @@ def _kernel(
     plgpu.copy_gmem_to_smem(qvec_ref.at[bh, qb], qvec_smem, qvec_bar)
     plgpu.copy_gmem_to_smem(start_ref.at[bh, qb], start_smem, start_bar)
     plgpu.copy_gmem_to_smem(n_ref.at[bh, chunk, dcols], n_smem, n_bar)
-    plgpu.copy_gmem_to_smem(c_ref.at[bh, chunk, dcols], c_smem, c_bar)
+    c_tile = c_ref.at[bh, chunk, dcols]  # (bK, DHV)
+    if not reuse:
+        plgpu.copy_gmem_to_smem(c_tile, c_smem, c_bar)
     fetch_kv(0, 0)
     plgpu.copy_gmem_to_smem(q_ref.at[bh, qrows, dcols], q_smem, q_bar)
 
@@ -120,27 +128,7 @@ def _kernel(
     matStart = lax.broadcast_in_dim(vecStart, shape_s, [0])
     shape_dq = (BLOCK, bK)
 
-    # the inter-chunk term: Winter_t (C_{c-1} dh_t / den_t + dnq_t n_{c-1})
     plgpu.barrier_wait(dh_bar)
-    plgpu.barrier_wait(c_bar)
-    plgpu.barrier_wait(n_bar)
-    if interpret:
-        matInter = lax.dot_general(
-            dh_smem[...], c_smem[...], (((1,), (1,)), ((), ())), preferred_element_type=_F32
-        )
-    else:
-
-        def inter(acc_ref):
-            plgpu.wgmma(acc_ref, dh_smem, plgpu.transpose_ref(c_smem, (1, 0)))
-            return acc_ref[...]
-
-        matInter = pl.run_scoped(inter, plgpu.ACC(shape_dq, _F32))
-    vecN = load(n_smem, col_layout)
-    matAcc0 = (
-        matInter * lax.broadcast_in_dim(vecDenInv, shape_dq, [0])
-        + lax.broadcast_in_dim(vecDnq, shape_dq, [0]) * lax.broadcast_in_dim(vecN, shape_dq, [1])
-    ) * lax.broadcast_in_dim(vecWinter, shape_dq, [0])
-
     n_iter = iq + 1
 
     def step(j, matAcc):
@@ -150,6 +138,12 @@ def _kernel(
         @pl.when(j + 1 < n_iter)
         def _prefetch():  # the other slot was last read by block j - 1, whose wgmmas are done
             fetch_kv(j + 1, 1 - slot)
+
+        if reuse:
+
+            @pl.when(j + 1 == n_iter)
+            def _prefetch_state():  # the last step: the other v slot is free for the state tile
+                plgpu.copy_gmem_to_smem(c_tile, v_smem.at[1 - slot], c_bar)
 
         plgpu.barrier_wait(v_bar.at[slot])
         plgpu.barrier_wait(klog_bar.at[slot])
@@ -180,8 +174,32 @@ def _kernel(
 
         return pl.run_state(dsk)(plgpu.ACC.init(matAcc))
 
+    matAcc0 = _mosaic().layout_cast(jnp.zeros(shape_dq, _F32), wg, interpret=interpret)
     matAcc = lax.fori_loop(jnp.int32(0), n_iter, step, matAcc0)
-    matDQ = matAcc * qk_scale
+
+    # the inter-chunk term after the loop (its accumulator is not live across it):
+    # Winter_t (C_{c-1} dh_t / den_t + dnq_t n_{c-1})
+    c_buf = v_smem.at[lax.rem(n_iter, jnp.int32(2))] if reuse else c_smem  # the last step's other slot
+    plgpu.barrier_wait(c_bar)
+    plgpu.barrier_wait(n_bar)
+    if interpret:
+        matInter = lax.dot_general(
+            dh_smem[...], c_buf[...], (((1,), (1,)), ((), ())), preferred_element_type=_F32
+        )
+    else:
+
+        def inter(acc_ref):
+            plgpu.wgmma(acc_ref, dh_smem, plgpu.transpose_ref(c_buf, (1, 0)))
+            return acc_ref[...]
+
+        matInter = pl.run_scoped(inter, plgpu.ACC(shape_dq, _F32))
+    vecN = load(n_smem, col_layout)
+    matInter = (
+        matInter * lax.broadcast_in_dim(vecDenInv, shape_dq, [0])
+        + lax.broadcast_in_dim(vecDnq, shape_dq, [0]) * lax.broadcast_in_dim(vecN, shape_dq, [1])
+    ) * lax.broadcast_in_dim(vecWinter, shape_dq, [0])
+
+    matDQ = (matAcc + matInter) * qk_scale
 
     plgpu.barrier_wait(q_bar)
     matQ = load(q_smem, wg).astype(_F32)
@@ -252,8 +270,10 @@ def parallel_bw_dq_mosaic(
     smem = (
         plgpu.SMEM((BLOCK, DHV), dtype, transforms=tr),  # dh of the query block
         plgpu.SMEM((BLOCK, bK), dtype, transforms=tr),  # q tile, then the dQ tile
+    ) + (() if reuses_slot(bK) else (
         plgpu.SMEM((bK, DHV), dtype, transforms=tr),  # entering state tile C_{c-1}
-        plgpu.SMEM((2, BLOCK, DHV), dtype, transforms=tr),  # v, 2 slots
+    )) + (
+        plgpu.SMEM((2, BLOCK, DHV), dtype, transforms=tr),  # v, 2 slots (bK 64: one takes C last)
         plgpu.SMEM((2, BLOCK, bK), dtype, transforms=tr),  # k tile, 2 slots
         plgpu.SMEM((N_QVECS, BLOCK), _F32),
         plgpu.SMEM((BLOCK,), jnp.int32),

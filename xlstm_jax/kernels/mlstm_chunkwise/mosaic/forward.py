@@ -1,7 +1,7 @@
 """The Mosaic GPU chunkwise family: the forward intra-chunk kernel on Mosaic GPU; state recurrence
 and backward are the Triton family's kernels, or with ``bw_kernels="mosaic"`` the parallel
-backward kernels on Mosaic GPU (``bw_parallel_dv``, and where their tiles fit, DHV <= 256,
-``bw_parallel_dk`` and ``bw_parallel_dq``; the recurrent backward stays Triton).
+backward kernels on Mosaic GPU (``bw_parallel_dv``, ``bw_parallel_dk``, ``bw_parallel_dq``; the
+recurrent backward stays Triton).
 
 ``mlstm_chunkwise_mosaic`` has the signature and options of ``mlstm_chunkwise_pallas``
 (``xlstm_jax.kernels.mlstm_chunkwise.pallas``) and computes the same function with the same
@@ -80,7 +80,7 @@ DEFAULT_BV = 128
 BW_KERNELS = ("triton", "mosaic")
 """The values of ``bw_kernels`` (the first is the default): the backward pass's kernels all Triton,
 or with the Mosaic GPU kernels written so far (dV: ``bw_parallel_dv``; dK and dQ:
-``bw_parallel_dk``, ``bw_parallel_dq`` where their tiles fit, DHV <= 256; the recurrent backward
+``bw_parallel_dk``, ``bw_parallel_dq`` where their tiles fit (every head shape of the benchmark); the recurrent backward
 stays Triton). ``"mosaic"`` is not the default until a GPU measurement says it is faster."""
 _OPEN_FORGET_GATE = 1e30  # log_sigmoid(1e30) == 0 exactly: the state carries through
 
@@ -189,7 +189,8 @@ def _forward_bwd(cfg: MosaicConfig, res, cts):
 def mosaic_bw_fns(cfg: MosaicConfig, DQ: int, DV: int) -> dict:
     """The Mosaic backward kernels that replace Triton ones (``chunkwise_backward``'s ``bw_fns``)
     for ``cfg.bw_kernels`` at the padded head dims DQ, DV: dV always with ``"mosaic"``; dK where
-    its tiles fit in shared memory (``bw_parallel_dk.fits``: not at DHV 512), else the Triton dK; dQ
+    its tiles fit in shared memory (``bw_parallel_dk.fits``: at the standard, 7B and small heads), else
+    the Triton dK; dQ
     likewise (``bw_parallel_dq.fits``)."""
     if cfg.bw_kernels != "mosaic":
         return {}
@@ -274,7 +275,7 @@ def mlstm_chunkwise_mosaic(
     ``recompute_states_in_bw`` act as in ``chunkwise_pallas`` (the recurrence and the backward
     are its kernels). ``bw_kernels`` (this family only): ``"triton"`` (default) or ``"mosaic"``:
     the parallel backward kernels on Mosaic GPU (dV always; dK and dQ where their tiles fit in
-    shared memory, DHV <= 256: at the 7B heads those two stay Triton; designs in the kernels'
+    shared memory (up to DHV 512 with DHQK tiles of 64); designs in the kernels'
     docstrings), the recurrent backward still Triton; ``ValueError`` with ``fuse_dkdv``. ``save_gates`` and
     ``fuse_dkdv`` act as in ``chunkwise_pallas``. The kernel dtype must be bfloat16 or float16 (``NotImplementedError`` for
     float32: no tf32 kernel yet). ``interpret``: None or False compile (an NVIDIA Hopper GPU,
