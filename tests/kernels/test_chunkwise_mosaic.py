@@ -628,7 +628,7 @@ def test_family_choice_rule(tmp_path, monkeypatch):
     path = _fake_table(tmp_path, monkeypatch, family="mosaic")
     c = _choose(interpret=True)
     assert (c.family, c.source) == ("mosaic", path)
-    assert c.mosaic_options == {"siz_b_DHV_inter": 64, "m_scan": "linear"}
+    assert c.mosaic_options == {"siz_b_DHV_inter": 64, "m_scan": "linear", "bw_kernels": "triton"}
     c = _choose(interpret=True, chunk_size=128)
     assert c.family == "mosaic" and c.mosaic_options["chunk_size"] == 128
     assert _choose(interpret=True, S=200).family == "mosaic"  # the nearest entry (S within 4x)
@@ -698,3 +698,35 @@ def test_tune_times_the_mosaic_family(tmp_path, capsys):
     assert "mosaic fw:" in text
     (e,) = tuning.parse_table(out.read_text(), str(out))
     assert e["family"] == "triton" and e["ms"]["mosaic_fw"] > 0 and "mosaic" in e["family_note"]
+    assert "mosaic_bw_kernels" not in e  # only a Mosaic win records it
+
+
+def test_tune_times_both_mosaic_backward_choices(tmp_path, capsys, monkeypatch):
+    """With the fwbw objective the tuner times chunkwise_mosaic with both ``bw_kernels``; when the
+    Mosaic family wins with the Mosaic backward kernels (a fake measurement: interpreted Mosaic is
+    far slower than interpreted Triton), the entry records it and ``chunkwise_auto`` passes it on."""
+    from xlstm_jax.cli import main
+    from xlstm_jax.kernels.mlstm_chunkwise.mosaic.auto import choose_family
+    from xlstm_jax.kernels.mlstm_chunkwise.pallas import tuning
+    from xlstm_jax.tools import tune
+
+    fake = {"triton": 2.0, "mosaic": 1.5, "mosaic_bw": 1.0}
+    monkeypatch.setattr(tune._Measurer, "measure", lambda self, o, mode, family="triton": fake[family])
+    out = tmp_path / "out.json"
+    rc = main(["tune", "--interpret", "--heads", "1,64,64", "--shapes", "1,64", "--space", "siz_b_L_loop=64",
+               "--objective", "fwbw", "--report-modes", "fwbw", "--reps", "1", "--warmup", "0",
+               "--families", "triton", "mosaic", "--no-cache", "--json", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert "bw_kernels=mosaic, fwbw: 1.000" in text
+    (e,) = tuning.parse_table(out.read_text(), str(out))
+    assert e["family"] == "mosaic" and e["mosaic_bw_kernels"] == "mosaic" and e["ms"]["mosaic_bw_fwbw"] == 1.0
+    monkeypatch.setattr(tuning, "tables", lambda: [(str(out), (e,))])
+    fc = choose_family(B=1, NH=1, S=64, DHQK=64, DHV=64, kernel_dtype=jnp.bfloat16, grad_mode="exact",
+                       interpret=True, device_kind=e["device_kind"])
+    assert fc.family == "mosaic" and fc.mosaic_options["bw_kernels"] == "mosaic"
+    with pytest.warns(UserWarning, match="mosaic_bw_kernels must be one of"):  # a bad entry is skipped
+        bad = tuning.parse_table(
+            out.read_text().replace('"mosaic_bw_kernels": "mosaic"', '"mosaic_bw_kernels": "cuda"'), str(out)
+        )
+    assert bad == []

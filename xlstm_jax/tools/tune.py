@@ -16,7 +16,9 @@ shipped ``tuned_defaults.json``.
 ``--families triton mosaic`` also times the Mosaic GPU family (``chunkwise_mosaic``, Hopper
 only) with the options of the best Triton candidate that it takes (``mosaic.auto.mosaic_options``)
 and records ``"family": "mosaic"`` in the entry when it is faster by ``--min-gain`` in the
-objective (the ``chunkwise_auto`` kernel then runs it for that shape); where Mosaic GPU cannot run,
+objective (the ``chunkwise_auto`` kernel then runs it for that shape); with the ``fwbw`` objective
+it times both of the family's backward choices (``bw_kernels`` triton and mosaic) and records
+``"mosaic_bw_kernels": "mosaic"`` when the Mosaic backward kernels won. Where Mosaic GPU cannot run,
 the entry stays Triton and the table says why.
 
 Refuses to run on a machine without a GPU (a ``UsageError``) unless ``--interpret`` (interpret-mode
@@ -127,11 +129,13 @@ class _Measurer:
         from xlstm_jax.kernels.mlstm_chunkwise.pallas import mlstm_chunkwise_pallas
 
         gm, interp = self.grad_mode, self.interpret
-        if family == "mosaic":
+        if family in ("mosaic", "mosaic_bw"):  # "mosaic_bw": with the Mosaic backward kernels
             from xlstm_jax.kernels.mlstm_chunkwise.mosaic import forward
             from xlstm_jax.kernels.mlstm_chunkwise.mosaic.auto import mosaic_options
 
             fn, overrides = forward.mlstm_chunkwise_mosaic, mosaic_options(overrides)
+            if family == "mosaic_bw":
+                overrides = {**overrides, "bw_kernels": "mosaic"}
         else:
             fn = mlstm_chunkwise_pallas
 
@@ -169,7 +173,8 @@ class _Measurer:
 
     def measure(self, overrides: dict, mode: str, family: str = "triton") -> float:
         """Median ms per call of ``mode`` ("fw" or "fwbw") with ``overrides`` (of the Triton family;
-        ``family="mosaic"``: chunkwise_mosaic with those it takes); raises on failure."""
+        ``family="mosaic"``: chunkwise_mosaic with those it takes, ``"mosaic_bw"``: the same with
+        ``bw_kernels="mosaic"``); raises on failure."""
         from .timing import time_calls
 
         status, obj = self._compile(overrides, mode, family)
@@ -235,7 +240,7 @@ def run(args) -> int:
                                                 else _try(m.measure, {}, mode))
                     final[mode] = (res.best_ms if mode == args.objective else
                                    final[f"{mode}_default"] if not res.best else _try(m.measure, res.best, mode))
-                family, family_note = _family_choice(m, res, final, args, dtype)
+                family, family_note, mosaic_bw = _family_choice(m, res, final, args, dtype)
                 params = tuning.minimal_overrides(S, DHQK, DHV, dtype, res.best)
                 entry = tuning.make_entry(key, params, objective=args.objective,
                                           ms={k: (None if v is None else round(v, 4)) for k, v in final.items()},
@@ -243,7 +248,8 @@ def run(args) -> int:
                                                  "candidates": sum(t.ms is not None for t in res.trials),
                                                  "failed": sum(t.error is not None for t in res.trials),
                                                  **({"family": family, "family_note": family_note}
-                                                    if "mosaic" in args.families else {})})
+                                                    if "mosaic" in args.families else {}),
+                                                 **({"mosaic_bw_kernels": mosaic_bw} if mosaic_bw != "triton" else {})})
                 entries.append(entry)
                 shown = {**params, **({"family": family} if family != "triton" else {})}
                 rows.append((key, shown, final, time.perf_counter() - t0))
@@ -266,12 +272,14 @@ def run(args) -> int:
     return 1 if failed else 0
 
 
-def _family_choice(m: _Measurer, res, final: dict, args, dtype) -> tuple[str, str]:
-    """("mosaic" or "triton", a note) for one key: with ``--families ... mosaic``, chunkwise_mosaic
-    is timed with the best candidate (its times go into ``final`` as ``mosaic_fw`` / ``mosaic_fwbw``)
-    and wins if it is ``--min-gain`` faster in the objective."""
+def _family_choice(m: _Measurer, res, final: dict, args, dtype) -> tuple[str, str, str]:
+    """("mosaic" or "triton", a note, the Mosaic ``bw_kernels``) for one key: with ``--families ...
+    mosaic``, chunkwise_mosaic is timed with the best candidate, with the Triton backward kernels and
+    (when the objective includes the backward pass) with ``bw_kernels="mosaic"`` (times in ``final``
+    as ``mosaic_fw`` / ``mosaic_fwbw`` / ``mosaic_bw_fwbw``); the faster variant wins if it is
+    ``--min-gain`` faster than the Triton family in the objective."""
     if "mosaic" not in args.families:
-        return "triton", ""
+        return "triton", "", "triton"
     from xlstm_jax.kernels.mlstm_chunkwise.mosaic.forward import MOSAIC_DTYPES
     from xlstm_jax.kernels.pallas import _mosaic
 
@@ -280,16 +288,25 @@ def _family_choice(m: _Measurer, res, final: dict, args, dtype) -> tuple[str, st
         why = f"no Mosaic kernel for {dtype.name}"
     if why is not None:
         print(f"  mosaic: not timed ({why})", flush=True)
-        return "triton", f"mosaic not timed: {why}"[:200]
+        return "triton", f"mosaic not timed: {why}"[:200], "triton"
     for mode in dict.fromkeys([args.objective, *args.report_modes]):
         final[f"mosaic_{mode}"] = _try(m.measure, res.best, mode, "mosaic")
         print(f"  mosaic {mode}: {_fmt(final[f'mosaic_{mode}'])} ms (triton {_fmt(final.get(mode))})", flush=True)
+        if mode == "fwbw":  # the forward pass is the same with either backward
+            final["mosaic_bw_fwbw"] = _try(m.measure, res.best, mode, "mosaic_bw")
+            print(f"  mosaic, bw_kernels=mosaic, fwbw: {_fmt(final['mosaic_bw_fwbw'])} ms", flush=True)
+    bw = "triton"
     mos = final[f"mosaic_{args.objective}"]
+    alt = final.get("mosaic_bw_fwbw") if args.objective == "fwbw" else None
+    if alt is not None and (mos is None or alt < mos):
+        mos, bw = alt, "mosaic"
+    what = "mosaic" + (" (bw_kernels=mosaic)" if bw == "mosaic" else "")
     if mos is None:
-        return "triton", "mosaic failed (see the log)"
+        return "triton", "mosaic failed (see the log)", "triton"
     if mos < res.best_ms * (1.0 - args.min_gain):
-        return "mosaic", f"mosaic {mos:.3f} ms < triton {res.best_ms:.3f} ms ({args.objective})"
-    return "triton", f"mosaic {mos:.3f} ms >= (1 - min_gain) x triton {res.best_ms:.3f} ms ({args.objective})"
+        return "mosaic", f"{what} {mos:.3f} ms < triton {res.best_ms:.3f} ms ({args.objective})", bw
+    return ("triton", f"{what} {mos:.3f} ms >= (1 - min_gain) x triton {res.best_ms:.3f} ms ({args.objective})",
+            "triton")
 
 
 def _write(entries: list, cache: str | None, json_path: str | None, trials: list, trials_path: str | None) -> None:

@@ -77,8 +77,8 @@ MOSAIC_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 DEFAULT_BV = 128
 """DHV tile of one program (register budget: two 64 x bV f32 accumulators in one warpgroup)."""
 
-BW_KERNELS = ("triton", "mosaic")
-"""The values of ``bw_kernels`` (the first is the default): the backward pass's kernels all Triton,
+BW_KERNELS = tuning.MOSAIC_BW_KERNELS
+"""The values of ``bw_kernels`` (the first is the default; defined beside the tuned tables, which record it): the backward pass's kernels all Triton,
 or with the Mosaic GPU kernels written so far (dV: ``bw_parallel_dv``; dK and dQ:
 ``bw_parallel_dk``, ``bw_parallel_dq`` where their tiles fit (every head shape of the benchmark); the recurrent backward
 stays Triton). ``"mosaic"`` is not the default until a GPU measurement says it is faster."""

@@ -99,6 +99,11 @@ dropped and the compile decides the rest."""
 FAMILIES = ("triton", "mosaic")
 """The kernel families an entry's optional ``"family"`` may name (module doc); the first is the default."""
 
+MOSAIC_BW_KERNELS = ("triton", "mosaic")
+"""The values of ``chunkwise_mosaic``'s ``bw_kernels`` (the first is the default), which an entry
+that chose the Mosaic family may record as ``"mosaic_bw_kernels"`` (the faster of the two the
+tuner timed)."""
+
 CALL_OPTION_DEFAULTS: dict[str, Any] = {
     "recompute_states_in_bw": True,
 }
@@ -210,6 +215,9 @@ def validate_entry(entry: Any) -> dict:
                              f"got {v!r}")
     if "family" in entry and entry["family"] not in FAMILIES:
         raise ValueError(f"tuning entry family must be one of {list(FAMILIES)}; got {entry['family']!r}")
+    if "mosaic_bw_kernels" in entry and entry["mosaic_bw_kernels"] not in MOSAIC_BW_KERNELS:
+        raise ValueError(f"tuning entry mosaic_bw_kernels must be one of {list(MOSAIC_BW_KERNELS)}; "
+                         f"got {entry['mosaic_bw_kernels']!r}")
     out = dict(entry)
     out["dtype"] = dtype_name(entry["dtype"])
     return out
@@ -218,6 +226,11 @@ def validate_entry(entry: Any) -> dict:
 def entry_family(entry: dict) -> str:
     """The kernel family a (validated) entry names as the faster at its key (default ``"triton"``)."""
     return entry.get("family", FAMILIES[0])
+
+
+def entry_mosaic_bw_kernels(entry: dict) -> str:
+    """The ``bw_kernels`` of ``chunkwise_mosaic`` a (validated) entry records (default ``"triton"``)."""
+    return entry.get("mosaic_bw_kernels", MOSAIC_BW_KERNELS[0])
 
 
 def entry_key(entry: dict) -> TuningKey:
