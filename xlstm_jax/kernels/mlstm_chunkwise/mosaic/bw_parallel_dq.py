@@ -122,10 +122,10 @@ def _kernel(
     shape_s = (BLOCK, BLOCK)
     idx_r = _mosaic().iota(shape_s, 0, wg, interpret=interpret)  # query row t (block-local)
     idx_c = _mosaic().iota(shape_s, 1, wg, interpret=interpret)  # key column s (block-local)
-    matQlog = lax.broadcast_in_dim(vecQlog, shape_s, [0])
-    matDenInv = lax.broadcast_in_dim(vecDenInv, shape_s, [0])
-    matDnq = lax.broadcast_in_dim(vecDnq, shape_s, [0])
-    matStart = lax.broadcast_in_dim(vecStart, shape_s, [0])
+
+    def row(x):  # a per-query vector over the (64, 64) tile, formed in the loop (no tiles live across it)
+        return lax.broadcast_in_dim(x, shape_s, [0])
+
     shape_dq = (BLOCK, bK)
 
     plgpu.barrier_wait(dh_bar)
@@ -160,10 +160,10 @@ def _kernel(
         else:
             matDP = pl.run_scoped(dhv, plgpu.ACC(shape_s, _F32))
         vecKlog = load(klog_smem.at[slot], col_layout)
-        matDP = matDP * matDenInv + matDnq
-        matLogD = matQlog + lax.broadcast_in_dim(vecKlog, shape_s, [1])
+        matDP = matDP * row(vecDenInv) + row(vecDnq)
+        matLogD = row(vecQlog) + lax.broadcast_in_dim(vecKlog, shape_s, [1])
         # causal: t >= s in chunk-local rows (only the diagonal block j == iq cuts); reset: s >= z_t
-        mask = (idx_r + (iq - j) * BLOCK >= idx_c) & (idx_c + j * BLOCK >= matStart)
+        mask = (idx_r + (iq - j) * BLOCK >= idx_c) & (idx_c + j * BLOCK >= row(vecStart))
         matDS = (matDP * jnp.exp2(jnp.where(mask, matLogD, -jnp.inf))).astype(dtype)
         plgpu.barrier_wait(k_bar.at[slot])
         if interpret:
