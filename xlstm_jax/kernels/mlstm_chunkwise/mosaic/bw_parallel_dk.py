@@ -43,7 +43,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from .fw_parallel import BLOCK, _mosaic
+from .fw_parallel import BLOCK, _mosaic, block_rows, block_starts
 
 N_QVECS = 3
 """Per-query vectors packed into one (3, 64) TMA tile: vecQlog, 1 / den, dnq."""
@@ -291,12 +291,9 @@ def parallel_bw_dk_mosaic(
             f"got {matDC_states.shape}, {vecDN_states.shape}"
         )
     nB, nDK = S // BLOCK, DHQK // bK
-    qvec = jnp.stack([vecQlog, vecDenInv, vecDnq], axis=1).astype(_F32)  # (BH, 3, S)
-    qvec = qvec.reshape(BH, N_QVECS, nB, BLOCK).transpose(0, 2, 1, 3)  # (BH, nB, 3, 64)
-    kvec = jnp.stack([vecKlog, vecWstate], axis=1).astype(_F32)
-    kvec = kvec.reshape(BH, N_KVECS, nB, BLOCK).transpose(0, 2, 1, 3)
-    chunk_start = (jnp.arange(S, dtype=jnp.int32) // L) * L
-    start = (vecStart.astype(jnp.int32) - chunk_start[None, :]).reshape(BH, nB, BLOCK)
+    qvec = block_rows(vecQlog, vecDenInv, vecDnq)  # (BH, nB, 3, 64)
+    kvec = block_rows(vecKlog, vecWstate)
+    start = block_starts(vecStart, L)
     tr = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     smem = (
         plgpu.SMEM((BLOCK, DHV), dtype, transforms=tr),  # v of the key block

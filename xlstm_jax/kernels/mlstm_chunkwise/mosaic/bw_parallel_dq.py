@@ -39,7 +39,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from .bw_parallel_dk import SMEM_LIMIT, default_bK, reuses_slot, smem_bytes
-from .fw_parallel import BLOCK, _mosaic
+from .fw_parallel import BLOCK, _mosaic, block_rows, block_starts
 
 N_QVECS = 4
 """Per-query vectors packed into one (4, 64) TMA tile: vecQlog, vecWinter, 1 / den, dnq."""
@@ -261,11 +261,9 @@ def parallel_bw_dq_mosaic(
             f"got {matC_states.shape}, {vecN_states.shape}"
         )
     nB, nDK = S // BLOCK, DHQK // bK
-    qvec = jnp.stack([vecQlog, vecWinter, vecDenInv, vecDnq], axis=1).astype(_F32)  # (BH, 4, S)
-    qvec = qvec.reshape(BH, N_QVECS, nB, BLOCK).transpose(0, 2, 1, 3)  # (BH, nB, 4, 64)
+    qvec = block_rows(vecQlog, vecWinter, vecDenInv, vecDnq)  # (BH, nB, 4, 64)
     klog = vecKlog.astype(_F32).reshape(BH, nB, BLOCK)
-    chunk_start = (jnp.arange(S, dtype=jnp.int32) // L) * L
-    start = (vecStart.astype(jnp.int32) - chunk_start[None, :]).reshape(BH, nB, BLOCK)
+    start = block_starts(vecStart, L)
     tr = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     smem = (
         plgpu.SMEM((BLOCK, DHV), dtype, transforms=tr),  # dh of the query block

@@ -44,7 +44,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from .fw_parallel import BLOCK, _mosaic
+from .fw_parallel import BLOCK, _mosaic, block_rows, block_starts
 
 N_QVECS = 2
 """Per-query vectors packed into one (2, 64) TMA tile: vecQlog, qk_scale / den."""
@@ -213,12 +213,9 @@ def parallel_bw_dv_mosaic(
             f"matDC_states must be {(BH, NC + 1, DHQK, DHV)}; got {matDC_states.shape}"
         )
     nB = S // BLOCK
-    qvec = jnp.stack([vecQlog, vecDenInv * qk_scale], axis=1).astype(_F32)  # (BH, 2, S)
-    qvec = qvec.reshape(BH, N_QVECS, nB, BLOCK).transpose(0, 2, 1, 3)  # (BH, nB, 2, 64)
-    kvec = jnp.stack([vecKlog, vecWstate], axis=1).astype(_F32)
-    kvec = kvec.reshape(BH, N_KVECS, nB, BLOCK).transpose(0, 2, 1, 3)
-    chunk_start = (jnp.arange(S, dtype=jnp.int32) // L) * L
-    start = (vecStart.astype(jnp.int32) - chunk_start[None, :]).reshape(BH, nB, BLOCK)
+    qvec = block_rows(vecQlog, vecDenInv * qk_scale)  # (BH, nB, 2, 64)
+    kvec = block_rows(vecKlog, vecWstate)
+    start = block_starts(vecStart, L)
     tr = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     smem = (
         plgpu.SMEM((BLOCK, DHQK), dtype, transforms=tr),  # k

@@ -68,7 +68,7 @@ from ..pallas.autodiff import (
 )
 from . import bw_parallel_dk, bw_parallel_dq
 from .bw_parallel_dv import parallel_bw_dv_mosaic
-from .fw_parallel import BLOCK, _mosaic, parallel_fw_h_mosaic
+from .fw_parallel import BLOCK, _mosaic, block_rows, block_starts, parallel_fw_h_mosaic
 
 KERNEL_NAME = "chunkwise_mosaic"
 _F32 = jnp.float32
@@ -150,10 +150,8 @@ def forward_padded(q, k, v, i, logf, C0, n0, m0, cfg: MosaicConfig) -> ForwardOu
     vecLam = gates.normalizer_lower_bound(
         vecM, norm_val=c.norm_val, stabilize_correctly=c.stabilize_correctly
     )
-    rows = jnp.stack([g.vecQlog, vecW, vecNqInter, vecLam], axis=1)  # (BH, 4, S)
-    rows = rows.reshape(BH, 4, nQB, BLOCK).transpose(0, 2, 1, 3)  # (BH, nQB, 4, 64)
-    chunk_start = (jnp.arange(S, dtype=jnp.int32) // L) * L
-    start = (g.vecStart.astype(jnp.int32) - chunk_start[None, :]).reshape(BH, nQB, BLOCK)
+    rows = block_rows(g.vecQlog, vecW, vecNqInter, vecLam)  # (BH, nQB, 4, 64)
+    start = block_starts(g.vecStart, L)
     klog = g.vecKlog.reshape(BH, nQB, BLOCK)
     # the kernel reads C_{k-1} of chunk k from the (BH, NC + 1, DQ, DV) border states directly
     # (row k of k = 0..NC-1; the last row is never read): slicing [:, :NC] first cost an XLA copy

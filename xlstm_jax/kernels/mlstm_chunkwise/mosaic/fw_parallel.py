@@ -62,6 +62,21 @@ N_ROWVECS = 4
 _F32 = jnp.float32
 
 
+def block_rows(*vectors: jax.Array) -> jax.Array:
+    """(BH, S) vectors packed per 64-step block for one TMA tile each: (BH, S / 64, n, 64) f32."""
+    BH, S = vectors[0].shape
+    x = jnp.stack(vectors, axis=1).astype(_F32)  # (BH, n, S)
+    return x.reshape(BH, len(vectors), S // BLOCK, BLOCK).transpose(0, 2, 1, 3)
+
+
+def block_starts(vecStart: jax.Array, L: int) -> jax.Array:
+    """The reset starts z_t (absolute step indices, (BH, S)) relative to their chunk's first step,
+    per 64-step block: (BH, S / 64, 64) int32."""
+    BH, S = vecStart.shape
+    chunk_start = (jnp.arange(S, dtype=jnp.int32) // L) * L
+    return (vecStart.astype(jnp.int32) - chunk_start[None, :]).reshape(BH, S // BLOCK, BLOCK)
+
+
 def _mosaic():
     """``xlstm_jax.kernels.pallas._mosaic``, imported on first use (never at package import)."""
     from ...pallas import _mosaic as mod
