@@ -82,16 +82,19 @@ for path in sorted(glob.glob(os.path.join(sys.argv[1], "mosaic_bench_*.json"))):
     meta.add(f"{data['device']}, jax {data['jax']}, {data['dtype']}, {data['date']}")
     for r in data["results"]:
         key = (r["heads"], r["NH"], r["DHQK"], r["DHV"], r["B"], r["S"], r["grad_mode"], r["mode"])
-        rows.setdefault(key, {})[r["kernel"]] = r
+        opts = {k: v for k, v in (r.get("options") or {}).items() if k != "interpret"}
+        label = "mosaic_bw" if r["kernel"] == "chunkwise_mosaic" and opts.get("bw_kernels") == "mosaic" else r["kernel"]
+        rows.setdefault(key, {})[label] = r
 if not rows:
     sys.exit("no mosaic_bench_*.json under " + sys.argv[1])
 print("device:", "; ".join(sorted(meta)))
-print("\n| heads (NH,DHQK,DHV) | BxS | grad | mode | chunkwise_mosaic ms | chunkwise_pallas ms | mosaic/pallas |")
-print("|---|---|---|---|---|---|---|")
+print("\n| heads (NH,DHQK,DHV) | BxS | grad | mode | chunkwise_mosaic ms | mosaic, bw_kernels=mosaic ms "
+      "| chunkwise_pallas ms | mosaic/pallas | mosaic bw/pallas |")
+print("|---|---|---|---|---|---|---|---|---|")
 for key in sorted(rows, key=lambda k: (k[0], k[4] * k[5], k[5], k[6], k[7])):
     heads, NH, DQ, DV, B, S, gm, mode = key
     cell = {}
-    for kern in ("chunkwise_mosaic", "chunkwise_pallas"):
+    for kern in ("chunkwise_mosaic", "mosaic_bw", "chunkwise_pallas"):
         r = rows[key].get(kern)
         if r is None:
             cell[kern] = None
@@ -100,8 +103,8 @@ for key in sorted(rows, key=lambda k: (k[0], k[4] * k[5], k[5], k[6], k[7])):
         else:
             cell[kern] = r["ms"]
     fmt = lambda v: "-" if v is None else (v if isinstance(v, str) else f"{v:.3f}")  # noqa: E731
-    a, b = cell["chunkwise_mosaic"], cell["chunkwise_pallas"]
-    ratio = f"{a / b:.2f}" if isinstance(a, float) and isinstance(b, float) else "-"
-    print(f"| {heads} ({NH},{DQ},{DV}) | {B}x{S} | {gm} | {mode} | {fmt(a)} | {fmt(b)} | {ratio} |")
+    a, c, b = cell["chunkwise_mosaic"], cell["mosaic_bw"], cell["chunkwise_pallas"]
+    ratio = lambda x: f"{x / b:.2f}" if isinstance(x, float) and isinstance(b, float) else "-"  # noqa: E731
+    print(f"| {heads} ({NH},{DQ},{DV}) | {B}x{S} | {gm} | {mode} | {fmt(a)} | {fmt(c)} | {fmt(b)} | {ratio(a)} | {ratio(c)} |")
 PYEOF
 fi
