@@ -15,6 +15,7 @@ import functools
 import inspect
 
 import jax
+from jax.experimental import pallas as pl
 
 # Every name the kernels use; checked once so that an old API fails with one clear message.
 REQUIRED_NAMES = (
@@ -118,3 +119,45 @@ def iota(shape, dimension: int, layout, *, interpret: bool):
     if interpret:
         return jax.lax.broadcasted_iota(jax.numpy.int32, shape, dimension)
     return plgpu().broadcasted_iota(jax.numpy.int32, shape, dimension, layout=layout)
+
+
+def dot_nn(a_ref, b_ref):
+    """a @ b (float32 registers) of two shared-memory tiles (M, K), (K, N): one awaited wgmma
+    (the interpreter runs this form as it is)."""
+    mod = plgpu()
+
+    def body(acc_ref):
+        mod.wgmma(acc_ref, a_ref, b_ref)
+        return acc_ref[...]
+
+    return pl.run_scoped(body, mod.ACC((a_ref.shape[0], b_ref.shape[1]), jax.numpy.float32))
+
+
+def dot_nt(a_ref, b_ref, *, interpret: bool):
+    """a @ b^T (float32 registers) of two shared-memory tiles (M, K), (N, K): one awaited wgmma
+    with b transposed in shared memory; in interpret mode (whose wgmma takes no transposed
+    operand) a ``dot_general`` of the loaded tiles."""
+    f32 = jax.numpy.float32
+    if interpret:
+        return jax.lax.dot_general(a_ref[...], b_ref[...], (((1,), (1,)), ((), ())), preferred_element_type=f32)
+    mod = plgpu()
+
+    def body(acc_ref):
+        mod.wgmma(acc_ref, a_ref, mod.transpose_ref(b_ref, (1, 0)))
+        return acc_ref[...]
+
+    return pl.run_scoped(body, mod.ACC((a_ref.shape[0], b_ref.shape[0]), f32))
+
+
+def dot_acc(acc, a, b_ref, *, interpret: bool):
+    """acc + a @ b: ``a`` in registers (16-bit), ``b`` a shared-memory tile, ``acc`` float32. The
+    wgmma is awaited (``pl.run_state``), so b's buffer may be refilled right after; in interpret
+    mode (whose wgmma takes no register operand) a ``jnp.dot``."""
+    if interpret:
+        return acc + jax.numpy.dot(a, b_ref[...], preferred_element_type=jax.numpy.float32)
+    mod = plgpu()
+
+    def body(acc_ref):
+        mod.wgmma(acc_ref, a, b_ref)
+
+    return pl.run_state(body)(mod.ACC.init(acc))

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from .fw_parallel import BLOCK, _mosaic, block_rows, block_starts
+from .fw_parallel import BLOCK, _mosaic, block_rows, block_starts, key_block_mask
 
 N_QVECS = 3
 """Per-query vectors packed into one (3, 64) TMA tile: vecQlog, 1 / den, dnq."""
@@ -171,17 +171,7 @@ def _kernel(
         plgpu.barrier_wait(qvec_bar.at[slot])
         plgpu.barrier_wait(start_bar.at[slot])
 
-        def vdh(s_ref):
-            plgpu.wgmma(s_ref, v_smem, plgpu.transpose_ref(dh_smem.at[slot], (1, 0)))
-            return s_ref[...]
-
-        if interpret:
-            matDPt = lax.dot_general(
-                v_smem[...], dh_smem.at[slot][...], (((1,), (1,)), ((), ())),
-                preferred_element_type=_F32,
-            )
-        else:
-            matDPt = pl.run_scoped(vdh, plgpu.ACC(shape_s, _F32))
+        matDPt = _mosaic().dot_nt(v_smem, dh_smem.at[slot], interpret=interpret)
         vecQlog = load(qvec_smem.at[slot, 0], col_layout)
         vecDenInv = load(qvec_smem.at[slot, 1], col_layout)
         vecDnq = load(qvec_smem.at[slot, 2], col_layout)
@@ -190,18 +180,10 @@ def _kernel(
             vecDnq, shape_s, [1]
         )
         matLogD = matKlog + lax.broadcast_in_dim(vecQlog, shape_s, [1])
-        mask = (idx_c + j * BLOCK >= idx_r) & (
-            idx_r + ik * BLOCK >= lax.broadcast_in_dim(vecStart, shape_s, [1])
-        )
+        mask = key_block_mask(idx_r, idx_c, j, ik, lax.broadcast_in_dim(vecStart, shape_s, [1]))
         matDSt = (matDPt * jnp.exp2(jnp.where(mask, matLogD, -jnp.inf))).astype(dtype)
         plgpu.barrier_wait(q_bar.at[slot])
-        if interpret:
-            return matAcc + jnp.dot(matDSt, q_smem.at[slot][...], preferred_element_type=_F32)
-
-        def dsq(acc_ref):
-            plgpu.wgmma(acc_ref, matDSt, q_smem.at[slot])
-
-        return pl.run_state(dsq)(plgpu.ACC.init(matAcc))
+        return _mosaic().dot_acc(matAcc, matDSt, q_smem.at[slot], interpret=interpret)
 
     matAcc0 = _mosaic().layout_cast(jnp.zeros(shape_dk, _F32), wg, interpret=interpret)
     matAcc = lax.fori_loop(jnp.int32(0), n_iter, step, matAcc0)
@@ -211,17 +193,7 @@ def _kernel(
     plgpu.barrier_wait(dc_bar)
     plgpu.barrier_wait(dn_bar)
     dc_buf = dh_smem.at[lax.rem(n_iter, jnp.int32(2))] if reuse else dc_smem  # the last step's other slot
-    if interpret:
-        matState = lax.dot_general(
-            v_smem[...], dc_buf[...], (((1,), (1,)), ((), ())), preferred_element_type=_F32
-        )
-    else:
-
-        def state(acc_ref):
-            plgpu.wgmma(acc_ref, v_smem, plgpu.transpose_ref(dc_buf, (1, 0)))
-            return acc_ref[...]
-
-        matState = pl.run_scoped(state, plgpu.ACC(shape_dk, _F32))
+    matState = _mosaic().dot_nt(v_smem, dc_buf, interpret=interpret)
     vecDn = load(dn_smem, col_layout)
     matDKstate = (matState + lax.broadcast_in_dim(vecDn, shape_dk, [1])) * lax.broadcast_in_dim(
         vecWstate, shape_dk, [0]

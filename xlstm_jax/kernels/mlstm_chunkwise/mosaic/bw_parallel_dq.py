@@ -39,7 +39,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from .bw_parallel_dk import SMEM_LIMIT, default_bK, reuses_slot, smem_bytes
-from .fw_parallel import BLOCK, _mosaic, block_rows, block_starts
+from .fw_parallel import BLOCK, _mosaic, block_rows, block_starts, query_block_mask
 
 N_QVECS = 4
 """Per-query vectors packed into one (4, 64) TMA tile: vecQlog, vecWinter, 1 / den, dnq."""
@@ -148,31 +148,14 @@ def _kernel(
         plgpu.barrier_wait(v_bar.at[slot])
         plgpu.barrier_wait(klog_bar.at[slot])
 
-        def dhv(s_ref):
-            plgpu.wgmma(s_ref, dh_smem, plgpu.transpose_ref(v_smem.at[slot], (1, 0)))
-            return s_ref[...]
-
-        if interpret:
-            matDP = lax.dot_general(
-                dh_smem[...], v_smem.at[slot][...], (((1,), (1,)), ((), ())),
-                preferred_element_type=_F32,
-            )
-        else:
-            matDP = pl.run_scoped(dhv, plgpu.ACC(shape_s, _F32))
+        matDP = _mosaic().dot_nt(dh_smem, v_smem.at[slot], interpret=interpret)
         vecKlog = load(klog_smem.at[slot], col_layout)
         matDP = matDP * row(vecDenInv) + row(vecDnq)
         matLogD = row(vecQlog) + lax.broadcast_in_dim(vecKlog, shape_s, [1])
-        # causal: t >= s in chunk-local rows (only the diagonal block j == iq cuts); reset: s >= z_t
-        mask = (idx_r + (iq - j) * BLOCK >= idx_c) & (idx_c + j * BLOCK >= row(vecStart))
+        mask = query_block_mask(idx_r, idx_c, j, iq, row(vecStart))
         matDS = (matDP * jnp.exp2(jnp.where(mask, matLogD, -jnp.inf))).astype(dtype)
         plgpu.barrier_wait(k_bar.at[slot])
-        if interpret:
-            return matAcc + jnp.dot(matDS, k_smem.at[slot][...], preferred_element_type=_F32)
-
-        def dsk(acc_ref):
-            plgpu.wgmma(acc_ref, matDS, k_smem.at[slot])
-
-        return pl.run_state(dsk)(plgpu.ACC.init(matAcc))
+        return _mosaic().dot_acc(matAcc, matDS, k_smem.at[slot], interpret=interpret)
 
     matAcc0 = _mosaic().layout_cast(jnp.zeros(shape_dq, _F32), wg, interpret=interpret)
     matAcc = lax.fori_loop(jnp.int32(0), n_iter, step, matAcc0)
@@ -182,17 +165,7 @@ def _kernel(
     c_buf = v_smem.at[lax.rem(n_iter, jnp.int32(2))] if reuse else c_smem  # the last step's other slot
     plgpu.barrier_wait(c_bar)
     plgpu.barrier_wait(n_bar)
-    if interpret:
-        matInter = lax.dot_general(
-            dh_smem[...], c_buf[...], (((1,), (1,)), ((), ())), preferred_element_type=_F32
-        )
-    else:
-
-        def inter(acc_ref):
-            plgpu.wgmma(acc_ref, dh_smem, plgpu.transpose_ref(c_buf, (1, 0)))
-            return acc_ref[...]
-
-        matInter = pl.run_scoped(inter, plgpu.ACC(shape_dq, _F32))
+    matInter = _mosaic().dot_nt(dh_smem, c_buf, interpret=interpret)
     vecN = load(n_smem, col_layout)
     matInter = (
         matInter * lax.broadcast_in_dim(vecDenInv, shape_dq, [0])

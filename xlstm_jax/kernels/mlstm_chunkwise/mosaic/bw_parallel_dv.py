@@ -44,7 +44,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from .fw_parallel import BLOCK, _mosaic, block_rows, block_starts
+from .fw_parallel import BLOCK, _mosaic, block_rows, block_starts, key_block_mask
 
 N_QVECS = 2
 """Per-query vectors packed into one (2, 64) TMA tile: vecQlog, qk_scale / den."""
@@ -114,12 +114,7 @@ def _kernel(
     # the state term first: acc = Wstate_s * (k_s^T dC_c)
     plgpu.barrier_wait(dc_bar)
 
-    def state(acc_ref):
-        plgpu.wgmma(acc_ref, k_smem, dc_smem)
-        return acc_ref[...]
-
-    matAcc0 = pl.run_scoped(state, plgpu.ACC(shape_dv, _F32))
-    matAcc0 = matAcc0 * lax.broadcast_in_dim(vecWstate, shape_dv, [0])
+    matAcc0 = _mosaic().dot_nn(k_smem, dc_smem) * lax.broadcast_in_dim(vecWstate, shape_dv, [0])
 
     def step(j, matAcc):
         """Query block ik + j of the chunk: acc -> acc + P^T dh of this block."""
@@ -133,39 +128,19 @@ def _kernel(
         plgpu.barrier_wait(qvec_bar.at[slot])
         plgpu.barrier_wait(start_bar.at[slot])
 
-        def kq(s_ref):
-            plgpu.wgmma(s_ref, k_smem, plgpu.transpose_ref(q_smem.at[slot], (1, 0)))
-            return s_ref[...]
-
-        if interpret:  # the interpreter's wgmma takes no transposed or register operand
-            matSt = lax.dot_general(
-                k_smem[...], q_smem.at[slot][...], (((1,), (1,)), ((), ())),
-                preferred_element_type=_F32,
-            )
-        else:
-            matSt = pl.run_scoped(kq, plgpu.ACC(shape_s, _F32))
+        matSt = _mosaic().dot_nt(k_smem, q_smem.at[slot], interpret=interpret)
         vecQlog = load(qvec_smem.at[slot, 0], col_layout)
         vecScale = load(qvec_smem.at[slot, 1], col_layout)
         vecStart = load(start_smem.at[slot], col_layout)
         matLogD = matKlog + lax.broadcast_in_dim(vecQlog, shape_s, [1])
-        # causal: t >= s in chunk-local rows (query block ik + j, key block ik: only j == 0 cuts);
-        # reset: s >= z_t (both chunk-relative: s = ik * 64 + r)
-        mask = (idx_c + j * BLOCK >= idx_r) & (
-            idx_r + ik * BLOCK >= lax.broadcast_in_dim(vecStart, shape_s, [1])
-        )
+        mask = key_block_mask(idx_r, idx_c, j, ik, lax.broadcast_in_dim(vecStart, shape_s, [1]))
         matPt = (matSt * lax.broadcast_in_dim(vecScale, shape_s, [1])) * jnp.exp2(
             jnp.where(mask, matLogD, -jnp.inf)
         )
         matPt = matPt.astype(dtype)
         plgpu.barrier_wait(dh_bar.at[slot])
-        if interpret:
-            return matAcc + jnp.dot(matPt, dh_smem.at[slot][...], preferred_element_type=_F32)
-
-        def pdh(acc_ref):
-            plgpu.wgmma(acc_ref, matPt, dh_smem.at[slot])
-
-        # run_state awaits the wgmma: the slot may be refilled by the prefetch of step j + 1
-        return pl.run_state(pdh)(plgpu.ACC.init(matAcc))
+        # awaited: the slot may be refilled by the prefetch of step j + 1
+        return _mosaic().dot_acc(matAcc, matPt, dh_smem.at[slot], interpret=interpret)
 
     matAcc = lax.fori_loop(jnp.int32(0), n_iter, step, matAcc0)
 

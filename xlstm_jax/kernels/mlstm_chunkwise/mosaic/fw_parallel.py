@@ -77,6 +77,21 @@ def block_starts(vecStart: jax.Array, L: int) -> jax.Array:
     return (vecStart.astype(jnp.int32) - chunk_start[None, :]).reshape(BH, S // BLOCK, BLOCK)
 
 
+def query_block_mask(idx_r, idx_c, j, iq, start_rows):
+    """The (64, 64) mask of query block ``iq`` (rows t) against key block ``j`` (columns s) of one
+    chunk: causal t >= s (only the diagonal block j == iq cuts) and the reset s >= z_t
+    (``start_rows``: z_t chunk-relative, broadcast over the columns). ``idx_r``, ``idx_c``:
+    block-local row and column iotas."""
+    return (idx_r + (iq - j) * BLOCK >= idx_c) & (idx_c + j * BLOCK >= start_rows)
+
+
+def key_block_mask(idx_r, idx_c, j, ik, start_cols):
+    """The (64, 64) mask of key block ``ik`` (rows s) against query block ``ik + j`` (columns t)
+    of one chunk, the transpose of ``query_block_mask``: t >= s (only j == 0 cuts) and s >= z_t
+    (``start_cols``: z_t chunk-relative, broadcast over the rows)."""
+    return (idx_c + j * BLOCK >= idx_r) & (idx_r + ik * BLOCK >= start_cols)
+
+
 def _mosaic():
     """``xlstm_jax.kernels.pallas._mosaic``, imported on first use (never at package import)."""
     from ...pallas import _mosaic as mod
@@ -154,12 +169,7 @@ def _kernel(
     # inter-chunk term first (like the Triton kernel): acc = W_t qs_t^T C_{k-1}; the loop adds P v
     plgpu.barrier_wait(c_bar)
 
-    def inter(acc_ref):
-        plgpu.wgmma(acc_ref, q_smem, c_smem)
-        return acc_ref[...]
-
-    matAcc0 = pl.run_scoped(inter, plgpu.ACC(shape_h, _F32))
-    matAcc0 = matAcc0 * lax.broadcast_in_dim(vecW, shape_h, [0])
+    matAcc0 = _mosaic().dot_nn(q_smem, c_smem) * lax.broadcast_in_dim(vecW, shape_h, [0])
 
     def step(j, carry):
         """Key block j of the chunk: (nq, acc) -> (nq, acc) with this block's P added."""
@@ -173,34 +183,17 @@ def _kernel(
         plgpu.barrier_wait(k_bar.at[slot])
         plgpu.barrier_wait(klog_bar.at[slot])
 
-        def qk(s_ref):
-            plgpu.wgmma(s_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
-            return s_ref[...]
-
-        if interpret:  # the interpreter's wgmma takes no transposed or register operand
-            matS = lax.dot_general(
-                q_smem[...], k_smem.at[slot][...], (((1,), (1,)), ((), ())),
-                preferred_element_type=_F32,
-            )
-        else:
-            matS = pl.run_scoped(qk, plgpu.ACC(shape_s, _F32))
+        matS = _mosaic().dot_nt(q_smem, k_smem.at[slot], interpret=interpret)
         vecKlog = load(klog_smem.at[slot], col_layout)
         matLogD = matQlog + lax.broadcast_in_dim(vecKlog, shape_s, [1])
         # causal: t >= s in chunk-local rows (only the diagonal block j == iq cuts); reset: s >= z_t
-        mask = (idx_r + (iq - j) * BLOCK >= idx_c) & (idx_c + j * BLOCK >= matStart)
+        mask = query_block_mask(idx_r, idx_c, j, iq, matStart)
         matP = (matS * qk_scale) * jnp.exp2(jnp.where(mask, matLogD, -jnp.inf))
         vecNq = vecNq + matP.sum(axis=1)
         matP = matP.astype(dtype)
         plgpu.barrier_wait(v_bar.at[slot])
-        if interpret:
-            matAcc = matAcc + jnp.dot(matP, v_smem.at[slot][...], preferred_element_type=_F32)
-        else:
-
-            def pv(acc_ref):
-                plgpu.wgmma(acc_ref, matP, v_smem.at[slot])
-
-            # run_state awaits the wgmma: the slot may be refilled by the prefetch of step j + 1
-            matAcc = pl.run_state(pv)(plgpu.ACC.init(matAcc))
+        # awaited: the slot may be refilled by the prefetch of step j + 1
+        matAcc = _mosaic().dot_acc(matAcc, matP, v_smem.at[slot], interpret=interpret)
         return vecNq, matAcc
 
     vecNq0 = _mosaic().layout_cast(jnp.zeros((BLOCK,), _F32), row_layout, interpret=interpret)
