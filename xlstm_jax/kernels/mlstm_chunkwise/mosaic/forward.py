@@ -78,10 +78,10 @@ DEFAULT_BV = 128
 """DHV tile of one program (register budget: two 64 x bV f32 accumulators in one warpgroup)."""
 
 BW_KERNELS = tuning.MOSAIC_BW_KERNELS
-"""The values of ``bw_kernels`` (the first is the default; defined beside the tuned tables, which record it): the backward pass's kernels all Triton,
-or with the Mosaic GPU kernels written so far (dV: ``bw_parallel_dv``; dK and dQ:
-``bw_parallel_dk``, ``bw_parallel_dq`` where their tiles fit (every head shape of the benchmark); the recurrent backward
-stays Triton). ``"mosaic"`` is not the default until a GPU measurement says it is faster."""
+"""The values of ``bw_kernels`` (the first is the default; defined beside the tuned tables, which
+record it): the backward pass's kernels all Triton, or the parallel ones on Mosaic GPU
+(``mosaic_bw_fns``; the recurrent backward stays Triton). ``"mosaic"`` is not the default until a
+GPU measurement says it is faster."""
 _OPEN_FORGET_GATE = 1e30  # log_sigmoid(1e30) == 0 exactly: the state carries through
 
 
@@ -180,16 +180,17 @@ def _forward_fwd(q, k, v, i, logf, C0, n0, m0, cfg: MosaicConfig):
 
 def _forward_bwd(cfg: MosaicConfig, res, cts):
     """The Triton family's backward pass (kernels and gate pull-backs) on the Mosaic residuals,
-    with ``bw_kernels="mosaic"`` the Mosaic dV kernel in place of the Triton one."""
-    return backward_from_residuals(cfg.core, res, cts, bw_fns=mosaic_bw_fns(cfg, res[0].shape[-1], res[2].shape[-1]))
+    with ``bw_kernels="mosaic"`` the Mosaic parallel kernels of ``mosaic_bw_fns`` in place of the
+    Triton ones (residuals 0 and 2 are the padded q and v)."""
+    bw_fns = mosaic_bw_fns(cfg, res[0].shape[-1], res[2].shape[-1])
+    return backward_from_residuals(cfg.core, res, cts, bw_fns=bw_fns)
 
 
 def mosaic_bw_fns(cfg: MosaicConfig, DQ: int, DV: int) -> dict:
     """The Mosaic backward kernels that replace Triton ones (``chunkwise_backward``'s ``bw_fns``)
-    for ``cfg.bw_kernels`` at the padded head dims DQ, DV: dV always with ``"mosaic"``; dK where
-    its tiles fit in shared memory (``bw_parallel_dk.fits``: at the standard, 7B and small heads), else
-    the Triton dK; dQ
-    likewise (``bw_parallel_dq.fits``)."""
+    for ``cfg.bw_kernels`` at the padded head dims DQ, DV: dV always with ``"mosaic"``; dK and dQ
+    where their tiles fit in shared memory (``bw_parallel_dk.fits``, ``bw_parallel_dq.fits``: at
+    the standard, 7B and small heads), else the Triton ones."""
     if cfg.bw_kernels != "mosaic":
         return {}
     c = cfg.core
@@ -273,10 +274,10 @@ def mlstm_chunkwise_mosaic(
     ``recompute_states_in_bw`` act as in ``chunkwise_pallas`` (the recurrence and the backward
     are its kernels). ``bw_kernels`` (this family only): ``"triton"`` (default) or ``"mosaic"``:
     the parallel backward kernels on Mosaic GPU (dV always; dK and dQ where their tiles fit in
-    shared memory (up to DHV 512 with DHQK tiles of 64); designs in the kernels'
-    docstrings), the recurrent backward still Triton; ``ValueError`` with ``fuse_dkdv``. ``save_gates`` and
-    ``fuse_dkdv`` act as in ``chunkwise_pallas``. The kernel dtype must be bfloat16 or float16 (``NotImplementedError`` for
-    float32: no tf32 kernel yet). ``interpret``: None or False compile (an NVIDIA Hopper GPU,
+    shared memory, up to DHV 512 with DHQK tiles of 64; designs in the kernels' docstrings), the
+    recurrent backward still Triton; ``ValueError`` with ``fuse_dkdv``. ``save_gates`` and
+    ``fuse_dkdv`` act as in ``chunkwise_pallas``. The kernel dtype must be bfloat16 or float16
+    (``NotImplementedError`` for float32: no tf32 kernel yet). ``interpret``: None or False compile (an NVIDIA Hopper GPU,
     else ``RuntimeError``); True runs Mosaic GPU's interpret mode and the Triton kernels
     interpreted (CPU).
     """
@@ -372,7 +373,7 @@ def mlstm_chunkwise_mosaic(
     )
     if bw_kernels == "mosaic" and prep.params.fuse_dkdv:
         raise ValueError(
-            f"{KERNEL_NAME}: bw_kernels='mosaic' (the Mosaic dV kernel) and fuse_dkdv (dK and dV from "
+            f"{KERNEL_NAME}: bw_kernels='mosaic' (the Mosaic dK and dV kernels) and fuse_dkdv (dK and dV from "
             f"one Triton kernel) exclude each other; got fuse_dkdv=True (explicit or from the tuned table)"
         )
     matH, matC_last, vecN_last, scaM_last = _forward(q, k, v, i, logf, C0, n0, m0, cfg)
