@@ -140,8 +140,8 @@ def test_registry_entry():
     spec = get_mlstm_kernel_spec("chunkwise_mosaic")
     pallas = get_mlstm_kernel_spec("chunkwise_pallas")
     assert spec.needs_gpu and spec.differentiable
-    assert "backward are the Triton family's kernels" in spec.description
-    # the tools run them only when named until the GPU run has verified them
+    assert "backward dV, dK, dQ kernels on Mosaic GPU" in spec.description
+    # the tools run them only when named (the GPU scripts name them: keeps the default GPU suite short)
     from xlstm_jax.kernels.registry import default_tool_kernels
 
     assert not spec.tool_default and not get_mlstm_kernel_spec("chunkwise_auto").tool_default
@@ -223,33 +223,48 @@ def test_compiled_path_lowers_for_cuda(case, monkeypatch):
     assert "mosaic_gpu" in text
 
 
-GRAD_LOWERING_CASES = [  # (DHQK, DHV, bw_kernels, Mosaic GPU calls): the forward kernel, with
-    # bw_kernels="mosaic" also dV, dK and dQ (bK 128 at the standard heads, 64 at the 7B and small)
-    (128, 256, "triton", 1),
-    (128, 256, "mosaic", 4),
-    (256, 512, "mosaic", 4),
-    (64, 128, "mosaic", 4),
+GRAD_LOWERING_CASES = [  # (DHQK, DHV, options, Mosaic GPU calls): the forward kernel, with
+    # bw_kernels="mosaic" (the default) also dV, dK and dQ (bK 128 at the standard heads, 64 at the
+    # 7B and small); the default with fuse_dkdv resolves to the Triton backward
+    (128, 256, dict(bw_kernels="triton"), 1),
+    (128, 256, dict(bw_kernels="mosaic"), 4),
+    (128, 256, dict(), 4),
+    (128, 256, dict(fuse_dkdv=True), 1),
+    (256, 512, dict(bw_kernels="mosaic"), 4),
+    (64, 128, dict(bw_kernels="mosaic"), 4),
 ]
+MOSAIC_KERNEL_NAMES = ("mlstm_mosaic_parallel_fw", "mlstm_mosaic_parallel_bw_dv", "mlstm_mosaic_parallel_bw_dk",
+                       "mlstm_mosaic_parallel_bw_dq")
+"""The names the Mosaic kernels are compiled (and profiled) under, in the order of the call count."""
 
 
-@pytest.mark.parametrize("case", GRAD_LOWERING_CASES, ids=["-".join(map(str, c)) for c in GRAD_LOWERING_CASES])
+def _case_id(case) -> str:
+    DHQK, DHV, opts, calls = case
+    return "-".join([f"DHQK{DHQK}", f"DHV{DHV}", *(f"{k}={v}" for k, v in opts.items()), f"calls{calls}"])
+
+
+@pytest.mark.parametrize("case", GRAD_LOWERING_CASES, ids=[_case_id(c) for c in GRAD_LOWERING_CASES])
 def test_compiled_gradient_path_lowers_for_cuda(case, monkeypatch):
     """The gradient traces with the compiled Mosaic kernel (its nq output feeding the backward
     pass; on CPU the Triton backward kernels lower interpreted) and lowers for CUDA; with
-    ``bw_kernels="mosaic"`` the Mosaic dV, dK and dQ kernels are further Mosaic GPU custom calls."""
+    ``bw_kernels="mosaic"`` the Mosaic dV, dK and dQ kernels are further Mosaic GPU custom calls,
+    each under its own kernel name (so that a profile tells them apart)."""
     from xlstm_jax.kernels.pallas import _mosaic
 
-    DHQK, DHV, bw_kernels, calls = case
+    DHQK, DHV, opts, calls = case
     monkeypatch.setattr(_mosaic, "check_backend", lambda *a: None)
     B, NH, S = 1, 2, 256
     sds = lambda *shape, dt=jnp.dtype("bfloat16"): jax.ShapeDtypeStruct(shape, dt)  # noqa: E731
     args = (sds(B, NH, S, DHQK), sds(B, NH, S, DHQK), sds(B, NH, S, DHV),
             sds(B, NH, S, dt=jnp.float32), sds(B, NH, S, dt=jnp.float32))
-    fn = get_mlstm_kernel("chunkwise_mosaic", chunk_size=128, interpret=False, bw_kernels=bw_kernels)
+    fn = get_mlstm_kernel("chunkwise_mosaic", chunk_size=128, interpret=False, **opts)
     loss = lambda *a: jnp.sum(fn(*a).astype(jnp.float32))  # noqa: E731
     grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))
     text = grad.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("custom_call @mosaic_gpu") == calls
+    for j, name in enumerate(MOSAIC_KERNEL_NAMES):
+        assert (name in text) == (j < calls), name
+    assert "anonymous" not in text
 
 
 def _dv_reference(q, k, dh, qlog, klog, wstate, deninv, start, dC, L, qk_scale):
@@ -628,9 +643,12 @@ def test_family_choice_rule(tmp_path, monkeypatch):
     path = _fake_table(tmp_path, monkeypatch, family="mosaic")
     c = _choose(interpret=True)
     assert (c.family, c.source) == ("mosaic", path)
-    assert c.mosaic_options == {"siz_b_DHV_inter": 64, "m_scan": "linear", "bw_kernels": "triton"}
+    assert c.mosaic_options == {"siz_b_DHV_inter": 64, "m_scan": "linear"}  # bw_kernels: the kernel's default
     c = _choose(interpret=True, chunk_size=128)
     assert c.family == "mosaic" and c.mosaic_options["chunk_size"] == 128
+    _fake_table(tmp_path, monkeypatch, family="mosaic", mosaic_bw_kernels="triton")  # recorded: passed on
+    assert _choose(interpret=True).mosaic_options["bw_kernels"] == "triton"
+    path = _fake_table(tmp_path, monkeypatch, family="mosaic")
     assert _choose(interpret=True, S=200).family == "mosaic"  # the nearest entry (S within 4x)
     cases = [
         (dict(interpret=True, kernel_dtype=jnp.float32), "float32"),
@@ -701,16 +719,18 @@ def test_tune_times_the_mosaic_family(tmp_path, capsys):
     assert "mosaic_bw_kernels" not in e  # only a Mosaic win records it
 
 
-def test_tune_times_both_mosaic_backward_choices(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("winner", ["mosaic", "triton"])
+def test_tune_times_both_mosaic_backward_choices(winner, tmp_path, capsys, monkeypatch):
     """With the fwbw objective the tuner times chunkwise_mosaic with both ``bw_kernels``; when the
-    Mosaic family wins with the Mosaic backward kernels (a fake measurement: interpreted Mosaic is
-    far slower than interpreted Triton), the entry records it and ``chunkwise_auto`` passes it on."""
+    Mosaic family wins (a fake measurement: interpreted Mosaic is far slower than interpreted
+    Triton), the entry records the faster backward choice and ``chunkwise_auto`` passes it on."""
     from xlstm_jax.cli import main
     from xlstm_jax.kernels.mlstm_chunkwise.mosaic.auto import choose_family
     from xlstm_jax.kernels.mlstm_chunkwise.pallas import tuning
     from xlstm_jax.tools import tune
 
-    fake = {"triton": 2.0, "mosaic": 1.5, "mosaic_bw": 1.0}
+    fake = {"triton": 2.0, "mosaic": 1.5, "mosaic_bw": 1.0} if winner == "mosaic" else \
+        {"triton": 2.0, "mosaic": 1.0, "mosaic_bw": 1.5}
     monkeypatch.setattr(tune._Measurer, "measure", lambda self, o, mode, family="triton": fake[family])
     out = tmp_path / "out.json"
     rc = main(["tune", "--interpret", "--heads", "1,64,64", "--shapes", "1,64", "--space", "siz_b_L_loop=64",
@@ -718,13 +738,15 @@ def test_tune_times_both_mosaic_backward_choices(tmp_path, capsys, monkeypatch):
                "--families", "triton", "mosaic", "--no-cache", "--json", str(out)])
     text = capsys.readouterr().out
     assert rc == 0, text
-    assert "bw_kernels=mosaic, fwbw: 1.000" in text
+    assert f"bw_kernels=mosaic, fwbw: {fake['mosaic_bw']:.3f}" in text
     (e,) = tuning.parse_table(out.read_text(), str(out))
-    assert e["family"] == "mosaic" and e["mosaic_bw_kernels"] == "mosaic" and e["ms"]["mosaic_bw_fwbw"] == 1.0
+    assert e["family"] == "mosaic" and e["mosaic_bw_kernels"] == winner and e["ms"]["mosaic_bw_fwbw"] == fake["mosaic_bw"]
     monkeypatch.setattr(tuning, "tables", lambda: [(str(out), (e,))])
     fc = choose_family(B=1, NH=1, S=64, DHQK=64, DHV=64, kernel_dtype=jnp.bfloat16, grad_mode="exact",
                        interpret=True, device_kind=e["device_kind"])
-    assert fc.family == "mosaic" and fc.mosaic_options["bw_kernels"] == "mosaic"
+    assert fc.family == "mosaic" and fc.mosaic_options["bw_kernels"] == winner
+    if winner == "triton":
+        return
     with pytest.warns(UserWarning, match="mosaic_bw_kernels must be one of"):  # a bad entry is skipped
         bad = tuning.parse_table(
             out.read_text().replace('"mosaic_bw_kernels": "mosaic"', '"mosaic_bw_kernels": "cuda"'), str(out)

@@ -18,7 +18,7 @@ only) with the options of the best Triton candidate that it takes (``mosaic.auto
 and records ``"family": "mosaic"`` in the entry when it is faster by ``--min-gain`` in the
 objective (the ``chunkwise_auto`` kernel then runs it for that shape); with the ``fwbw`` objective
 it times both of the family's backward choices (``bw_kernels`` triton and mosaic) and records
-``"mosaic_bw_kernels": "mosaic"`` when the Mosaic backward kernels won. Where Mosaic GPU cannot run,
+``"mosaic_bw_kernels"`` (``"mosaic"`` or ``"triton"``, whichever was faster) with a Mosaic win. Where Mosaic GPU cannot run,
 the entry stays Triton and the table says why.
 
 Refuses to run on a machine without a GPU (a ``UsageError``) unless ``--interpret`` (interpret-mode
@@ -134,8 +134,7 @@ class _Measurer:
             from xlstm_jax.kernels.mlstm_chunkwise.mosaic.auto import mosaic_options
 
             fn, overrides = forward.mlstm_chunkwise_mosaic, mosaic_options(overrides)
-            if family == "mosaic_bw":
-                overrides = {**overrides, "bw_kernels": "mosaic"}
+            overrides = {**overrides, "bw_kernels": "mosaic" if family == "mosaic_bw" else "triton"}
         else:
             fn = mlstm_chunkwise_pallas
 
@@ -249,7 +248,7 @@ def run(args) -> int:
                                                  "failed": sum(t.error is not None for t in res.trials),
                                                  **({"family": family, "family_note": family_note}
                                                     if "mosaic" in args.families else {}),
-                                                 **({"mosaic_bw_kernels": mosaic_bw} if mosaic_bw != "triton" else {})})
+                                                 **({"mosaic_bw_kernels": mosaic_bw} if family == "mosaic" else {})})
                 entries.append(entry)
                 shown = {**params, **({"family": family} if family != "triton" else {})}
                 rows.append((key, shown, final, time.perf_counter() - t0))

@@ -85,6 +85,14 @@ def unavailable_reason(interpret: bool) -> str | None:
     return None
 
 
+def named_body(body, name: str):
+    """``body`` (a ``functools.partial`` of a kernel function) with ``__name__`` set to ``name``:
+    Mosaic GPU names the compiled kernel after its body's ``__name__`` (``anonymous`` for a
+    partial), which is the name a profile shows, so that each kernel's time can be told apart."""
+    body.__name__ = name
+    return body
+
+
 def interpret_params(interpret: bool):
     """The ``interpret`` argument of ``plgpu.kernel``: GPU interpret mode on CPU, else False."""
     if not interpret:

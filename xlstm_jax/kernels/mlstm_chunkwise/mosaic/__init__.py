@@ -1,7 +1,7 @@
 """Mosaic GPU (Hopper-native Pallas) chunkwise mLSTM kernels, issue 14.
 
-The forward intra-chunk kernel is on Mosaic GPU; state recurrence and backward are the Triton
-family's kernels, or with ``bw_kernels="mosaic"`` the parallel backward kernels on Mosaic GPU.
+The forward intra-chunk kernel and (``bw_kernels="mosaic"``, the default) the parallel backward
+kernels are on Mosaic GPU; the state recurrences are the Triton family's kernels.
 Modules: ``fw_parallel`` (the intra-chunk kernel: h and the normaliser from the chunk-border state
 and the attention-like part, wgmma + TMA; its docstring has the design), ``bw_parallel_dv`` (dV of
 a key block, the forward kernel transposed), ``bw_parallel_dk`` and ``bw_parallel_dq`` (dK of a
@@ -37,8 +37,8 @@ register_mlstm_kernel(
     _chunkwise_mosaic_kernel,
     options=KERNEL_OPTIONS,
     description=(
-        "chunkwise (TFLA): forward intra-chunk kernel on Mosaic GPU (wgmma, TMA); state recurrence "
-        "and backward are the Triton family's kernels (dV, dK, dQ on Mosaic GPU with bw_kernels='mosaic'); "
+        "chunkwise (TFLA): forward intra-chunk and backward dV, dK, dQ kernels on Mosaic GPU (wgmma, TMA; "
+        "bw_kernels='triton': the Triton family's backward); state recurrences are the Triton family's kernels; "
         "needs an NVIDIA Hopper GPU (interpret=True: CPU simulation)"
     ),
     needs_gpu=True,

@@ -11,16 +11,17 @@ entry when it was faster by the tuner's ``--min-gain`` (``tuning`` module doc, `
 
 * tuning is enabled (``tuned`` / ``$XLSTM_JAX_TUNING``) and the entry matching the call (the
   lookup of ``tuning.lookup``: device kind, head dims, dtype, nearest S and B * NH) says
-  ``"family": "mosaic"`` (its ``"mosaic_bw_kernels"``, default ``"triton"``, is passed on as
-  ``bw_kernels``);
+  ``"family": "mosaic"`` (its ``"mosaic_bw_kernels"``, when it records one, is passed on as
+  ``bw_kernels``; else ``chunkwise_mosaic``'s default);
 * the kernel dtype is bfloat16 or float16 (``chunkwise_mosaic`` has no float32 kernel);
 * the chunk (an explicit ``chunk_size``, else the entry's ``chunk_size_intra``) is a multiple of 64;
 * Mosaic GPU can run: its API imports, and the default device is an NVIDIA GPU of compute
   capability 9.0 or newer, or ``interpret=True`` (Mosaic GPU's CPU interpret mode);
 
 otherwise the Triton family (``chunkwise_pallas`` with the same tuned entry, or the heuristics).
-Both families compute the same function with the same gradients (the Mosaic family's backward
-is the Triton family's), so the choice changes speed only.
+Both families compute the same function with the same gradients (the same gate pull-backs and
+recurrent backward; the parallel backward kernels are Mosaic or Triton ones computing the same
+tiles), so the choice changes speed only.
 """
 
 from __future__ import annotations
@@ -86,7 +87,9 @@ def choose_family(
     if jnp.dtype(kernel_dtype) not in MOSAIC_DTYPES:
         return FamilyChoice("triton", f"kernel dtype {jnp.dtype(kernel_dtype).name}: no Mosaic kernel", path)
     opts = mosaic_options(entry["params"])
-    opts["bw_kernels"] = tuning.entry_mosaic_bw_kernels(entry)
+    bw = tuning.entry_mosaic_bw_kernels(entry)
+    if bw is not None:
+        opts["bw_kernels"] = bw
     if chunk_size is not None:  # an explicit chunk wins over the tuned one, as in chunkwise_pallas
         opts.pop("chunk_size_intra", None)
         opts["chunk_size"] = chunk_size

@@ -287,7 +287,10 @@ def parallel_bw_dk_mosaic(
         plgpu.Barrier(num_barriers=2), plgpu.Barrier(num_barriers=2), plgpu.Barrier(num_barriers=2),
         plgpu.Barrier(num_barriers=2),
     )
-    body = functools.partial(_kernel, L=L, bK=bK, qk_scale=float(qk_scale), interpret=bool(interpret))
+    body = _mosaic().named_body(
+        functools.partial(_kernel, L=L, bK=bK, qk_scale=float(qk_scale), interpret=bool(interpret)),
+        "mlstm_mosaic_parallel_bw_dk",
+    )
     call = plgpu.kernel(
         body,
         out_type=(

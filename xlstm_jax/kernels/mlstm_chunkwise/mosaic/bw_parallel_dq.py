@@ -256,7 +256,10 @@ def parallel_bw_dq_mosaic(
         plgpu.Barrier(), plgpu.Barrier(), plgpu.Barrier(), plgpu.Barrier(), plgpu.Barrier(), plgpu.Barrier(),
         plgpu.Barrier(num_barriers=2), plgpu.Barrier(num_barriers=2), plgpu.Barrier(num_barriers=2),
     )
-    body = functools.partial(_kernel, L=L, bK=bK, qk_scale=float(qk_scale), interpret=bool(interpret))
+    body = _mosaic().named_body(
+        functools.partial(_kernel, L=L, bK=bK, qk_scale=float(qk_scale), interpret=bool(interpret)),
+        "mlstm_mosaic_parallel_bw_dq",
+    )
     call = plgpu.kernel(
         body,
         out_type=(jax.ShapeDtypeStruct((BH, S, DHQK), dtype), jax.ShapeDtypeStruct((nDK, BH, S), _F32)),

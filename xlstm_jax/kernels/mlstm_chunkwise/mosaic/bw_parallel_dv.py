@@ -207,7 +207,10 @@ def parallel_bw_dv_mosaic(
         plgpu.Barrier(num_barriers=2), plgpu.Barrier(num_barriers=2), plgpu.Barrier(num_barriers=2),
         plgpu.Barrier(num_barriers=2),
     )
-    body = functools.partial(_kernel, L=L, bV=bV, interpret=bool(interpret))
+    body = _mosaic().named_body(
+        functools.partial(_kernel, L=L, bV=bV, interpret=bool(interpret)),
+        "mlstm_mosaic_parallel_bw_dv",
+    )
     call = plgpu.kernel(
         body,
         out_type=jax.ShapeDtypeStruct((BH, S, DHV), dtype),

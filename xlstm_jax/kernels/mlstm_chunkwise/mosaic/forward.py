@@ -1,7 +1,7 @@
-"""The Mosaic GPU chunkwise family: the forward intra-chunk kernel on Mosaic GPU; state recurrence
-and backward are the Triton family's kernels, or with ``bw_kernels="mosaic"`` the parallel
-backward kernels on Mosaic GPU (``bw_parallel_dv``, ``bw_parallel_dk``, ``bw_parallel_dq``; the
-recurrent backward stays Triton).
+"""The Mosaic GPU chunkwise family: the forward intra-chunk kernel and (``bw_kernels="mosaic"``,
+the default) the parallel backward kernels on Mosaic GPU (``bw_parallel_dv``, ``bw_parallel_dk``,
+``bw_parallel_dq``); the state recurrences, forward and backward, are the Triton family's kernels
+(with ``bw_kernels="triton"`` the whole backward is).
 
 ``mlstm_chunkwise_mosaic`` has the signature and options of ``mlstm_chunkwise_pallas``
 (``xlstm_jax.kernels.mlstm_chunkwise.pallas``) and computes the same function with the same
@@ -26,7 +26,7 @@ gradients. Forward pass:
 Backward pass (``jax.custom_vjp``): the residuals and the backward of the Triton family
 (``autodiff.forward_residuals`` / ``backward_from_residuals``: the recurrent backward kernel, the
 dQ, dK, dV kernels, the gate-gradient sums and, in exact mode, the m pull-back; with
-``bw_kernels="mosaic"`` the parallel kernels of ``mosaic_bw_fns``), so
+``bw_kernels="mosaic"``, the default, the parallel kernels of ``mosaic_bw_fns``), so
 ``grad_mode``, ``recompute_states_in_bw``, ``states_bf16`` and ``gate_grads_impl`` act as in
 ``chunkwise_pallas``. The residual nq_t is written by the Mosaic kernel (its programs of DHV tile
 0 store the 64 values they hold anyway: BH * S * 4 bytes, under 1% of h's traffic) rather than
@@ -79,9 +79,11 @@ DEFAULT_BV = 128
 
 BW_KERNELS = tuning.MOSAIC_BW_KERNELS
 """The values of ``bw_kernels`` (the first is the default; defined beside the tuned tables, which
-record it): the backward pass's kernels all Triton, or the parallel ones on Mosaic GPU
-(``mosaic_bw_fns``; the recurrent backward stays Triton). ``"mosaic"`` is not the default until a
-GPU measurement says it is faster."""
+record it): the parallel backward kernels on Mosaic GPU (``mosaic_bw_fns``; the recurrent backward
+stays Triton), or the backward pass's kernels all Triton. ``"mosaic"`` is the default since the
+first GPU run (2026-12-02, H200: fwbw 4-15% faster than with the Triton backward kernels at the
+standard and 7B heads, 18% at the small heads); with ``fuse_dkdv`` (one Triton dK-dV kernel) the
+default resolves to ``"triton"``."""
 _OPEN_FORGET_GATE = 1e30  # log_sigmoid(1e30) == 0 exactly: the state carries through
 
 
@@ -123,7 +125,7 @@ class MosaicConfig:
     core: CoreConfig
     bV: int
     interpret_mosaic: bool
-    bw_kernels: str = "triton"
+    bw_kernels: str = BW_KERNELS[0]
     """``"mosaic"``: the Mosaic parallel backward kernels of ``mosaic_bw_fns``; ``"triton"``:
     every backward kernel the Triton family's."""
 
@@ -272,10 +274,12 @@ def mlstm_chunkwise_mosaic(
     tables (``tuned``) or the heuristics. The recurrent (``*_inter``) options and the variant
     options (``m_scan``, ``gates_impl``, ``gate_grads_impl``, ``states_bf16``) and
     ``recompute_states_in_bw`` act as in ``chunkwise_pallas`` (the recurrence and the backward
-    are its kernels). ``bw_kernels`` (this family only): ``"triton"`` (default) or ``"mosaic"``:
-    the parallel backward kernels on Mosaic GPU (dV always; dK and dQ where their tiles fit in
-    shared memory, up to DHV 512 with DHQK tiles of 64; designs in the kernels' docstrings), the
-    recurrent backward still Triton; ``ValueError`` with ``fuse_dkdv``. ``save_gates`` and
+    are its kernels). ``bw_kernels`` (this family only): ``"mosaic"`` (the default, measured
+    faster) runs the parallel backward kernels on Mosaic GPU (dV always; dK and dQ where their
+    tiles fit in shared memory, up to DHV 512 with DHQK tiles of 64; designs in the kernels'
+    docstrings), the recurrent backward still Triton; ``"triton"`` runs every backward kernel of
+    the Triton family. ``bw_kernels="mosaic"`` with ``fuse_dkdv`` is a ``ValueError``; None (the
+    default) with ``fuse_dkdv`` on (explicit or tuned) resolves to ``"triton"``. ``save_gates`` and
     ``fuse_dkdv`` act as in ``chunkwise_pallas``. The kernel dtype must be bfloat16 or float16
     (``NotImplementedError`` for float32: no tf32 kernel yet). ``interpret``: None or False compile (an NVIDIA Hopper GPU,
     else ``RuntimeError``); True runs Mosaic GPU's interpret mode and the Triton kernels
@@ -320,7 +324,6 @@ def mlstm_chunkwise_mosaic(
         )
     if bw_kernels not in (None,) + BW_KERNELS:
         raise ValueError(f"{KERNEL_NAME}: bw_kernels must be one of {list(BW_KERNELS)} or None; got {bw_kernels!r}")
-    bw_kernels = bw_kernels or BW_KERNELS[0]
     interpret_mosaic = bool(interpret)
     _mosaic().check_backend(KERNEL_NAME, interpret_mosaic)
 
@@ -364,6 +367,13 @@ def mlstm_chunkwise_mosaic(
         raise ValueError(
             f"{KERNEL_NAME}: siz_b_DH_parallel={bV} must divide the padded DHV={DV} (DHV={DHV})"
         )
+    if bw_kernels is None:  # the default; the fused Triton dK-dV kernel needs the Triton backward
+        bw_kernels = "triton" if prep.params.fuse_dkdv else BW_KERNELS[0]
+    if bw_kernels == "mosaic" and prep.params.fuse_dkdv:
+        raise ValueError(
+            f"{KERNEL_NAME}: bw_kernels='mosaic' (the Mosaic dK and dV kernels) and fuse_dkdv (dK and dV from "
+            f"one Triton kernel) exclude each other; got fuse_dkdv=True (explicit or from the tuned table)"
+        )
     cfg = MosaicConfig(
         core=core_config(
             prep, h_dtype=kd, recompute_states_in_bw=prep.call_options["recompute_states_in_bw"],
@@ -371,11 +381,6 @@ def mlstm_chunkwise_mosaic(
         ),
         bV=bV, interpret_mosaic=interpret_mosaic, bw_kernels=bw_kernels,
     )
-    if bw_kernels == "mosaic" and prep.params.fuse_dkdv:
-        raise ValueError(
-            f"{KERNEL_NAME}: bw_kernels='mosaic' (the Mosaic dK and dV kernels) and fuse_dkdv (dK and dV from "
-            f"one Triton kernel) exclude each other; got fuse_dkdv=True (explicit or from the tuned table)"
-        )
     matH, matC_last, vecN_last, scaM_last = _forward(q, k, v, i, logf, C0, n0, m0, cfg)
     h = matH[:, :S, :DHV].reshape(B, NH, S, DHV).astype(out_dtype)
     if not return_last_states:

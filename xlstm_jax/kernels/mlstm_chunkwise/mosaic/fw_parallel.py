@@ -264,8 +264,9 @@ def parallel_fw_h_mosaic(
         plgpu.Barrier(), plgpu.Barrier(), plgpu.Barrier(), plgpu.Barrier(),
         plgpu.Barrier(num_barriers=2), plgpu.Barrier(num_barriers=2), plgpu.Barrier(num_barriers=2),
     )
-    body = functools.partial(
-        _kernel, L=L, bV=bV, qk_scale=float(qk_scale), eps=float(eps), interpret=bool(interpret)
+    body = _mosaic().named_body(
+        functools.partial(_kernel, L=L, bV=bV, qk_scale=float(qk_scale), eps=float(eps), interpret=bool(interpret)),
+        "mlstm_mosaic_parallel_fw",
     )
     call = plgpu.kernel(
         body,

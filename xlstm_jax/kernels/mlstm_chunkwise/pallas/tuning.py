@@ -99,10 +99,11 @@ dropped and the compile decides the rest."""
 FAMILIES = ("triton", "mosaic")
 """The kernel families an entry's optional ``"family"`` may name (module doc); the first is the default."""
 
-MOSAIC_BW_KERNELS = ("triton", "mosaic")
-"""The values of ``chunkwise_mosaic``'s ``bw_kernels`` (the first is the default), which an entry
-that chose the Mosaic family may record as ``"mosaic_bw_kernels"`` (the faster of the two the
-tuner timed)."""
+MOSAIC_BW_KERNELS = ("mosaic", "triton")
+"""The values of ``chunkwise_mosaic``'s ``bw_kernels`` (the first is the default: measured faster
+than the Triton backward kernels at every row of the benchmark on an H200, 2026-12-02,
+docs/benchmarks.md), which an entry that chose the Mosaic family records as
+``"mosaic_bw_kernels"`` (the faster of the two the tuner timed)."""
 
 CALL_OPTION_DEFAULTS: dict[str, Any] = {
     "recompute_states_in_bw": True,
@@ -229,8 +230,9 @@ def entry_family(entry: dict) -> str:
 
 
 def entry_mosaic_bw_kernels(entry: dict) -> str:
-    """The ``bw_kernels`` of ``chunkwise_mosaic`` a (validated) entry records (default ``"triton"``)."""
-    return entry.get("mosaic_bw_kernels", MOSAIC_BW_KERNELS[0])
+    """The ``bw_kernels`` of ``chunkwise_mosaic`` a (validated) entry records; None when it records
+    none (``chunkwise_mosaic`` then resolves its default)."""
+    return entry.get("mosaic_bw_kernels")
 
 
 def entry_key(entry: dict) -> TuningKey:
