@@ -87,3 +87,23 @@ def test_seed002_backend_grad_mode():
     assert_trees_close(dict(zip(names, got)), dict(zip(names, refs["tfla"])), 2e-4, "tfla gradients")
     for name in ("q", "k", "i", "f"):  # the two conventions differ
         assert relative_error(got[names.index(name)], refs["exact"][names.index(name)]) > 1e-3, name
+
+
+def test_triton_backend_kernel_family():
+    """``triton_kernels`` with ``chunk_size=None`` runs ``chunkwise_auto`` (the tuned table's family)
+    unless ``kernel_family="triton"``; an explicit chunk always runs ``chunkwise_pallas``; a bad
+    family is a ``ValueError`` naming the field. Both kernels give the same function here (on CPU the
+    auto kernel falls back to the Triton family)."""
+    from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend.triton_kernels import mLSTMBackendTritonConfig
+
+    auto = create_mlstm_backend("triton_kernels", chunk_size=None)
+    triton = create_mlstm_backend("triton_kernels", chunk_size=None, kernel_family="triton")
+    assert auto.kernel_call(128)[0] == "chunkwise_auto"
+    assert triton.kernel_call(128)[0] == "chunkwise_pallas"
+    assert create_mlstm_backend("triton_kernels", chunk_size=32).kernel_call(128)[0] == "chunkwise_pallas"
+    with pytest.raises(ValueError, match="kernel_family must be one of"):
+        mLSTMBackendTritonConfig(kernel_family="mosaic_gpu")
+    inputs = mlstm_inputs(jax.random.PRNGKey(5), 1, 2, 64, 16, 32)[:5]
+    h_auto, h_triton = auto.apply({}, *inputs), triton.apply({}, *inputs)
+    assert h_auto.shape == (1, 2, 64, 32) and bool(jnp.all(jnp.isfinite(h_auto)))
+    assert relative_error(h_auto, h_triton) == 0.0

@@ -2,7 +2,11 @@
 
 Every ``backend_name`` calls the registry kernel ``chunkwise_pallas`` (the Pallas TFLA kernels of
 ``xlstm_jax.kernels.mlstm_chunkwise.pallas``, compiled through Pallas' Triton lowering on NVIDIA
-GPUs, interpreted elsewhere) with different defaults:
+GPUs, interpreted elsewhere) with different defaults; with ``chunk_size=None`` and
+``kernel_family="auto"`` (the language model's defaults) it calls ``chunkwise_auto`` instead, which
+runs the kernel family the tuned table chose for the device and shape (the Mosaic GPU kernels of
+``xlstm_jax.kernels.mlstm_chunkwise.mosaic`` on Hopper where they were measured faster, else
+``chunkwise_pallas``: the same function and gradients):
 
     triton_stablef, max_triton, max_triton_noslice   limit-chunk layout: intra chunk = recurrent
                                                       step = chunk_size
@@ -37,6 +41,8 @@ _LAYOUTS = {
     "max_triton_xlchunksize": "xl", "max_triton_noslice": "limit", "max_triton": "limit", "triton_stablef": "limit",
 }
 _KERNEL_DTYPES = ("float32", "bfloat16", "float16")
+KERNEL_FAMILIES = ("auto", "triton")
+"""Values of ``kernel_family`` (the first is the default)."""
 
 
 @dataclasses.dataclass
@@ -71,6 +77,11 @@ class mLSTMBackendTritonConfig(mLSTMBackendConfig):
     constant in the backward pass, as the TFLA kernels; not a seed field)."""
     input_gate: str = "exp"
     """Input gate: "exp" (the exponential gate with max state) or "sigmoid" (mLSTMsig, no max state)."""
+    kernel_family: str = "auto"
+    """With ``chunk_size=None``: "auto" runs the kernel family of the tuned table for this device and
+    shape (``chunkwise_auto``: the Mosaic GPU family where the table chose it, else the Triton one);
+    "triton" always the Triton family (``chunkwise_pallas``). An explicit ``chunk_size`` always runs
+    the Triton family (its intra / recurrent chunk layouts are the Triton kernels'). Not a seed field."""
 
     def __post_init__(self):
         names = get_args(BackendNameType)
@@ -81,6 +92,8 @@ class mLSTMBackendTritonConfig(mLSTMBackendConfig):
         dt = floating_dtype("autocast_dtype", self.autocast_dtype)
         if dt is not None and dt.name not in _KERNEL_DTYPES:
             raise ValueError(f"autocast_dtype must be None or one of {_KERNEL_DTYPES}; got {self.autocast_dtype!r}")
+        if self.kernel_family not in KERNEL_FAMILIES:
+            raise ValueError(f"kernel_family must be one of {KERNEL_FAMILIES}; got {self.kernel_family!r}")
         if not isinstance(self.reduce_slicing, bool):
             raise ValueError(f"reduce_slicing must be a bool; got {self.reduce_slicing!r}")
         super().__post_init__()
@@ -97,7 +110,9 @@ class mLSTMBackendTriton(mLSTMBackend):
     config_class = mLSTMBackendTritonConfig
 
     def kernel_call(self, seq_len: int) -> tuple[str, dict[str, Any], dict[str, Any]]:
-        """("chunkwise_pallas", kernel options, call options) for this config and ``seq_len``."""
+        """(kernel name, kernel options, call options) for this config and ``seq_len``:
+        ``chunkwise_auto`` for ``chunk_size=None`` with ``kernel_family="auto"``, else
+        ``chunkwise_pallas``."""
         c = self.config
         if c.chunk_size is None:  # the kernel's own rule (tuned table / heuristics)
             options = dict(autocast_kernel_dtype=c.autocast_dtype)
@@ -105,7 +120,8 @@ class mLSTMBackendTriton(mLSTMBackend):
                 chunk = dividing_chunk(XL_INTRA_CHUNK // 2, seq_len)
                 if seq_len % chunk == 0:  # else no power of two >= 16 divides S: the kernel pads
                     options["chunk_size"] = chunk
-            return "chunkwise_pallas", options, {"cell_options": c.cell_options}
+            name = "chunkwise_auto" if c.kernel_family == "auto" else "chunkwise_pallas"
+            return name, options, {"cell_options": c.cell_options}
         intra, inter = chunk_layout(
             c.chunk_size, _LAYOUTS[c.backend_name], S=seq_len, reduce_slicing=c.reduce_slicing
         )

@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# The GPU check of the Mosaic backward kernels as the default (chunkwise_mosaic bw_kernels="mosaic";
+# issue 14, docs/benchmarks.md "Mosaic GPU backward kernels"), one device call of ~8 minutes on an H200:
+#   (tests)    tests/kernels/test_chunkwise_mosaic.py compiled (not slow, not interpret) in three
+#              pytest processes side by side, and tests/models/test_backend_registry.py, each under
+#              TEST_LIMIT seconds, none preallocating the GPU's memory;
+#   (kprofile) per-kernel profiles of chunkwise_mosaic (its defaults: each Mosaic kernel under its
+#              own name) at 8 x 8192 (standard, 7B heads) and the small row, command buffers off;
+#   (train)    `xlstm-jax bench-train` at the 1.3b preset (B8 S2048, xLSTM-7B's head dims, NH 4)
+#              with the triton_kernels backend's kernel_family auto (the tuned table's family: Mosaic
+#              here) and triton, the same seed and data: losses and step times side by side.
+# Usage (repository root): OUT=$OUT bash scripts/gpu_mosaic_default.sh [PART ...], PART in tests
+# kprofile train (default: all three). Logs and JSON also go to $OUT/mosaic_default.tgz; the
+# summary is printed last.
+set -u
+export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+OUT=${OUT:-/tmp/xlstm_mosaic_default}; mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+PARTS=${*:-tests kprofile train}
+TRAIN=${TRAIN:---preset 1.3b --batch-size 8 --seq-len 2048 --steps 6 --warmup 2 --loss-steps 12 --remat dots --unroll-blocks}
+want() { [[ " $PARTS " == *" $1 "* ]]; }
+W=$(mktemp -d)
+t_all=$(date +%s)
+
+if want tests; then
+  n=0
+  for sel in "test_gpu_against" "test_gpu_gradients_against" \
+      "not test_gpu_against and not test_gpu_gradients_against and not test_interpret"; do
+    timeout -k 10 "${TEST_LIMIT:-300}" $PY -m pytest -q -p no:cacheprovider -o addopts= -m "not slow" -k "$sel" \
+      tests/kernels/test_chunkwise_mosaic.py > "$W/tests_$n.log" 2>&1 &
+    n=$((n + 1))
+  done
+  timeout -k 10 "${TEST_LIMIT:-300}" $PY -m pytest -q -p no:cacheprovider -o addopts= -m "not slow" \
+    tests/models/test_backend_registry.py > "$W/tests_$n.log" 2>&1 &
+  wait
+fi
+
+if want kprofile; then
+  OUT="$W/kp" SECTIONS=kprofile KPROFILE_ROWS="standard:8,8192 7b:8,8192 small:16,2048" KPROFILE_LIMIT=120 \
+    KPROFILE_KERNELS="chunkwise_mosaic" bash scripts/gpu_suite.sh > "$W/kprofile.log" 2>&1
+fi
+
+if want train; then
+  for fam in auto triton; do
+    timeout -k 10 "${TRAIN_LIMIT:-170}" $PY -m xlstm_jax bench-train $TRAIN --backend-option kernel_family=$fam \
+      --json "$W/train_$fam.json" > "$W/train_$fam.log" 2>&1
+    echo "train $fam: rc=$?" >> "$W/train_$fam.log"
+  done
+fi
+
+(cd "$W" && find . \( -name "*.log" -o -name "*.json" -o -name "*.jsonl" \) -print0 | tar czf "$OUT/mosaic_default.tgz" --null -T -)
+for f in "$W"/tests_*.log; do
+  [ -f "$f" ] && echo "tests $(basename "$f"): $(grep -E '[0-9]+ (passed|failed|error)' "$f" | tail -n 1)" \
+    && grep -E "^(FAILED|ERROR)" "$f" | head -n 10
+done
+[ -f "$W/kprofile.log" ] && for f in "$W"/kp/kprofile/*.log; do
+  sed -n '/^profile /,/more kernels/p' "$f" | grep -E "^profile|^ " | cut -c1-150 | head -n 40
+done
+for fam in auto triton; do
+  [ -f "$W/train_$fam.json" ] && $PY - "$W/train_$fam.json" "$fam" <<'EOF'
+import json, sys
+r = json.load(open(sys.argv[1]))
+loss = r.get("losses") or []
+mfu = "-" if r.get("mfu") is None else f"{r['mfu']:.3f}"
+print(f"train {sys.argv[2]}: step {r['step_ms_median']:.1f} ms, {r['tokens_per_s']:.0f} tok/s, MFU {mfu}, "
+      f"compile {r['compile_s']:.0f} s, losses {[round(float(x), 4) for x in loss]}")
+EOF
+  [ -f "$W/train_$fam.log" ] && tail -n 3 "$W/train_$fam.log"
+done
+echo "total $(( $(date +%s) - t_all )) s; files: $OUT/mosaic_default.tgz"
