@@ -8,7 +8,8 @@
 #              own name) at 8 x 8192 (standard, 7B heads) and the small row, command buffers off;
 #   (train)    `xlstm-jax bench-train` at the 1.3b preset (B8 S2048, xLSTM-7B's head dims, NH 4)
 #              with the triton_kernels backend's kernel_family auto (the tuned table's family: Mosaic
-#              here) and triton, the same seed and data: losses and step times side by side.
+#              here) and triton, the same seed and data: losses, step and compile times side by side,
+#              for TRAIN_CASES (blocks scanned or unrolled: the compile time per kernel instance).
 # Usage (repository root): OUT=$OUT bash scripts/gpu_mosaic_default.sh [PART ...], PART in tests
 # kprofile train (default: all three). Logs and JSON also go to $OUT/mosaic_default.tgz; the
 # summary is printed last.
@@ -17,7 +18,9 @@ export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=$PWD${P
 OUT=${OUT:-/tmp/xlstm_mosaic_default}; mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 PARTS=${*:-tests kprofile train}
-TRAIN=${TRAIN:---preset 1.3b --batch-size 8 --seq-len 2048 --steps 6 --warmup 2 --loss-steps 12 --remat dots --unroll-blocks}
+TRAIN=${TRAIN:---preset 1.3b --batch-size 8 --seq-len 2048 --steps 6 --warmup 2 --loss-steps 12 --remat dots}
+# family,blocks,layout (scan: the blocks in one lax.scan; unroll: --unroll-blocks, one kernel instance per block)
+TRAIN_CASES=${TRAIN_CASES:-auto,12,scan triton,12,scan auto,4,unroll triton,4,unroll}
 want() { [[ " $PARTS " == *" $1 "* ]]; }
 W=$(mktemp -d)
 t_all=$(date +%s)
@@ -41,10 +44,13 @@ if want kprofile; then
 fi
 
 if want train; then
-  for fam in auto triton; do
-    timeout -k 10 "${TRAIN_LIMIT:-170}" $PY -m xlstm_jax bench-train $TRAIN --backend-option kernel_family=$fam \
-      --json "$W/train_$fam.json" > "$W/train_$fam.log" 2>&1
-    echo "train $fam: rc=$?" >> "$W/train_$fam.log"
+  for case in $TRAIN_CASES; do
+    IFS=, read -r fam blocks layout <<< "$case"
+    unroll=--no-unroll-blocks; [ "$layout" = unroll ] && unroll=--unroll-blocks
+    name="${fam}_${blocks}_${layout}"
+    timeout -k 10 "${TRAIN_LIMIT:-170}" $PY -m xlstm_jax bench-train $TRAIN --num-blocks "$blocks" $unroll \
+      --backend-option kernel_family="$fam" --json "$W/train_$name.json" > "$W/train_$name.log" 2>&1
+    echo "train $name: rc=$?" >> "$W/train_$name.log"
   done
 fi
 
@@ -56,8 +62,10 @@ done
 [ -f "$W/kprofile.log" ] && for f in "$W"/kp/kprofile/*.log; do
   sed -n '/^profile /,/more kernels/p' "$f" | grep -E "^profile|^ " | cut -c1-150 | head -n 40
 done
-for fam in auto triton; do
-  [ -f "$W/train_$fam.json" ] && $PY - "$W/train_$fam.json" "$fam" <<'EOF'
+for case in $TRAIN_CASES; do
+  IFS=, read -r fam blocks layout <<< "$case"
+  name="${fam}_${blocks}_${layout}"
+  [ -f "$W/train_$name.json" ] && $PY - "$W/train_$name.json" "$name" <<'EOF'
 import json, sys
 r = json.load(open(sys.argv[1]))
 loss = r.get("losses") or []
@@ -65,6 +73,6 @@ mfu = "-" if r.get("mfu") is None else f"{r['mfu']:.3f}"
 print(f"train {sys.argv[2]}: step {r['step_ms_median']:.1f} ms, {r['tokens_per_s']:.0f} tok/s, MFU {mfu}, "
       f"compile {r['compile_s']:.0f} s, losses {[round(float(x), 4) for x in loss]}")
 EOF
-  [ -f "$W/train_$fam.log" ] && tail -n 3 "$W/train_$fam.log"
+  [ -f "$W/train_$name.log" ] && tail -n 2 "$W/train_$name.log" | cut -c1-200
 done
 echo "total $(( $(date +%s) - t_all )) s; files: $OUT/mosaic_default.tgz"
