@@ -232,10 +232,16 @@ GRAD_LOWERING_CASES = [  # (DHQK, DHV, options, Mosaic GPU calls): the forward k
     (128, 256, dict(fuse_dkdv=True), 1),
     (256, 512, dict(bw_kernels="mosaic"), 4),
     (64, 128, dict(bw_kernels="mosaic"), 4),
+    (128, 256, dict(bw_kernels="mosaic_split"), 5),
+    (256, 512, dict(bw_kernels="mosaic_split"), 5),
+    (64, 128, dict(bw_kernels="mosaic_split"), 5),
 ]
 MOSAIC_KERNEL_NAMES = ("mlstm_mosaic_parallel_fw", "mlstm_mosaic_parallel_bw_dv", "mlstm_mosaic_parallel_bw_dk",
                        "mlstm_mosaic_parallel_bw_dq")
 """The names the Mosaic kernels are compiled (and profiled) under, in the order of the call count."""
+SPLIT_KERNEL_NAMES = ("mlstm_mosaic_parallel_bw_ds", "mlstm_mosaic_parallel_bw_dq_split",
+                      "mlstm_mosaic_parallel_bw_dk_split")
+"""With ``bw_kernels="mosaic_split"``: the kernels in place of the dK and dQ ones."""
 
 
 def _case_id(case) -> str:
@@ -262,7 +268,9 @@ def test_compiled_gradient_path_lowers_for_cuda(case, monkeypatch):
     grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))
     text = grad.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("custom_call @mosaic_gpu") == calls
-    for j, name in enumerate(MOSAIC_KERNEL_NAMES):
+    split = opts.get("bw_kernels") == "mosaic_split"
+    names = MOSAIC_KERNEL_NAMES[:2] + (SPLIT_KERNEL_NAMES if split else MOSAIC_KERNEL_NAMES[2:])
+    for j, name in enumerate(names):
         assert (name in text) == (j < calls), name
     assert "anonymous" not in text
 
@@ -420,6 +428,54 @@ def test_interpret_dq_kernel_against_float64_and_triton(dims):
         assert relative_error(a, b) < 1e-3, name
 
 
+@pytest.mark.parametrize("dims", [
+    # (DHQK, DHV, bK): bK 128, one DHQK tile; bK 64 with two (the 7B heads' tiling)
+    (128, 256, None), (128, 256, 64)], ids=["DHQK128-DHV256", "DHQK128-DHV256-bK64"])
+def test_interpret_split_dq_dk_kernels_against_float64_and_triton(dims):
+    """``bw_kernels="mosaic_split"``: dQ and dK from one score-gradient kernel (interpret mode)
+    against the float64 formulas of the dQ and dK kernels and the Triton kernels (interpreted):
+    dQ, dK and the three row sums; two chunks of 128 (two blocks each), resets inside chunks."""
+    from xlstm_jax.kernels.mlstm_chunkwise.mosaic.bw_parallel_split import parallel_bw_dqdk_split_mosaic
+    from xlstm_jax.kernels.mlstm_chunkwise.pallas.bw_parallel_dk import parallel_bw_dk
+    from xlstm_jax.kernels.mlstm_chunkwise.pallas.bw_parallel_dq import parallel_bw_dq
+    from xlstm_jax.kernels.mlstm_chunkwise.pallas.heuristics import chunkwise_kernel_params
+
+    (DQ, DV, bK), BH, S, L, qk_scale = dims, 2, 256, 128, 0.125
+    x = _bw_kernel_inputs(BH, S, DQ, DV, L, seed=13)
+    ks = jax.random.split(jax.random.PRNGKey(14), 3)
+    C = jax.random.normal(ks[0], (BH, S // L + 1, DQ, DV)).astype(jnp.bfloat16)
+    N = jax.random.normal(ks[1], (BH, S // L + 1, DQ))
+    winter = jax.random.uniform(ks[2], (BH, S), minval=0.0, maxval=2.0)
+    dq_args = (x["q"], x["k"], x["v"], x["dh"], x["qlog"], x["klog"], winter, x["deninv"], x["dnq"],
+               x["start"], C, N)
+    dk_args = (x["q"], x["k"], x["v"], x["dh"], x["qlog"], x["klog"], x["wstate"], x["deninv"], x["dnq"],
+               x["start"], x["dC"], x["dN"])
+    got = parallel_bw_dqdk_split_mosaic(dq_args, dk_args, L=L, qk_scale=qk_scale, interpret=True, bK=bK)
+    assert got[0].shape == (BH, S, DQ) and got[2].shape == (BH, S, DQ)
+    assert got[0].dtype == jnp.dtype(jnp.bfloat16) and got[2].dtype == jnp.dtype(jnp.bfloat16)
+    ref = _dq_reference(x, C, N, winter, L, qk_scale) + _dk_reference(x, L, qk_scale)
+    params = chunkwise_kernel_params(S=S, DHQK=DQ, DHV=DV, dtype=jnp.bfloat16, chunk_size=L,
+                                     siz_b_L_parallel=64, siz_b_L_loop=64)
+    kw = dict(params=params, qk_scale=qk_scale, output_dtype=jnp.bfloat16, interpret=True)
+    tri = parallel_bw_dq(*dq_args, **kw) + parallel_bw_dk(*dk_args, **kw)
+    for name, a, b, r in zip(("dq", "dqq", "dk", "dkk", "dkk_state"), got, tri, ref):
+        a, b = _f64(a), _f64(b)
+        assert relative_error(b, r) < 4e-3, name
+        assert relative_error(a, r) < 4e-3, name
+        assert relative_error(a, b) < 1e-3, name
+
+
+def test_split_kernel_argument_errors():
+    """The split kernels' launcher names the bad sizes (a chunk that is not a multiple of 64)."""
+    from xlstm_jax.kernels.mlstm_chunkwise.mosaic.bw_parallel_split import parallel_bw_dqdk_split_mosaic
+
+    x = _bw_kernel_inputs(1, 256, 64, 128, 128)
+    dq_args = (x["q"], x["k"], x["v"], x["dh"], x["qlog"], x["klog"], x["wstate"], x["deninv"], x["dnq"],
+               x["start"], x["dC"], x["dN"])
+    with pytest.raises(ValueError, match="L % 64 == 0"):
+        parallel_bw_dqdk_split_mosaic(dq_args, dq_args, L=96, qk_scale=0.1, interpret=True)
+
+
 def test_interpret_dv_kernel_against_float64_and_triton():
     """The Mosaic dV kernel (interpret mode) against the float64 formula and against the Triton
     dV kernel (interpreted) on the same inputs: two chunks of 128 (two 64-row key blocks each: the
@@ -479,6 +535,8 @@ INTERPRET_CASES = [
     # the Mosaic dV, dK and dQ kernels in the backward pass (resets of the hard gates; the kernels' own
     # tests above cover two blocks per chunk, two DHV tiles, both dK / dQ tilings)
     ("exp-exact-S100-resets-mosaic-bw", 1, 2, 100, "exp", "exact", False, dict(bw_kernels="mosaic")),
+    # the split dQ / dK kernels (one score-gradient kernel) in the backward pass, packed documents
+    ("sigmoid-exact-segments-mosaic-split", 1, 1, 128, "sigmoid", "exact", True, dict(bw_kernels="mosaic_split")),
     # slow: the other two crossings of gate and grad mode (each property is covered above)
     pytest.param(("sigmoid-exact-segments", 1, 1, 128, "sigmoid", "exact", True, {}), marks=pytest.mark.slow),
     pytest.param(("exp-tfla-segments", 1, 1, 128, "exp", "tfla", True, {}), marks=pytest.mark.slow),
@@ -561,6 +619,10 @@ GPU_GRAD_CASES = [
     (1, 4, 512, 128, 256, "bfloat16", 128, "exp", "exact", False, False, dict(bw_kernels="mosaic")),
     (1, 2, 512, 256, 512, "bfloat16", 128, "exp", "exact", False, False, dict(bw_kernels="mosaic")),
     (2, 2, 1024, 64, 128, "bfloat16", 64, "exp", "tfla", True, True, dict(bw_kernels="mosaic")),
+    # the split dQ / dK kernels: standard heads (bK 128), 7B heads (bK 64), small heads, packed
+    (1, 4, 512, 128, 256, "bfloat16", 128, "exp", "exact", False, False, dict(bw_kernels="mosaic_split")),
+    (1, 2, 512, 256, 512, "bfloat16", 128, "exp", "exact", False, False, dict(bw_kernels="mosaic_split")),
+    (2, 2, 1024, 64, 128, "bfloat16", 64, "exp", "tfla", True, True, dict(bw_kernels="mosaic_split")),
 ]
 
 

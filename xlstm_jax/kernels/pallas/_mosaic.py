@@ -169,3 +169,20 @@ def dot_acc(acc, a, b_ref, *, interpret: bool):
         mod.wgmma(acc_ref, a, b_ref)
 
     return pl.run_state(body)(mod.ACC.init(acc))
+
+
+def dot_acc_smem(acc, a_ref, b_ref, *, transpose_a: bool = False, interpret: bool):
+    """acc + a @ b, or acc + a^T @ b with ``transpose_a``, of two shared-memory tiles (16-bit;
+    ``acc`` float32): one awaited wgmma (a transposed in shared memory when asked); in interpret
+    mode a ``jnp.dot`` of the loaded tiles."""
+    f32 = jax.numpy.float32
+    if interpret:
+        a = a_ref[...]
+        return acc + jax.numpy.dot(a.T if transpose_a else a, b_ref[...], preferred_element_type=f32)
+    mod = plgpu()
+    a = mod.transpose_ref(a_ref, (1, 0)) if transpose_a else a_ref
+
+    def body(acc_ref):
+        mod.wgmma(acc_ref, a, b_ref)
+
+    return pl.run_state(body)(mod.ACC.init(acc))

@@ -66,7 +66,7 @@ from ..pallas.autodiff import (
     kernel_dtype_of,
     prepare,
 )
-from . import bw_parallel_dk, bw_parallel_dq
+from . import bw_parallel_dk, bw_parallel_dq, bw_parallel_split
 from .bw_parallel_dv import parallel_bw_dv_mosaic
 from .fw_parallel import BLOCK, _mosaic, block_rows, block_starts, parallel_fw_h_mosaic
 
@@ -190,15 +190,21 @@ def _forward_bwd(cfg: MosaicConfig, res, cts):
 
 def mosaic_bw_fns(cfg: MosaicConfig, DQ: int, DV: int) -> dict:
     """The Mosaic backward kernels that replace Triton ones (``chunkwise_backward``'s ``bw_fns``)
-    for ``cfg.bw_kernels`` at the padded head dims DQ, DV: dV always with ``"mosaic"``; dK and dQ
-    where their tiles fit in shared memory (``bw_parallel_dk.fits``, ``bw_parallel_dq.fits``: at
-    the standard, 7B and small heads), else the Triton ones."""
-    if cfg.bw_kernels != "mosaic":
+    for ``cfg.bw_kernels`` at the padded head dims DQ, DV: dV always with ``"mosaic"`` and
+    ``"mosaic_split"``; dK and dQ where their tiles fit in shared memory (``bw_parallel_dk.fits``,
+    ``bw_parallel_dq.fits``: at the standard, 7B and small heads), else the Triton ones; with
+    ``"mosaic_split"`` dQ and dK from one score-gradient kernel and two thin product kernels
+    (``bw_parallel_split``) where they fit, else as ``"mosaic"``."""
+    if cfg.bw_kernels not in ("mosaic", "mosaic_split"):
         return {}
     c = cfg.core
     L = c.params.chunk_size_intra
     fns = {"dv": functools.partial(parallel_bw_dv_mosaic, L=L, bV=cfg.bV, qk_scale=c.qk_scale,
                                    interpret=cfg.interpret_mosaic)}
+    if cfg.bw_kernels == "mosaic_split" and bw_parallel_split.fits(DQ, DV):
+        fns["dqdk"] = functools.partial(bw_parallel_split.parallel_bw_dqdk_split_mosaic, L=L,
+                                        qk_scale=c.qk_scale, interpret=cfg.interpret_mosaic)
+        return fns
     if bw_parallel_dk.fits(DQ, DV):
         fns["dk"] = functools.partial(bw_parallel_dk.parallel_bw_dk_mosaic, L=L, qk_scale=c.qk_scale,
                                       interpret=cfg.interpret_mosaic)
@@ -278,8 +284,11 @@ def mlstm_chunkwise_mosaic(
     faster) runs the parallel backward kernels on Mosaic GPU (dV always; dK and dQ where their
     tiles fit in shared memory, up to DHV 512 with DHQK tiles of 64; designs in the kernels'
     docstrings), the recurrent backward still Triton; ``"triton"`` runs every backward kernel of
-    the Triton family. ``bw_kernels="mosaic"`` with ``fuse_dkdv`` is a ``ValueError``; None (the
-    default) with ``fuse_dkdv`` on (explicit or tuned) resolves to ``"triton"``. ``save_gates`` and
+    the Triton family; ``"mosaic_split"`` computes the gated score gradient of each block pair once
+    for both dQ and dK (``bw_parallel_split``: an extra (B*NH, S, chunk) 16-bit array; an option
+    under measurement). ``bw_kernels="mosaic"`` or ``"mosaic_split"`` with ``fuse_dkdv`` is a
+    ``ValueError``; None (the default) with ``fuse_dkdv`` on (explicit or tuned) resolves to
+    ``"triton"``. ``save_gates`` and
     ``fuse_dkdv`` act as in ``chunkwise_pallas``. The kernel dtype must be bfloat16 or float16
     (``NotImplementedError`` for float32: no tf32 kernel yet). ``interpret``: None or False compile (an NVIDIA Hopper GPU,
     else ``RuntimeError``); True runs Mosaic GPU's interpret mode and the Triton kernels
@@ -369,10 +378,10 @@ def mlstm_chunkwise_mosaic(
         )
     if bw_kernels is None:  # the default; the fused Triton dK-dV kernel needs the Triton backward
         bw_kernels = "triton" if prep.params.fuse_dkdv else BW_KERNELS[0]
-    if bw_kernels == "mosaic" and prep.params.fuse_dkdv:
+    if bw_kernels != "triton" and prep.params.fuse_dkdv:
         raise ValueError(
-            f"{KERNEL_NAME}: bw_kernels='mosaic' (the Mosaic dK and dV kernels) and fuse_dkdv (dK and dV from "
-            f"one Triton kernel) exclude each other; got fuse_dkdv=True (explicit or from the tuned table)"
+            f"{KERNEL_NAME}: bw_kernels={bw_kernels!r} (the Mosaic dK and dV kernels) and fuse_dkdv (dK and dV "
+            f"from one Triton kernel) exclude each other; got fuse_dkdv=True (explicit or from the tuned table)"
         )
     cfg = MosaicConfig(
         core=core_config(

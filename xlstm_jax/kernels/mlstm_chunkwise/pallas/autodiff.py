@@ -218,13 +218,17 @@ def chunkwise_backward(
     vecDenInv, vecDnq, vecStart, matDC_states, vecDN_states) -> (matDK, vecDkk, vecDkkState)``
     instead of ``parallel_bw_dk`` (neither with ``fuse_dkdv``), ``"dq"`` as ``fn(matQ, matK, matV,
     matDH, vecQlog, vecKlog, vecWinter, vecDenInv, vecDnq, vecStart, matC_states, vecN_states) ->
-    (matDQ, vecDqq)`` instead of ``parallel_bw_dq``.
+    (matDQ, vecDqq)`` instead of ``parallel_bw_dq``; ``"dqdk"`` (instead of both "dq" and "dk")
+    as ``fn(dq_args, dk_args) -> (matDQ, vecDqq, matDK, vecDkk, vecDkkState)`` with the two
+    argument tuples above, for kernels that share work between dQ and dK.
     """
     p = cfg.params
     bw_fns = dict(bw_fns or {})
-    unknown = sorted(set(bw_fns) - {"dk", "dq", "dv"})
+    unknown = sorted(set(bw_fns) - {"dk", "dq", "dv", "dqdk"})
     if unknown:
-        raise ValueError(f"bw_fns: unknown kernel name(s) {unknown}; known: ['dk', 'dq', 'dv']")
+        raise ValueError(f"bw_fns: unknown kernel name(s) {unknown}; known: ['dk', 'dq', 'dqdk', 'dv']")
+    if "dqdk" in bw_fns and ("dq" in bw_fns or "dk" in bw_fns or p.fuse_dkdv):
+        raise ValueError("bw_fns: 'dqdk' (dQ and dK from one function) excludes 'dq', 'dk' and fuse_dkdv")
     if p.fuse_dkdv and ("dk" in bw_fns or "dv" in bw_fns):
         raise ValueError("fuse_dkdv computes dK and dV in the fused Triton kernel: it takes no other dK or dV kernel")
     exact = cfg.grad_mode == "exact"
@@ -257,7 +261,11 @@ def chunkwise_backward(
     matDC0 = bw[2] if sdt is not None else matDC_states[:, 0]
     dq_args = (matQ, matK, matV, matDH, g.vecQlog, g.vecKlog, g.vecWinter, vecDenInv, vecDnq, g.vecStart,
                matC_states, vecN_states)
-    if "dq" in bw_fns:
+    dk_args = (matQ, matK, matV, matDH, g.vecQlog, g.vecKlog, g.vecWstate, vecDenInv, vecDnq, g.vecStart,
+               matDC_states, vecDN_states)
+    if "dqdk" in bw_fns:
+        matDQ, vecDqq, matDK, vecDkk, vecDkkState = bw_fns["dqdk"](dq_args, dk_args)
+    elif "dq" in bw_fns:
         matDQ, vecDqq = bw_fns["dq"](*dq_args)
     else:
         matDQ, vecDqq = parallel_bw_dq(*dq_args, output_dtype=dtype, **kw)
@@ -267,11 +275,9 @@ def chunkwise_backward(
             matDC_states, vecDN_states, output_dtype=dtype, **kw,
         )
     else:
-        dk_args = (matQ, matK, matV, matDH, g.vecQlog, g.vecKlog, g.vecWstate, vecDenInv, vecDnq, g.vecStart,
-                   matDC_states, vecDN_states)
         if "dk" in bw_fns:
             matDK, vecDkk, vecDkkState = bw_fns["dk"](*dk_args)
-        else:
+        elif "dqdk" not in bw_fns:  # (with "dqdk" dK came with dQ above)
             matDK, vecDkk, vecDkkState = parallel_bw_dk(*dk_args, output_dtype=dtype, **kw)
         dv_args = (matQ, matK, matDH, g.vecQlog, g.vecKlog, g.vecWstate, vecDenInv, g.vecStart, matDC_states)
         if "dv" in bw_fns:
