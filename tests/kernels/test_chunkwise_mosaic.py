@@ -234,6 +234,7 @@ GRAD_LOWERING_CASES = [  # (DHQK, DHV, options, Mosaic GPU calls): the forward k
     (64, 128, dict(bw_kernels="mosaic"), 4),
     (128, 256, dict(bw_kernels="mosaic_split"), 5),
     (256, 512, dict(bw_kernels="mosaic_split"), 5),
+    (256, 512, dict(), 5),  # the default at the 7B heads: split (DHQK in four tiles otherwise)
     (64, 128, dict(bw_kernels="mosaic_split"), 5),
 ]
 MOSAIC_KERNEL_NAMES = ("mlstm_mosaic_parallel_fw", "mlstm_mosaic_parallel_bw_dv", "mlstm_mosaic_parallel_bw_dk",
@@ -268,7 +269,7 @@ def test_compiled_gradient_path_lowers_for_cuda(case, monkeypatch):
     grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))
     text = grad.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("custom_call @mosaic_gpu") == calls
-    split = opts.get("bw_kernels") == "mosaic_split"
+    split = opts.get("bw_kernels", "mosaic_split" if DHQK == 256 else None) == "mosaic_split"
     names = MOSAIC_KERNEL_NAMES[:2] + (SPLIT_KERNEL_NAMES if split else MOSAIC_KERNEL_NAMES[2:])
     for j, name in enumerate(names):
         assert (name in text) == (j < calls), name
@@ -463,6 +464,17 @@ def test_interpret_split_dq_dk_kernels_against_float64_and_triton(dims):
         assert relative_error(b, r) < 4e-3, name
         assert relative_error(a, r) < 4e-3, name
         assert relative_error(a, b) < 1e-3, name
+
+
+def test_default_bw_kernels():
+    """The backward kernels a call without ``bw_kernels`` gets (padded head dims): the split dQ /
+    dK kernels where DHQK would be tiled (7B heads), else the Mosaic ones; Triton with fuse_dkdv."""
+    from xlstm_jax.kernels.mlstm_chunkwise.mosaic.forward import default_bw_kernels
+
+    assert default_bw_kernels(128, 256, fuse_dkdv=False) == "mosaic"
+    assert default_bw_kernels(64, 128, fuse_dkdv=False) == "mosaic"
+    assert default_bw_kernels(256, 512, fuse_dkdv=False) == "mosaic_split"
+    assert default_bw_kernels(256, 512, fuse_dkdv=True) == "triton"
 
 
 def test_split_kernel_argument_errors():
@@ -781,7 +793,7 @@ def test_tune_times_the_mosaic_family(tmp_path, capsys):
     assert "mosaic_bw_kernels" not in e  # only a Mosaic win records it
 
 
-@pytest.mark.parametrize("winner", ["mosaic", "triton"])
+@pytest.mark.parametrize("winner", ["mosaic", "triton", "mosaic_split"])
 def test_tune_times_both_mosaic_backward_choices(winner, tmp_path, capsys, monkeypatch):
     """With the fwbw objective the tuner times chunkwise_mosaic with both ``bw_kernels``; when the
     Mosaic family wins (a fake measurement: interpreted Mosaic is far slower than interpreted
@@ -791,8 +803,9 @@ def test_tune_times_both_mosaic_backward_choices(winner, tmp_path, capsys, monke
     from xlstm_jax.kernels.mlstm_chunkwise.pallas import tuning
     from xlstm_jax.tools import tune
 
-    fake = {"triton": 2.0, "mosaic": 1.5, "mosaic_bw": 1.0} if winner == "mosaic" else \
-        {"triton": 2.0, "mosaic": 1.0, "mosaic_bw": 1.5}
+    fake = {"mosaic": {"triton": 2.0, "mosaic": 1.5, "mosaic_bw": 1.0, "mosaic_split": 1.2},
+            "triton": {"triton": 2.0, "mosaic": 1.0, "mosaic_bw": 1.5, "mosaic_split": 1.2},
+            "mosaic_split": {"triton": 2.0, "mosaic": 1.5, "mosaic_bw": 1.2, "mosaic_split": 1.0}}[winner]
     monkeypatch.setattr(tune._Measurer, "measure", lambda self, o, mode, family="triton": fake[family])
     out = tmp_path / "out.json"
     rc = main(["tune", "--interpret", "--heads", "1,64,64", "--shapes", "1,64", "--space", "siz_b_L_loop=64",
@@ -807,7 +820,7 @@ def test_tune_times_both_mosaic_backward_choices(winner, tmp_path, capsys, monke
     fc = choose_family(B=1, NH=1, S=64, DHQK=64, DHV=64, kernel_dtype=jnp.bfloat16, grad_mode="exact",
                        interpret=True, device_kind=e["device_kind"])
     assert fc.family == "mosaic" and fc.mosaic_options["bw_kernels"] == winner
-    if winner == "triton":
+    if winner != "mosaic":
         return
     with pytest.warns(UserWarning, match="mosaic_bw_kernels must be one of"):  # a bad entry is skipped
         bad = tuning.parse_table(

@@ -17,8 +17,8 @@ shipped ``tuned_defaults.json``.
 only) with the options of the best Triton candidate that it takes (``mosaic.auto.mosaic_options``)
 and records ``"family": "mosaic"`` in the entry when it is faster by ``--min-gain`` in the
 objective (the ``chunkwise_auto`` kernel then runs it for that shape); with the ``fwbw`` objective
-it times both of the family's backward choices (``bw_kernels`` triton and mosaic) and records
-``"mosaic_bw_kernels"`` (``"mosaic"`` or ``"triton"``, whichever was faster) with a Mosaic win. Where Mosaic GPU cannot run,
+it times the family's three backward choices (``bw_kernels`` triton, mosaic, mosaic_split) and records
+``"mosaic_bw_kernels"`` (whichever was fastest) with a Mosaic win. Where Mosaic GPU cannot run,
 the entry stays Triton and the table says why.
 
 Refuses to run on a machine without a GPU (a ``UsageError``) unless ``--interpret`` (interpret-mode
@@ -129,12 +129,13 @@ class _Measurer:
         from xlstm_jax.kernels.mlstm_chunkwise.pallas import mlstm_chunkwise_pallas
 
         gm, interp = self.grad_mode, self.interpret
-        if family in ("mosaic", "mosaic_bw"):  # "mosaic_bw": with the Mosaic backward kernels
+        if family in ("mosaic", "mosaic_bw", "mosaic_split"):  # the Mosaic family, by its bw_kernels
             from xlstm_jax.kernels.mlstm_chunkwise.mosaic import forward
             from xlstm_jax.kernels.mlstm_chunkwise.mosaic.auto import mosaic_options
 
             fn, overrides = forward.mlstm_chunkwise_mosaic, mosaic_options(overrides)
-            overrides = {**overrides, "bw_kernels": "mosaic" if family == "mosaic_bw" else "triton"}
+            bw = {"mosaic": "triton", "mosaic_bw": "mosaic", "mosaic_split": "mosaic_split"}[family]
+            overrides = {**overrides, "bw_kernels": bw}
         else:
             fn = mlstm_chunkwise_pallas
 
@@ -172,8 +173,9 @@ class _Measurer:
 
     def measure(self, overrides: dict, mode: str, family: str = "triton") -> float:
         """Median ms per call of ``mode`` ("fw" or "fwbw") with ``overrides`` (of the Triton family;
-        ``family="mosaic"``: chunkwise_mosaic with those it takes, ``"mosaic_bw"``: the same with
-        ``bw_kernels="mosaic"``); raises on failure."""
+        ``family="mosaic"``: chunkwise_mosaic with those it takes and the Triton backward kernels,
+        ``"mosaic_bw"``: the same with ``bw_kernels="mosaic"``, ``"mosaic_split"``: with
+        ``bw_kernels="mosaic_split"``); raises on failure."""
         from .timing import time_calls
 
         status, obj = self._compile(overrides, mode, family)
@@ -274,9 +276,10 @@ def run(args) -> int:
 def _family_choice(m: _Measurer, res, final: dict, args, dtype) -> tuple[str, str, str]:
     """("mosaic" or "triton", a note, the Mosaic ``bw_kernels``) for one key: with ``--families ...
     mosaic``, chunkwise_mosaic is timed with the best candidate, with the Triton backward kernels and
-    (when the objective includes the backward pass) with ``bw_kernels="mosaic"`` (times in ``final``
-    as ``mosaic_fw`` / ``mosaic_fwbw`` / ``mosaic_bw_fwbw``); the faster variant wins if it is
-    ``--min-gain`` faster than the Triton family in the objective."""
+    (when the objective includes the backward pass) with ``bw_kernels="mosaic"`` and
+    ``"mosaic_split"`` (times in ``final`` as ``mosaic_fw`` / ``mosaic_fwbw`` / ``mosaic_bw_fwbw`` /
+    ``mosaic_split_fwbw``); the fastest variant wins if it is ``--min-gain`` faster than the Triton
+    family in the objective."""
     if "mosaic" not in args.families:
         return "triton", "", "triton"
     from xlstm_jax.kernels.mlstm_chunkwise.mosaic.forward import MOSAIC_DTYPES
@@ -294,12 +297,16 @@ def _family_choice(m: _Measurer, res, final: dict, args, dtype) -> tuple[str, st
         if mode == "fwbw":  # the forward pass is the same with either backward
             final["mosaic_bw_fwbw"] = _try(m.measure, res.best, mode, "mosaic_bw")
             print(f"  mosaic, bw_kernels=mosaic, fwbw: {_fmt(final['mosaic_bw_fwbw'])} ms", flush=True)
+            final["mosaic_split_fwbw"] = _try(m.measure, res.best, mode, "mosaic_split")
+            print(f"  mosaic, bw_kernels=mosaic_split, fwbw: {_fmt(final['mosaic_split_fwbw'])} ms", flush=True)
     bw = "triton"
     mos = final[f"mosaic_{args.objective}"]
-    alt = final.get("mosaic_bw_fwbw") if args.objective == "fwbw" else None
-    if alt is not None and (mos is None or alt < mos):
-        mos, bw = alt, "mosaic"
-    what = "mosaic" + (" (bw_kernels=mosaic)" if bw == "mosaic" else "")
+    if args.objective == "fwbw":
+        for key, name in (("mosaic_bw_fwbw", "mosaic"), ("mosaic_split_fwbw", "mosaic_split")):
+            alt = final.get(key)
+            if alt is not None and (mos is None or alt < mos):
+                mos, bw = alt, name
+    what = "mosaic" + (f" (bw_kernels={bw})" if bw != "triton" else "")
     if mos is None:
         return "triton", "mosaic failed (see the log)", "triton"
     if mos < res.best_ms * (1.0 - args.min_gain):

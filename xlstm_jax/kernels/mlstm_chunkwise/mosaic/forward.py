@@ -78,12 +78,13 @@ DEFAULT_BV = 128
 """DHV tile of one program (register budget: two 64 x bV f32 accumulators in one warpgroup)."""
 
 BW_KERNELS = tuning.MOSAIC_BW_KERNELS
-"""The values of ``bw_kernels`` (the first is the default; defined beside the tuned tables, which
-record it): the parallel backward kernels on Mosaic GPU (``mosaic_bw_fns``; the recurrent backward
-stays Triton), or the backward pass's kernels all Triton. ``"mosaic"`` is the default since the
-first GPU run (2026-12-02, H200: fwbw 4-15% faster than with the Triton backward kernels at the
-standard and 7B heads, 18% at the small heads); with ``fuse_dkdv`` (one Triton dK-dV kernel) the
-default resolves to ``"triton"``."""
+"""The values of ``bw_kernels`` (defined beside the tuned tables, which record it): the parallel
+backward kernels on Mosaic GPU (``mosaic_bw_fns``; the recurrent backward stays Triton), the
+backward pass's kernels all Triton, or the Mosaic kernels with dQ and dK split around one
+score-gradient kernel (``bw_parallel_split``). Without one the call takes ``default_bw_kernels``:
+the Mosaic kernels were faster than the Triton ones at every row of the first GPU run
+(2026-12-02, H200: fwbw 4-15% at the standard and 7B heads, 18% at the small heads), the split
+ones where DHQK is tiled."""
 _OPEN_FORGET_GATE = 1e30  # log_sigmoid(1e30) == 0 exactly: the state carries through
 
 
@@ -97,6 +98,19 @@ def _pad_axis(x: jax.Array, axis: int, size: int, value: float) -> jax.Array:
     pad = [(0, 0)] * x.ndim
     pad[axis] = (0, size - x.shape[axis])
     return jnp.pad(x, pad, constant_values=value)
+
+
+def default_bw_kernels(DQ: int, DV: int, *, fuse_dkdv: bool) -> str:
+    """``bw_kernels`` when the call gives none, at the padded head dims DQ, DV: ``"triton"`` with
+    ``fuse_dkdv`` (the fused Triton dK-dV kernel); ``"mosaic_split"`` where the Mosaic dK and dQ
+    kernels would split DHQK into several tiles, each recomputing the DHV-deep score gradient (the
+    7B heads: fwbw 10.16 -> 9.36 ms at 8 x 8192, H200, 2026-12-02), or do not fit; else
+    ``"mosaic"`` (one DHQK tile, nothing recomputed: at the standard heads the split kernels were
+    slower, 6.08 -> 6.31 ms, and equal at the small heads)."""
+    if fuse_dkdv:
+        return "triton"
+    one_tile = bw_parallel_dk.fits(DQ, DV) and bw_parallel_dk.default_bK(DQ, DV) == DQ
+    return "mosaic_split" if not one_tile and bw_parallel_split.fits(DQ, DV) else "mosaic"
 
 
 def _fixed_options(options: dict) -> None:
@@ -126,8 +140,8 @@ class MosaicConfig:
     bV: int
     interpret_mosaic: bool
     bw_kernels: str = BW_KERNELS[0]
-    """``"mosaic"``: the Mosaic parallel backward kernels of ``mosaic_bw_fns``; ``"triton"``:
-    every backward kernel the Triton family's."""
+    """``"mosaic"`` / ``"mosaic_split"``: the Mosaic parallel backward kernels of
+    ``mosaic_bw_fns``; ``"triton"``: every backward kernel the Triton family's."""
 
 
 def forward_padded(q, k, v, i, logf, C0, n0, m0, cfg: MosaicConfig) -> ForwardOut:
@@ -280,15 +294,15 @@ def mlstm_chunkwise_mosaic(
     tables (``tuned``) or the heuristics. The recurrent (``*_inter``) options and the variant
     options (``m_scan``, ``gates_impl``, ``gate_grads_impl``, ``states_bf16``) and
     ``recompute_states_in_bw`` act as in ``chunkwise_pallas`` (the recurrence and the backward
-    are its kernels). ``bw_kernels`` (this family only): ``"mosaic"`` (the default, measured
-    faster) runs the parallel backward kernels on Mosaic GPU (dV always; dK and dQ where their
+    are its kernels). ``bw_kernels`` (this family only): ``"mosaic"`` runs the parallel backward
+    kernels on Mosaic GPU (dV always; dK and dQ where their
     tiles fit in shared memory, up to DHV 512 with DHQK tiles of 64; designs in the kernels'
     docstrings), the recurrent backward still Triton; ``"triton"`` runs every backward kernel of
     the Triton family; ``"mosaic_split"`` computes the gated score gradient of each block pair once
-    for both dQ and dK (``bw_parallel_split``: an extra (B*NH, S, chunk) 16-bit array; an option
-    under measurement). ``bw_kernels="mosaic"`` or ``"mosaic_split"`` with ``fuse_dkdv`` is a
-    ``ValueError``; None (the default) with ``fuse_dkdv`` on (explicit or tuned) resolves to
-    ``"triton"``. ``save_gates`` and
+    for both dQ and dK (``bw_parallel_split``: an extra (B*NH, S, chunk) 16-bit array). None (the
+    default): ``default_bw_kernels`` ("mosaic_split" at the 7B heads, "mosaic" at the standard and
+    small heads, "triton" with ``fuse_dkdv``). ``bw_kernels="mosaic"`` or ``"mosaic_split"`` with
+    ``fuse_dkdv`` is a ``ValueError``. ``save_gates`` and
     ``fuse_dkdv`` act as in ``chunkwise_pallas``. The kernel dtype must be bfloat16 or float16
     (``NotImplementedError`` for float32: no tf32 kernel yet). ``interpret``: None or False compile (an NVIDIA Hopper GPU,
     else ``RuntimeError``); True runs Mosaic GPU's interpret mode and the Triton kernels
@@ -376,8 +390,8 @@ def mlstm_chunkwise_mosaic(
         raise ValueError(
             f"{KERNEL_NAME}: siz_b_DH_parallel={bV} must divide the padded DHV={DV} (DHV={DHV})"
         )
-    if bw_kernels is None:  # the default; the fused Triton dK-dV kernel needs the Triton backward
-        bw_kernels = "triton" if prep.params.fuse_dkdv else BW_KERNELS[0]
+    if bw_kernels is None:
+        bw_kernels = default_bw_kernels(DQ, DV, fuse_dkdv=prep.params.fuse_dkdv)
     if bw_kernels != "triton" and prep.params.fuse_dkdv:
         raise ValueError(
             f"{KERNEL_NAME}: bw_kernels={bw_kernels!r} (the Mosaic dK and dV kernels) and fuse_dkdv (dK and dV "

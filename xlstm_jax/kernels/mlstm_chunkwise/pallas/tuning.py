@@ -100,11 +100,9 @@ FAMILIES = ("triton", "mosaic")
 """The kernel families an entry's optional ``"family"`` may name (module doc); the first is the default."""
 
 MOSAIC_BW_KERNELS = ("mosaic", "triton", "mosaic_split")
-"""The values of ``chunkwise_mosaic``'s ``bw_kernels`` (the first is the default: measured faster
-than the Triton backward kernels at every row of the benchmark on an H200, 2026-12-02,
-docs/benchmarks.md), which an entry that chose the Mosaic family records as
-``"mosaic_bw_kernels"`` (the faster of the two the tuner timed); ``"mosaic_split"`` (dQ and dK
-from one score-gradient kernel) is an option not yet timed by the tuner."""
+"""The values of ``chunkwise_mosaic``'s ``bw_kernels`` (its default, when a call gives none, is
+``mosaic.forward.default_bw_kernels``), which an entry that chose the Mosaic family records as
+``"mosaic_bw_kernels"`` (the fastest of those the tuner timed; docs/benchmarks.md)."""
 
 CALL_OPTION_DEFAULTS: dict[str, Any] = {
     "recompute_states_in_bw": True,
