@@ -226,11 +226,12 @@ def test_combined_bw_and_v5_fwbw(x64):
 def test_backend_config_fields_and_registry():
     fields = [(fl.name, fl.default) for fl in dataclasses.fields(mLSTMBackendTritonConfig)]
     # the seed's fields, in order, with the seed's defaults; then the additions (grad_mode: issue 8,
-    # input_gate: issue 11)
+    # input_gate: issue 11, kernel_family: issue 14)
     assert fields == [
         ("autocast_dtype", None), ("chunk_size", 64), ("reduce_slicing", True),
         ("backend_name", "max_triton_noslice"), ("eps", 1e-6), ("norm_val", 1.0),
         ("stabilize_correctly", True), ("grad_mode", "exact"), ("input_gate", "exp"),
+        ("kernel_family", "auto"),
     ]
     assert set(get_args(BackendNameType)) == {"max_triton_xlchunksize", "max_triton_noslice", "max_triton", "triton_stablef"}
     assert issubclass(mLSTMBackendTriton, mLSTMBackend)
