@@ -1,12 +1,15 @@
 """Mosaic GPU (Hopper-native Pallas) chunkwise mLSTM kernels, issue 14.
 
-The forward intra-chunk kernel and (``bw_kernels="mosaic"``, the default) the parallel backward
-kernels are on Mosaic GPU; the state recurrences are the Triton family's kernels.
+The forward intra-chunk kernel and the parallel backward kernels are on Mosaic GPU (``bw_kernels``
+"mosaic" or "mosaic_split", chosen by ``forward.default_bw_kernels`` unless given); the state
+recurrences are the Triton family's kernels.
 Modules: ``fw_parallel`` (the intra-chunk kernel: h and the normaliser from the chunk-border state
 and the attention-like part, wgmma + TMA; its docstring has the design), ``bw_parallel_dv`` (dV of
 a key block, the forward kernel transposed), ``bw_parallel_dk`` and ``bw_parallel_dq`` (dK of a
-key block, dQ of a query block, with the row sums of the gate gradients), ``forward`` (preparation, the Triton family's gates and
-recurrent state kernel, the launch, the ``jax.custom_vjp`` over the Triton family's backward).
+key block, dQ of a query block, with the row sums of the gate gradients), ``bw_parallel_split``
+(dQ and dK around one kernel computing each block pair's score gradient once: the 7B heads),
+``forward`` (preparation, the Triton family's gates and recurrent state kernel, the launch, the
+``jax.custom_vjp`` over the Triton family's backward with the Mosaic kernels in place).
 Registered as ``chunkwise_mosaic`` with the options of ``chunkwise_pallas`` (``needs_gpu``: an
 NVIDIA Hopper GPU); differentiable. ``auto`` registers ``chunkwise_auto``: the family (Mosaic or
 Triton) the tuned table chose for the call's shape, Triton where Mosaic GPU cannot run.
