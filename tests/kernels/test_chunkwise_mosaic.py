@@ -375,6 +375,15 @@ def test_interpret_dk_kernel_against_float64_and_triton(dims):
         assert relative_error(a, b) < 1e-3, name
 
 
+def _dq_state_inputs(BH, S, DQ, DV, L, seed):
+    """The dQ kernels' extra inputs: the entering states C (bf16), n, and the inter-chunk weights."""
+    ks = jax.random.split(jax.random.PRNGKey(seed), 3)
+    C = jax.random.normal(ks[0], (BH, S // L + 1, DQ, DV)).astype(jnp.bfloat16)
+    N = jax.random.normal(ks[1], (BH, S // L + 1, DQ))
+    winter = jax.random.uniform(ks[2], (BH, S), minval=0.0, maxval=2.0)
+    return C, N, winter
+
+
 def _dq_reference(x, C, N, winter, L, qk_scale):
     """(dQ, <dq, q>) of the formula in ``mosaic/bw_parallel_dq.py``, float64."""
     q, k, v, dh, C, N = (_f64(a) for a in (x["q"], x["k"], x["v"], x["dh"], C, N))
@@ -410,10 +419,7 @@ def test_interpret_dq_kernel_against_float64_and_triton(dims):
 
     (DQ, DV, bK), BH, S, L, qk_scale = dims, 2, 256, 128, 0.125
     x = _bw_kernel_inputs(BH, S, DQ, DV, L, seed=11)
-    ks = jax.random.split(jax.random.PRNGKey(12), 3)
-    C = jax.random.normal(ks[0], (BH, S // L + 1, DQ, DV)).astype(jnp.bfloat16)
-    N = jax.random.normal(ks[1], (BH, S // L + 1, DQ))
-    winter = jax.random.uniform(ks[2], (BH, S), minval=0.0, maxval=2.0)
+    C, N, winter = _dq_state_inputs(BH, S, DQ, DV, L, seed=12)
     args = (x["q"], x["k"], x["v"], x["dh"], x["qlog"], x["klog"], winter, x["deninv"], x["dnq"],
             x["start"], C, N)
     got = parallel_bw_dq_mosaic(*args, L=L, qk_scale=qk_scale, interpret=True, bK=bK)
@@ -443,10 +449,7 @@ def test_interpret_split_dq_dk_kernels_against_float64_and_triton(dims):
 
     (DQ, DV, bK), BH, S, L, qk_scale = dims, 2, 256, 128, 0.125
     x = _bw_kernel_inputs(BH, S, DQ, DV, L, seed=13)
-    ks = jax.random.split(jax.random.PRNGKey(14), 3)
-    C = jax.random.normal(ks[0], (BH, S // L + 1, DQ, DV)).astype(jnp.bfloat16)
-    N = jax.random.normal(ks[1], (BH, S // L + 1, DQ))
-    winter = jax.random.uniform(ks[2], (BH, S), minval=0.0, maxval=2.0)
+    C, N, winter = _dq_state_inputs(BH, S, DQ, DV, L, seed=14)
     dq_args = (x["q"], x["k"], x["v"], x["dh"], x["qlog"], x["klog"], winter, x["deninv"], x["dnq"],
                x["start"], C, N)
     dk_args = (x["q"], x["k"], x["v"], x["dh"], x["qlog"], x["klog"], x["wstate"], x["deninv"], x["dnq"],

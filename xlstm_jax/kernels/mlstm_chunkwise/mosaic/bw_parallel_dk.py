@@ -188,13 +188,30 @@ def _kernel(
     matAcc0 = _mosaic().layout_cast(jnp.zeros(shape_dk, _F32), wg, interpret=interpret)
     matAcc = lax.fori_loop(jnp.int32(0), n_iter, step, matAcc0)
 
-    # the state part after the loop (its accumulator is not live across it): Wstate_s (dC_c v_s +
-    # dn_c), kept apart for its row sum
+    dc_buf = dh_smem.at[lax.rem(n_iter, jnp.int32(2))] if reuse else dc_smem  # the last step's other slot
+    finish_dk(
+        matAcc, v_smem=v_smem, dc_buf=dc_buf, dc_bar=dc_bar, dn_smem=dn_smem, dn_bar=dn_bar,
+        k_smem=k_smem, k_bar=k_bar, dkk_smem=dkk_smem, dkks_smem=dkks_smem, vecWstate=vecWstate,
+        dk_dst=dk_ref.at[bh, krows, dcols], dkk_dst=dkk_ref.at[idk, bh, krows],
+        dkks_dst=dkks_ref.at[idk, bh, krows], qk_scale=qk_scale, interpret=interpret,
+    )
+
+
+def finish_dk(matAcc, *, v_smem, dc_buf, dc_bar, dn_smem, dn_bar, k_smem, k_bar, dkk_smem, dkks_smem,
+              vecWstate, dk_dst, dkk_dst, dkks_dst, qk_scale: float, interpret: bool):
+    """The end of a dK program (also the split kernel's, ``bw_parallel_split``), after its loop
+    over the query blocks has summed ``matAcc`` (64, bK): the state part Wstate_s (dC_c v_s + dn_c)
+    (after the loop, so that its accumulator is not live across it; the state-cotangent tile
+    ``dc_buf``), dK = acc qk_scale + state part, the row sums <dk, k> and <dk_state, k>, and the
+    TMA stores of the three (the k buffer holds the dK tile)."""
+    plgpu = _mosaic().plgpu()
+    wg = plgpu.Layout.WGMMA
+    load = functools.partial(_mosaic().load, interpret=interpret)
+    shape_dk = matAcc.shape
     plgpu.barrier_wait(dc_bar)
     plgpu.barrier_wait(dn_bar)
-    dc_buf = dh_smem.at[lax.rem(n_iter, jnp.int32(2))] if reuse else dc_smem  # the last step's other slot
     matState = _mosaic().dot_nt(v_smem, dc_buf, interpret=interpret)
-    vecDn = load(dn_smem, col_layout)
+    vecDn = load(dn_smem, wg.reduce(0))
     matDKstate = (matState + lax.broadcast_in_dim(vecDn, shape_dk, [1])) * lax.broadcast_in_dim(
         vecWstate, shape_dk, [0]
     )
@@ -205,11 +222,11 @@ def _kernel(
     matK = load(k_smem, wg).astype(_F32)
     dkk_smem[...] = jnp.sum(matDK * matK, axis=1)
     dkks_smem[...] = jnp.sum(matDKstate * matK, axis=1)
-    k_smem[...] = matDK.astype(dtype)  # k has been read: its buffer holds the dK tile
+    k_smem[...] = matDK.astype(k_smem.dtype)  # k has been read: its buffer holds the dK tile
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[bh, krows, dcols])
-    plgpu.copy_smem_to_gmem(dkk_smem, dkk_ref.at[idk, bh, krows])
-    plgpu.copy_smem_to_gmem(dkks_smem, dkks_ref.at[idk, bh, krows])
+    plgpu.copy_smem_to_gmem(k_smem, dk_dst)
+    plgpu.copy_smem_to_gmem(dkk_smem, dkk_dst)
+    plgpu.copy_smem_to_gmem(dkks_smem, dkks_dst)
     plgpu.wait_smem_to_gmem(0)
 
 

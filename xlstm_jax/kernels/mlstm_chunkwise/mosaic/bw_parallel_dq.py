@@ -160,13 +160,30 @@ def _kernel(
     matAcc0 = _mosaic().layout_cast(jnp.zeros(shape_dq, _F32), wg, interpret=interpret)
     matAcc = lax.fori_loop(jnp.int32(0), n_iter, step, matAcc0)
 
-    # the inter-chunk term after the loop (its accumulator is not live across it):
-    # Winter_t (C_{c-1} dh_t / den_t + dnq_t n_{c-1})
     c_buf = v_smem.at[lax.rem(n_iter, jnp.int32(2))] if reuse else c_smem  # the last step's other slot
+    finish_dq(
+        matAcc, dh_smem=dh_smem, c_buf=c_buf, c_bar=c_bar, n_smem=n_smem, n_bar=n_bar, q_smem=q_smem,
+        q_bar=q_bar, dqq_smem=dqq_smem, vecWinter=vecWinter, vecDenInv=vecDenInv, vecDnq=vecDnq,
+        dq_dst=dq_ref.at[bh, qrows, dcols], dqq_dst=dqq_ref.at[idk, bh, qrows], qk_scale=qk_scale,
+        interpret=interpret,
+    )
+
+
+def finish_dq(matAcc, *, dh_smem, c_buf, c_bar, n_smem, n_bar, q_smem, q_bar, dqq_smem, vecWinter,
+              vecDenInv, vecDnq, dq_dst, dqq_dst, qk_scale: float, interpret: bool):
+    """The end of a dQ program (also the split kernel's, ``bw_parallel_split``), after its loop
+    over the key blocks has summed ``matAcc`` (64, bK): the inter-chunk term
+    Winter_t (C_{c-1} dh_t / den_t + dnq_t n_{c-1}) (after the loop, so that its accumulator is not
+    live across it; the state tile ``c_buf``), dQ = (acc + inter) qk_scale, the row sum <dq, q>, and
+    the TMA stores of both to ``dq_dst`` / ``dqq_dst`` (the q buffer holds the dQ tile)."""
+    plgpu = _mosaic().plgpu()
+    wg = plgpu.Layout.WGMMA
+    load = functools.partial(_mosaic().load, interpret=interpret)
+    shape_dq = matAcc.shape
     plgpu.barrier_wait(c_bar)
     plgpu.barrier_wait(n_bar)
     matInter = _mosaic().dot_nt(dh_smem, c_buf, interpret=interpret)
-    vecN = load(n_smem, col_layout)
+    vecN = load(n_smem, wg.reduce(0))
     matInter = (
         matInter * lax.broadcast_in_dim(vecDenInv, shape_dq, [0])
         + lax.broadcast_in_dim(vecDnq, shape_dq, [0]) * lax.broadcast_in_dim(vecN, shape_dq, [1])
@@ -177,10 +194,10 @@ def _kernel(
     plgpu.barrier_wait(q_bar)
     matQ = load(q_smem, wg).astype(_F32)
     dqq_smem[...] = jnp.sum(matDQ * matQ, axis=1)
-    q_smem[...] = matDQ.astype(dtype)  # q has been read: its buffer holds the dQ tile
+    q_smem[...] = matDQ.astype(q_smem.dtype)  # q has been read: its buffer holds the dQ tile
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[bh, qrows, dcols])
-    plgpu.copy_smem_to_gmem(dqq_smem, dqq_ref.at[idk, bh, qrows])
+    plgpu.copy_smem_to_gmem(q_smem, dq_dst)
+    plgpu.copy_smem_to_gmem(dqq_smem, dqq_dst)
     plgpu.wait_smem_to_gmem(0)
 
 

@@ -40,7 +40,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from .bw_parallel_dk import SMEM_LIMIT
+from .bw_parallel_dk import SMEM_LIMIT, finish_dk
+from .bw_parallel_dq import finish_dq
 from .fw_parallel import BLOCK, _mosaic, block_rows, block_starts, query_block_mask
 
 _F32 = jnp.float32
@@ -182,6 +183,30 @@ def score_gradients_mosaic(matV, matDH, vecQlog, vecKlog, vecDenInv, vecDnq, vec
 # 2. dQ from dS
 
 
+def _accumulate_ds(shape, n_iter, fetch, ds_smem, ds_bar, b_smem, b_bar, *, transpose_ds: bool,
+                   interpret: bool):
+    """The loop of the dQ and dK programs: the f32 ``shape`` accumulator plus dS_j @ b_j (dS_j^T @
+    b_j with ``transpose_ds``) over the ``n_iter`` blocks j, the dS and b tiles double-buffered:
+    ``fetch(j, slot)`` issues block j's TMAs (block 0 before the loop), the next block's while the
+    current one is multiplied."""
+    plgpu = _mosaic().plgpu()
+
+    def step(j, matAcc):
+        slot = lax.rem(j, jnp.int32(2))
+
+        @pl.when(j + 1 < n_iter)
+        def _prefetch():  # the other slot was last read by block j - 1, whose wgmma is done
+            fetch(j + 1, 1 - slot)
+
+        plgpu.barrier_wait(b_bar.at[slot])
+        plgpu.barrier_wait(ds_bar.at[slot])
+        return _mosaic().dot_acc_smem(matAcc, ds_smem.at[slot], b_smem.at[slot], transpose_a=transpose_ds,
+                                      interpret=interpret)
+
+    matAcc0 = _mosaic().layout_cast(jnp.zeros(shape, _F32), plgpu.Layout.WGMMA, interpret=interpret)
+    return lax.fori_loop(jnp.int32(0), n_iter, step, matAcc0)
+
+
 def _dq_kernel(
     q_ref,  # (BH, S, DHQK) gmem
     k_ref,  # (BH, S, DHQK)
@@ -204,9 +229,8 @@ def _dq_kernel(
     dh_smem, c_smem, q_smem, k_smem, ds_smem, qvec_smem, n_smem, dqq_smem = smem
     dh_bar, c_bar, q_bar, qvec_bar, n_bar, k_bar, ds_bar = bars
     wg = plgpu.Layout.WGMMA
-    row_layout, col_layout = wg.reduce(1), wg.reduce(0)
+    row_layout = wg.reduce(1)
     load = functools.partial(_mosaic().load, interpret=interpret)
-    dtype = q_smem.dtype
 
     idk = lax.axis_index("d")
     qb = lax.axis_index("q")
@@ -229,46 +253,20 @@ def _dq_kernel(
     plgpu.copy_gmem_to_smem(qvec_ref.at[bh, qb], qvec_smem, qvec_bar)
     plgpu.copy_gmem_to_smem(n_ref.at[bh, chunk, dcols], n_smem, n_bar)
     plgpu.copy_gmem_to_smem(q_ref.at[bh, qrows, dcols], q_smem, q_bar)
-    shape_dq = (BLOCK, bK)
-    n_iter = iq + 1
-
-    def step(j, matAcc):
-        slot = lax.rem(j, jnp.int32(2))
-
-        @pl.when(j + 1 < n_iter)
-        def _prefetch():  # the other slot was last read by block j - 1, whose wgmma is done
-            fetch(j + 1, 1 - slot)
-
-        plgpu.barrier_wait(k_bar.at[slot])
-        plgpu.barrier_wait(ds_bar.at[slot])
-        return _mosaic().dot_acc_smem(matAcc, ds_smem.at[slot], k_smem.at[slot], interpret=interpret)
-
-    matAcc0 = _mosaic().layout_cast(jnp.zeros(shape_dq, _F32), wg, interpret=interpret)
-    matAcc = lax.fori_loop(jnp.int32(0), n_iter, step, matAcc0)
+    matAcc = _accumulate_ds((BLOCK, bK), iq + 1, fetch, ds_smem, ds_bar, k_smem, k_bar,
+                            transpose_ds=False, interpret=interpret)
 
     plgpu.barrier_wait(qvec_bar)
     vecWinter = load(qvec_smem.at[0], row_layout)
     vecDenInv = load(qvec_smem.at[1], row_layout)
     vecDnq = load(qvec_smem.at[2], row_layout)
     plgpu.barrier_wait(dh_bar)
-    plgpu.barrier_wait(c_bar)
-    plgpu.barrier_wait(n_bar)
-    matInter = _mosaic().dot_nt(dh_smem, c_smem, interpret=interpret)
-    vecN = load(n_smem, col_layout)
-    matInter = (
-        matInter * lax.broadcast_in_dim(vecDenInv, shape_dq, [0])
-        + lax.broadcast_in_dim(vecDnq, shape_dq, [0]) * lax.broadcast_in_dim(vecN, shape_dq, [1])
-    ) * lax.broadcast_in_dim(vecWinter, shape_dq, [0])
-    matDQ = (matAcc + matInter) * qk_scale
-
-    plgpu.barrier_wait(q_bar)
-    matQ = load(q_smem, wg).astype(_F32)
-    dqq_smem[...] = jnp.sum(matDQ * matQ, axis=1)
-    q_smem[...] = matDQ.astype(dtype)  # q has been read: its buffer holds the dQ tile
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[bh, qrows, dcols])
-    plgpu.copy_smem_to_gmem(dqq_smem, dqq_ref.at[idk, bh, qrows])
-    plgpu.wait_smem_to_gmem(0)
+    finish_dq(
+        matAcc, dh_smem=dh_smem, c_buf=c_smem, c_bar=c_bar, n_smem=n_smem, n_bar=n_bar, q_smem=q_smem,
+        q_bar=q_bar, dqq_smem=dqq_smem, vecWinter=vecWinter, vecDenInv=vecDenInv, vecDnq=vecDnq,
+        dq_dst=dq_ref.at[bh, qrows, dcols], dqq_dst=dqq_ref.at[idk, bh, qrows], qk_scale=qk_scale,
+        interpret=interpret,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,9 +296,8 @@ def _dk_kernel(
     v_smem, dc_smem, k_smem, q_smem, ds_smem, wstate_smem, dn_smem, dkk_smem, dkks_smem = smem
     v_bar, dc_bar, k_bar, wstate_bar, dn_bar, q_bar, ds_bar = bars
     wg = plgpu.Layout.WGMMA
-    row_layout, col_layout = wg.reduce(1), wg.reduce(0)
+    row_layout = wg.reduce(1)
     load = functools.partial(_mosaic().load, interpret=interpret)
-    dtype = k_smem.dtype
 
     idk = lax.axis_index("d")
     kb = lax.axis_index("k")
@@ -323,49 +320,23 @@ def _dk_kernel(
     plgpu.copy_gmem_to_smem(wstate_ref.at[bh, kb], wstate_smem, wstate_bar)
     plgpu.copy_gmem_to_smem(dn_ref.at[bh, chunk + 1, dcols], dn_smem, dn_bar)
     plgpu.copy_gmem_to_smem(k_ref.at[bh, krows, dcols], k_smem, k_bar)
-    shape_dk = (BLOCK, bK)
-    n_iter = nb - ik
-
-    def step(j, matAcc):
-        slot = lax.rem(j, jnp.int32(2))
-
-        @pl.when(j + 1 < n_iter)
-        def _prefetch():
-            fetch(j + 1, 1 - slot)
-
-        plgpu.barrier_wait(q_bar.at[slot])
-        plgpu.barrier_wait(ds_bar.at[slot])
-        return _mosaic().dot_acc_smem(matAcc, ds_smem.at[slot], q_smem.at[slot], transpose_a=True,
-                                      interpret=interpret)
-
-    matAcc0 = _mosaic().layout_cast(jnp.zeros(shape_dk, _F32), wg, interpret=interpret)
-    matAcc = lax.fori_loop(jnp.int32(0), n_iter, step, matAcc0)
+    matAcc = _accumulate_ds((BLOCK, bK), nb - ik, fetch, ds_smem, ds_bar, q_smem, q_bar,
+                            transpose_ds=True, interpret=interpret)
 
     plgpu.barrier_wait(wstate_bar)
     vecWstate = load(wstate_smem, row_layout)
     plgpu.barrier_wait(v_bar)
-    plgpu.barrier_wait(dc_bar)
-    plgpu.barrier_wait(dn_bar)
-    matState = _mosaic().dot_nt(v_smem, dc_smem, interpret=interpret)
-    vecDn = load(dn_smem, col_layout)
-    matDKstate = (matState + lax.broadcast_in_dim(vecDn, shape_dk, [1])) * lax.broadcast_in_dim(
-        vecWstate, shape_dk, [0]
+    finish_dk(
+        matAcc, v_smem=v_smem, dc_buf=dc_smem, dc_bar=dc_bar, dn_smem=dn_smem, dn_bar=dn_bar,
+        k_smem=k_smem, k_bar=k_bar, dkk_smem=dkk_smem, dkks_smem=dkks_smem, vecWstate=vecWstate,
+        dk_dst=dk_ref.at[bh, krows, dcols], dkk_dst=dkk_ref.at[idk, bh, krows],
+        dkks_dst=dkks_ref.at[idk, bh, krows], qk_scale=qk_scale, interpret=interpret,
     )
-    matDK = matAcc * qk_scale + matDKstate
-
-    plgpu.barrier_wait(k_bar)
-    matK = load(k_smem, wg).astype(_F32)
-    dkk_smem[...] = jnp.sum(matDK * matK, axis=1)
-    dkks_smem[...] = jnp.sum(matDKstate * matK, axis=1)
-    k_smem[...] = matDK.astype(dtype)  # k has been read: its buffer holds the dK tile
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[bh, krows, dcols])
-    plgpu.copy_smem_to_gmem(dkk_smem, dkk_ref.at[idk, bh, krows])
-    plgpu.copy_smem_to_gmem(dkks_smem, dkks_ref.at[idk, bh, krows])
-    plgpu.wait_smem_to_gmem(0)
 
 
-def _check(name, matQ, matK, matV, matDH, states, vec_states, L, bK):
+def _check(name, matQ, matK, matV, matDH, L, bK, *state_pairs):
+    """``ValueError`` for sizes the kernels do not take, and for arguments (the state pairs: C and n,
+    dC and dn) whose shapes disagree."""
     BH, S, DHQK = matQ.shape
     DHV = matV.shape[-1]
     NC = S // L if L else 0
@@ -386,11 +357,12 @@ def _check(name, matQ, matK, matV, matDH, states, vec_states, L, bK):
             f"{name}: matK must be {matQ.shape} {jnp.dtype(matQ.dtype).name}, matV and matDH "
             f"{(BH, S, DHV)}; got {matK.shape} {matK.dtype}, {matV.shape}, {matDH.shape}"
         )
-    if states.shape != (BH, NC + 1, DHQK, DHV) or vec_states.shape != (BH, NC + 1, DHQK):
-        raise ValueError(
-            f"{name}: the state arrays must be {(BH, NC + 1, DHQK, DHV)} and {(BH, NC + 1, DHQK)}; "
-            f"got {states.shape}, {vec_states.shape}"
-        )
+    for states, vec_states in state_pairs:
+        if states.shape != (BH, NC + 1, DHQK, DHV) or vec_states.shape != (BH, NC + 1, DHQK):
+            raise ValueError(
+                f"{name}: the state arrays must be {(BH, NC + 1, DHQK, DHV)} and {(BH, NC + 1, DHQK)}; "
+                f"got {states.shape}, {vec_states.shape}"
+            )
 
 
 def parallel_bw_dqdk_split_mosaic(
@@ -414,8 +386,8 @@ def parallel_bw_dqdk_split_mosaic(
     DHV = matV.shape[-1]
     dtype = matQ.dtype
     bK = split_bK(DHQK, DHV) if bK is None else bK
-    _check("parallel_bw_dqdk_split_mosaic", matQ, matK, matV, matDH, matC_states, vecN_states, L, bK)
-    _check("parallel_bw_dqdk_split_mosaic", matQ, matK, matV, matDH, matDC_states, vecDN_states, L, bK)
+    _check("parallel_bw_dqdk_split_mosaic", matQ, matK, matV, matDH, L, bK,
+           (matC_states, vecN_states), (matDC_states, vecDN_states))
     matV, matDH = matV.astype(dtype), matDH.astype(dtype)
     matDS = score_gradients_mosaic(matV, matDH, vecQlog, vecKlog, vecDenInv, vecDnq, vecStart, L=L,
                                    interpret=interpret)
