@@ -4,7 +4,8 @@
 #
 # Usage: OUT=$OUT bash scripts/gpu_mosaic.sh [PART ...]
 #   PART: tests | bench-small | bench-standard | bench-7b | table | tune | all (default: all but
-#   tune). Timeouts: tests 300 s (three processes), bench-small 300 s, bench-standard and bench-7b 480 s each, tune
+#   tune). Timeouts: tests 300 s (three processes; TEST_LIMIT; gpu_mosaic_bw.sh and
+#   gpu_mosaic_default.sh run this part too), bench-small 300 s, bench-standard and bench-7b 480 s each, tune
 #   420 s; for 10-minute commands run "tests bench-small", then "bench-standard", then "bench-7b"
 #   (each bench part prints the table of every JSON under $OUT so far; `table` only prints it).
 #   tune: xlstm-jax tune --families triton mosaic at the standard heads, 8x8192 (the family
@@ -36,7 +37,7 @@ if want tests; then
   n=0
   for sel in "test_gpu_against" "test_gpu_gradients_against" \
       "not test_gpu_against and not test_gpu_gradients_against and not test_interpret"; do
-    XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 300 $PY -m pytest -v -p no:xdist -o addopts= -rA --tb=long \
+    XLA_PYTHON_CLIENT_PREALLOCATE=false timeout "${TEST_LIMIT:-300}" $PY -m pytest -v -p no:xdist -o addopts= -rA --tb=long \
       -m "not slow" -k "$sel" tests/kernels/test_chunkwise_mosaic.py > "$OUT/mosaic_tests_$n.log" 2>&1 &
     n=$((n + 1))
   done

@@ -25,16 +25,10 @@ want() { [[ " $PARTS " == *" $1 "* ]]; }
 W=$(mktemp -d)
 t_all=$(date +%s)
 
-if want tests; then
-  n=0
-  for sel in "test_gpu_against" "test_gpu_gradients_against" \
-      "not test_gpu_against and not test_gpu_gradients_against and not test_interpret"; do
-    timeout -k 10 "${TEST_LIMIT:-300}" $PY -m pytest -q -p no:cacheprovider -o addopts= -m "not slow" -k "$sel" \
-      tests/kernels/test_chunkwise_mosaic.py > "$W/tests_$n.log" 2>&1 &
-    n=$((n + 1))
-  done
-  timeout -k 10 "${TEST_LIMIT:-300}" $PY -m pytest -q -p no:cacheprovider -o addopts= -m "not slow" \
-    tests/models/test_backend_registry.py > "$W/tests_$n.log" 2>&1 &
+if want tests; then  # the Mosaic test file in gpu_mosaic.sh's three processes (logs mosaic_tests_*.log)
+  OUT="$W" PYTHON=$PY TEST_LIMIT="${TEST_LIMIT:-300}" bash scripts/gpu_mosaic.sh tests > "$W/tests_mosaic.log" 2>&1 &
+  XLA_PYTHON_CLIENT_PREALLOCATE=false timeout -k 10 "${TEST_LIMIT:-300}" $PY -m pytest -q -p no:cacheprovider \
+    -o addopts= -m "not slow" tests/models/test_backend_registry.py > "$W/tests_backend.log" 2>&1 &
   wait
 fi
 
@@ -55,7 +49,7 @@ if want train; then
 fi
 
 (cd "$W" && find . \( -name "*.log" -o -name "*.json" -o -name "*.jsonl" \) -print0 | tar czf "$OUT/mosaic_default.tgz" --null -T -)
-for f in "$W"/tests_*.log; do
+for f in "$W"/mosaic_tests_*.log "$W"/tests_backend.log; do
   [ -f "$f" ] && echo "tests $(basename "$f"): $(grep -E '[0-9]+ (passed|failed|error)' "$f" | tail -n 1)" \
     && grep -E "^(FAILED|ERROR)" "$f" | head -n 10
 done
