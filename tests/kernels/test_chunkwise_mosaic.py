@@ -191,6 +191,9 @@ def test_option_errors():
         kern(*x, bw_kernels="cuda")
     with pytest.raises(ValueError, match="exclude each other"):
         kern(*x, bw_kernels="mosaic", fuse_dkdv=True, interpret=True)
+    for bad in (0, 3, True, "2"):
+        with pytest.raises(ValueError, match="pipeline_slots"):
+            kern(*x, pipeline_slots=bad)
 
 
 def test_empty_batch():
@@ -236,6 +239,8 @@ GRAD_LOWERING_CASES = [  # (DHQK, DHV, options, Mosaic GPU calls): the forward k
     (256, 512, dict(bw_kernels="mosaic_split"), 5),
     (256, 512, dict(), 5),  # the default at the 7B heads: split (DHQK in four tiles otherwise)
     (64, 128, dict(bw_kernels="mosaic_split"), 5),
+    (128, 256, dict(pipeline_slots=1), 4),  # single-buffered forward and dV tiles
+    (256, 512, dict(pipeline_slots=1), 5),
 ]
 MOSAIC_KERNEL_NAMES = ("mlstm_mosaic_parallel_fw", "mlstm_mosaic_parallel_bw_dv", "mlstm_mosaic_parallel_bw_dk",
                        "mlstm_mosaic_parallel_bw_dq")
@@ -491,11 +496,13 @@ def test_split_kernel_argument_errors():
         parallel_bw_dqdk_split_mosaic(dq_args, dq_args, L=96, qk_scale=0.1, interpret=True)
 
 
-def test_interpret_dv_kernel_against_float64_and_triton():
+@pytest.mark.parametrize("slots", [2, 1], ids=["slots2", "slots1"])
+def test_interpret_dv_kernel_against_float64_and_triton(slots):
     """The Mosaic dV kernel (interpret mode) against the float64 formula and against the Triton
     dV kernel (interpreted) on the same inputs: two chunks of 128 (two 64-row key blocks each: the
-    loop over query blocks from the diagonal, the double-buffered q / dh slots), two DHV tiles,
-    resets inside chunks (the start mask), bf16 operands."""
+    loop over query blocks from the diagonal, the q / dh tiles double-buffered or, ``slots=1``,
+    refilled after each block), two DHV tiles, resets inside chunks (the start mask), bf16
+    operands."""
     from xlstm_jax.kernels.mlstm_chunkwise.mosaic.bw_parallel_dv import parallel_bw_dv_mosaic
     from xlstm_jax.kernels.mlstm_chunkwise.pallas.bw_parallel_dv import parallel_bw_dv
     from xlstm_jax.kernels.mlstm_chunkwise.pallas.heuristics import chunkwise_kernel_params
@@ -524,7 +531,7 @@ def test_interpret_dv_kernel_against_float64_and_triton():
                 z = t_
             start[b, t_] = z
     args = (q, k, dh, qlog, klog, wstate, deninv, jnp.asarray(start), dC)
-    got = parallel_bw_dv_mosaic(*args, L=L, bV=bV, qk_scale=qk_scale, interpret=True)
+    got = parallel_bw_dv_mosaic(*args, L=L, bV=bV, qk_scale=qk_scale, interpret=True, slots=slots)
     assert got.shape == (BH, S, DV) and got.dtype == jnp.dtype(bf)
     ref = _dv_reference(*args, L, qk_scale)
     got64 = np.asarray(got.astype(jnp.float32), np.float64)
@@ -552,6 +559,10 @@ INTERPRET_CASES = [
     ("exp-exact-S100-resets-mosaic-bw", 1, 2, 100, "exp", "exact", False, dict(bw_kernels="mosaic")),
     # the split dQ / dK kernels (one score-gradient kernel) in the backward pass, packed documents
     ("sigmoid-exact-segments-mosaic-split", 1, 1, 128, "sigmoid", "exact", True, dict(bw_kernels="mosaic_split")),
+    # single-buffered forward and dV tiles (pipeline_slots=1) at chunk 128: two 64-row blocks per
+    # chunk, so the forward's key loop and the dV kernel's query loop refill their one slot
+    ("exp-exact-S200-chunk128-slots1", 1, 1, 200, "exp", "exact", False,
+     dict(chunk=128, pipeline_slots=1, bw_kernels="mosaic")),
     # slow: the other two crossings of gate and grad mode (each property is covered above)
     pytest.param(("sigmoid-exact-segments", 1, 1, 128, "sigmoid", "exact", True, {}), marks=pytest.mark.slow),
     pytest.param(("exp-tfla-segments", 1, 1, 128, "exp", "tfla", True, {}), marks=pytest.mark.slow),
@@ -576,9 +587,10 @@ def test_interpret_outputs_and_gradients(case, x64):
     _, B, NH, S, input_gate, grad_mode, packed, options = case
     options = dict(options)
     DHQK, DHV = options.pop("dims", (64, 64))
+    chunk = options.pop("chunk", 64)
     inputs = _inputs(B, NH, S, DHQK, DHV, "bfloat16", hard=input_gate == "exp", seed=3)
     _compare_grads(inputs, TOL["bfloat16"], seg=_segment_ids(B, S) if packed else None,
-                   input_gate=input_gate, grad_mode=grad_mode, chunk_size=64, interpret=True,
+                   input_gate=input_gate, grad_mode=grad_mode, chunk_size=chunk, interpret=True,
                    tuned=False, **options)
 
 
@@ -638,6 +650,10 @@ GPU_GRAD_CASES = [
     (1, 4, 512, 128, 256, "bfloat16", 128, "exp", "exact", False, False, dict(bw_kernels="mosaic_split")),
     (1, 2, 512, 256, 512, "bfloat16", 128, "exp", "exact", False, False, dict(bw_kernels="mosaic_split")),
     (2, 2, 1024, 64, 128, "bfloat16", 64, "exp", "tfla", True, True, dict(bw_kernels="mosaic_split")),
+    # single-buffered forward and dV tiles: standard heads (two programs per SM), small heads with
+    # chunk 128 (two blocks per chunk: the one slot refilled), packed documents and hard gates
+    (1, 4, 512, 128, 256, "bfloat16", 128, "exp", "exact", False, False, dict(pipeline_slots=1)),
+    (2, 2, 1024, 64, 128, "bfloat16", 128, "exp", "tfla", True, True, dict(pipeline_slots=1)),
 ]
 
 

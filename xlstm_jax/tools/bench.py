@@ -374,12 +374,16 @@ def run(args) -> int:
             del ref
     bar.close()
 
-    print(f"\n{'kernel':<36}{'heads':>10}{'grad':>6}{'gate':>8}{'packed':>11}{'B':>4}{'S':>7}{'mode':>6}{'ms':>10}{'TFLOP/s':>9}"
+    def _label(r):
+        return r["kernel"] + ("" if not r["options"] else ":" + ",".join(f"{k}={v}" for k, v in r["options"].items()))
+
+    width = max([36] + [len(_label(r)) + 1 for r in results])  # every label whole: variants differ at the end
+    print(f"\n{'kernel':<{width}}{'heads':>10}{'grad':>6}{'gate':>8}{'packed':>11}{'B':>4}{'S':>7}{'mode':>6}{'ms':>10}{'TFLOP/s':>9}"
           f"{'floor%':>8}{'mem GB':>8}" + ("  max rel. error" if args.check else ""))
     for r in results:
-        label = r["kernel"] + ("" if not r["options"] else ":" + ",".join(f"{k}={v}" for k, v in r["options"].items()))
+        label = _label(r)
         packed = "off" if not r["packed"] else f"{r['packed'][0]},{r['packed'][1]}"
-        head = (f"{label[:35]:<36}{r['heads'][:9]:>10}{r['grad_mode']:>6}{r['input_gate']:>8}{packed:>11}"
+        head = (f"{label:<{width}}{r['heads'][:9]:>10}{r['grad_mode']:>6}{r['input_gate']:>8}{packed:>11}"
                 f"{r['B']:>4}{r['S']:>7}{r['mode']:>6}")
         if "error" in r:
             print(head + "  ERROR " + r["error"][:120])

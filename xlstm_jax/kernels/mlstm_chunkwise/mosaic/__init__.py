@@ -26,9 +26,10 @@ from ..pallas import KERNEL_OPTIONS as _PALLAS_OPTIONS
 from .auto import FamilyChoice, choose_family, mlstm_chunkwise_auto
 from .forward import mlstm_chunkwise_mosaic
 
-KERNEL_OPTIONS = {**_PALLAS_OPTIONS, "bw_kernels": None}
-"""The options of ``chunkwise_pallas`` (same names and defaults) and ``bw_kernels`` (the Mosaic
-backward kernels; see ``mlstm_chunkwise_mosaic``)."""
+KERNEL_OPTIONS = {**_PALLAS_OPTIONS, "bw_kernels": None, "pipeline_slots": None}
+"""The options of ``chunkwise_pallas`` (same names and defaults), ``bw_kernels`` (the Mosaic
+backward kernels) and ``pipeline_slots`` (the buffers of the forward and dV kernels' streamed
+tiles); see ``mlstm_chunkwise_mosaic``."""
 
 
 def _chunkwise_mosaic_kernel(q, k, v, i, f, c_initial=None, n_initial=None, m_initial=None, **kw):

@@ -44,7 +44,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from .fw_parallel import BLOCK, _mosaic, block_rows, block_starts, key_block_mask
+from .fw_parallel import BLOCK, _mosaic, block_rows, block_starts, check_slots, key_block_mask
 
 N_QVECS = 2
 """Per-query vectors packed into one (2, 64) TMA tile: vecQlog, qk_scale / den."""
@@ -67,6 +67,7 @@ def _kernel(
     *,
     L: int,
     bV: int,
+    slots: int,
     interpret: bool,
 ):
     plgpu = _mosaic().plgpu()
@@ -118,11 +119,12 @@ def _kernel(
 
     def step(j, matAcc):
         """Query block ik + j of the chunk: acc -> acc + P^T dh of this block."""
-        slot = lax.rem(j, jnp.int32(2))
+        slot = lax.rem(j, jnp.int32(slots))
+        if slots == 2:
 
-        @pl.when(j + 1 < n_iter)
-        def _prefetch():  # the other slot was last read by block j - 1, whose wgmmas are done
-            fetch_q(j + 1, 1 - slot)
+            @pl.when(j + 1 < n_iter)
+            def _prefetch():  # the other slot was last read by block j - 1, whose wgmmas are done
+                fetch_q(j + 1, 1 - slot)
 
         plgpu.barrier_wait(q_bar.at[slot])
         plgpu.barrier_wait(qvec_bar.at[slot])
@@ -140,7 +142,14 @@ def _kernel(
         matPt = matPt.astype(dtype)
         plgpu.barrier_wait(dh_bar.at[slot])
         # awaited: the slot may be refilled by the prefetch of step j + 1
-        return _mosaic().dot_acc(matAcc, matPt, dh_smem.at[slot], interpret=interpret)
+        matAcc = _mosaic().dot_acc(matAcc, matPt, dh_smem.at[slot], interpret=interpret)
+        if slots == 1:
+
+            @pl.when(j + 1 < n_iter)
+            def _refill():  # the one slot's q, dh and vectors are read (both wgmmas awaited)
+                fetch_q(j + 1, 0)
+
+        return matAcc
 
     matAcc = lax.fori_loop(jnp.int32(0), n_iter, step, matAcc0)
 
@@ -165,9 +174,12 @@ def parallel_bw_dv_mosaic(
     bV: int,
     qk_scale: float,
     interpret: bool,
+    slots: int = 2,
 ) -> jax.Array:
     """dV (BH, S, DHV) in the dtype of q: the arguments of the Triton kernel
-    ``pallas.bw_parallel_dv.parallel_bw_dv`` (same meaning), packed here into the kernel's tiles."""
+    ``pallas.bw_parallel_dv.parallel_bw_dv`` (same meaning), packed here into the kernel's tiles.
+    ``slots``: shared-memory buffers of the streamed q, dh and query-vector tiles
+    (``fw_parallel.check_slots``)."""
     plgpu = _mosaic().plgpu()
     BH, S, DHQK = matQ.shape
     DHV = matDH.shape[-1]
@@ -187,6 +199,7 @@ def parallel_bw_dv_mosaic(
         raise ValueError(
             f"matDC_states must be {(BH, NC + 1, DHQK, DHV)}; got {matDC_states.shape}"
         )
+    check_slots("parallel_bw_dv_mosaic", slots)
     nB = S // BLOCK
     qvec = block_rows(vecQlog, vecDenInv * qk_scale)  # (BH, nB, 2, 64)
     kvec = block_rows(vecKlog, vecWstate)
@@ -195,20 +208,20 @@ def parallel_bw_dv_mosaic(
     smem = (
         plgpu.SMEM((BLOCK, DHQK), dtype, transforms=tr),  # k
         plgpu.SMEM((DHQK, bV), dtype, transforms=tr),  # dC tile of the chunk
-        plgpu.SMEM((2, BLOCK, DHQK), dtype, transforms=tr),  # q, 2 slots
-        plgpu.SMEM((2, BLOCK, bV), dtype, transforms=tr),  # dh, 2 slots
+        plgpu.SMEM((slots, BLOCK, DHQK), dtype, transforms=tr),  # q, one tile per slot
+        plgpu.SMEM((slots, BLOCK, bV), dtype, transforms=tr),  # dh
         plgpu.SMEM((BLOCK, bV), dtype, transforms=tr),  # dv tile
         plgpu.SMEM((N_KVECS, BLOCK), _F32),
-        plgpu.SMEM((2, N_QVECS, BLOCK), _F32),  # per-query vectors, 2 slots
-        plgpu.SMEM((2, BLOCK), jnp.int32),  # reset starts, 2 slots
+        plgpu.SMEM((slots, N_QVECS, BLOCK), _F32),  # per-query vectors
+        plgpu.SMEM((slots, BLOCK), jnp.int32),  # reset starts
     )
     bars = (
         plgpu.Barrier(), plgpu.Barrier(), plgpu.Barrier(),
-        plgpu.Barrier(num_barriers=2), plgpu.Barrier(num_barriers=2), plgpu.Barrier(num_barriers=2),
-        plgpu.Barrier(num_barriers=2),
+        plgpu.Barrier(num_barriers=slots), plgpu.Barrier(num_barriers=slots),
+        plgpu.Barrier(num_barriers=slots), plgpu.Barrier(num_barriers=slots),
     )
     body = _mosaic().named_body(
-        functools.partial(_kernel, L=L, bV=bV, interpret=bool(interpret)),
+        functools.partial(_kernel, L=L, bV=bV, slots=int(slots), interpret=bool(interpret)),
         "mlstm_mosaic_parallel_bw_dv",
     )
     call = plgpu.kernel(

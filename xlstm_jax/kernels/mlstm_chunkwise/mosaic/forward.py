@@ -68,7 +68,7 @@ from ..pallas.autodiff import (
 )
 from . import bw_parallel_dk, bw_parallel_dq, bw_parallel_split
 from .bw_parallel_dv import parallel_bw_dv_mosaic
-from .fw_parallel import BLOCK, _mosaic, block_rows, block_starts, parallel_fw_h_mosaic
+from .fw_parallel import BLOCK, _mosaic, block_rows, block_starts, check_slots, parallel_fw_h_mosaic
 
 KERNEL_NAME = "chunkwise_mosaic"
 _F32 = jnp.float32
@@ -85,6 +85,10 @@ score-gradient kernel (``bw_parallel_split``). Without one the call takes ``defa
 the Mosaic kernels were faster than the Triton ones at every row of the first GPU run
 (2026-12-02, H200: fwbw 4-15% at the standard and 7B heads, 18% at the small heads), the split
 ones where DHQK is tiled."""
+DEFAULT_PIPELINE_SLOTS = 2
+"""``pipeline_slots`` when a call gives none: double-buffered streamed tiles, the kernels as first
+measured (2026-12-02); 1 (two programs per SM at the standard heads) is measured against it in
+docs/benchmarks.md."""
 _OPEN_FORGET_GATE = 1e30  # log_sigmoid(1e30) == 0 exactly: the state carries through
 
 
@@ -142,6 +146,9 @@ class MosaicConfig:
     bw_kernels: str = BW_KERNELS[0]
     """``"mosaic"`` / ``"mosaic_split"``: the Mosaic parallel backward kernels of
     ``mosaic_bw_fns``; ``"triton"``: every backward kernel the Triton family's."""
+    slots: int = 2
+    """Shared-memory buffers of the streamed tiles of the forward and dV kernels
+    (``fw_parallel.PIPELINE_SLOTS``; the ``pipeline_slots`` option)."""
 
 
 def forward_padded(q, k, v, i, logf, C0, n0, m0, cfg: MosaicConfig) -> ForwardOut:
@@ -175,7 +182,7 @@ def forward_padded(q, k, v, i, logf, C0, n0, m0, cfg: MosaicConfig) -> ForwardOu
     matC_enter = matC_states.astype(q.dtype)  # a no-op with states_bf16
     matH, vecNq = parallel_fw_h_mosaic(
         q, k, v, rows.astype(_F32), start, klog.astype(_F32), matC_enter,
-        L=L, bV=cfg.bV, qk_scale=c.qk_scale, eps=c.eps, interpret=cfg.interpret_mosaic,
+        L=L, bV=cfg.bV, qk_scale=c.qk_scale, eps=c.eps, interpret=cfg.interpret_mosaic, slots=cfg.slots,
     )
     return ForwardOut(matH, vecNq, vecM, matC_states, vecN_states, g.scaM_borders, matC_last, g)
 
@@ -214,7 +221,7 @@ def mosaic_bw_fns(cfg: MosaicConfig, DQ: int, DV: int) -> dict:
     c = cfg.core
     L = c.params.chunk_size_intra
     fns = {"dv": functools.partial(parallel_bw_dv_mosaic, L=L, bV=cfg.bV, qk_scale=c.qk_scale,
-                                   interpret=cfg.interpret_mosaic)}
+                                   interpret=cfg.interpret_mosaic, slots=cfg.slots)}
     if cfg.bw_kernels == "mosaic_split" and bw_parallel_split.fits(DQ, DV):
         fns["dqdk"] = functools.partial(bw_parallel_split.parallel_bw_dqdk_split_mosaic, L=L,
                                         qk_scale=c.qk_scale, interpret=cfg.interpret_mosaic)
@@ -275,6 +282,7 @@ def mlstm_chunkwise_mosaic(
     save_gates: bool | None = None,
     fuse_dkdv: bool | None = None,
     bw_kernels: str | None = None,
+    pipeline_slots: int | None = None,
 ):
     """Chunkwise mLSTM with the Mosaic GPU intra-chunk forward kernel, differentiable.
 
@@ -345,6 +353,8 @@ def mlstm_chunkwise_mosaic(
             f"{KERNEL_NAME}: siz_b_DH_parallel (the DHV tile) must be a positive multiple of 64; "
             f"got {siz_b_DH_parallel!r}"
         )
+    if pipeline_slots is not None:
+        check_slots(KERNEL_NAME, pipeline_slots)
     if bw_kernels not in (None,) + BW_KERNELS:
         raise ValueError(f"{KERNEL_NAME}: bw_kernels must be one of {list(BW_KERNELS)} or None; got {bw_kernels!r}")
     interpret_mosaic = bool(interpret)
@@ -403,6 +413,7 @@ def mlstm_chunkwise_mosaic(
             interpret=True if interpret_mosaic else None,
         ),
         bV=bV, interpret_mosaic=interpret_mosaic, bw_kernels=bw_kernels,
+        slots=DEFAULT_PIPELINE_SLOTS if pipeline_slots is None else pipeline_slots,
     )
     matH, matC_last, vecN_last, scaM_last = _forward(q, k, v, i, logf, C0, n0, m0, cfg)
     h = matH[:, :S, :DHV].reshape(B, NH, S, DHV).astype(out_dtype)

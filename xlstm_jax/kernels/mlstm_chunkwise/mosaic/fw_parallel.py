@@ -92,6 +92,29 @@ def key_block_mask(idx_r, idx_c, j, ik, start_cols):
     return (idx_c + j * BLOCK >= idx_r) & (idx_r + ik * BLOCK >= start_cols)
 
 
+PIPELINE_SLOTS = (1, 2)
+"""Shared-memory buffers of the tiles a forward or dV program streams over its loop (k, v and the
+key gates; q, dh and the query vectors in dV): 2 double-buffers them (the TMA load of block j + 1
+overlaps the wgmmas of block j), 1 loads block j + 1 after block j's wgmmas and frees one tile of
+each, which at the standard heads (DHQK 128, DHV tile 128) brings a program's shared memory from
+~130 KB to ~98 KB, so that two programs share an SM (227 KB) and one's loads overlap the other's
+products (``smem_bytes``)."""
+
+
+def check_slots(name: str, slots) -> None:
+    """``ValueError`` unless ``slots`` is one of ``PIPELINE_SLOTS``."""
+    if isinstance(slots, bool) or slots not in PIPELINE_SLOTS:
+        raise ValueError(f"{name}: slots (pipeline_slots) must be one of {list(PIPELINE_SLOTS)}; got {slots!r}")
+
+
+def smem_bytes(DHQK: int, bV: int, slots: int, itemsize: int = 2) -> int:
+    """Shared memory of one forward program (the dV program's is the same up to ~1 KB of vectors):
+    q (64, DHQK), ``slots`` x (k (64, DHQK) + v (64, bV)), the state tile (DHQK, bV), the output
+    tile (64, bV), plus the f32 / int32 vectors."""
+    tiles = BLOCK * DHQK + slots * (BLOCK * DHQK + BLOCK * bV) + DHQK * bV + BLOCK * bV
+    return tiles * itemsize + 4 * BLOCK * (N_ROWVECS + 1 + slots + 1)
+
+
 def _mosaic():
     """``xlstm_jax.kernels.pallas._mosaic``, imported on first use (never at package import)."""
     from ...pallas import _mosaic as mod
@@ -116,6 +139,7 @@ def _kernel(
     bV: int,
     qk_scale: float,
     eps: float,
+    slots: int,
     interpret: bool,
 ):
     plgpu = _mosaic().plgpu()
@@ -174,11 +198,12 @@ def _kernel(
     def step(j, carry):
         """Key block j of the chunk: (nq, acc) -> (nq, acc) with this block's P added."""
         vecNq, matAcc = carry
-        slot = lax.rem(j, jnp.int32(2))
+        slot = lax.rem(j, jnp.int32(slots))
+        if slots == 2:
 
-        @pl.when(j + 1 < n_iter)
-        def _prefetch():  # the other slot was last read by block j - 1, whose wgmmas are done
-            fetch_kv(j + 1, 1 - slot)
+            @pl.when(j + 1 < n_iter)
+            def _prefetch():  # the other slot was last read by block j - 1, whose wgmmas are done
+                fetch_kv(j + 1, 1 - slot)
 
         plgpu.barrier_wait(k_bar.at[slot])
         plgpu.barrier_wait(klog_bar.at[slot])
@@ -194,6 +219,12 @@ def _kernel(
         plgpu.barrier_wait(v_bar.at[slot])
         # awaited: the slot may be refilled by the prefetch of step j + 1
         matAcc = _mosaic().dot_acc(matAcc, matP, v_smem.at[slot], interpret=interpret)
+        if slots == 1:
+
+            @pl.when(j + 1 < n_iter)
+            def _refill():  # the one slot's k, v and key gates are read (both wgmmas awaited)
+                fetch_kv(j + 1, 0)
+
         return vecNq, matAcc
 
     vecNq0 = _mosaic().layout_cast(jnp.zeros((BLOCK,), _F32), row_layout, interpret=interpret)
@@ -226,9 +257,11 @@ def parallel_fw_h_mosaic(
     qk_scale: float,
     eps: float,
     interpret: bool,
+    slots: int = 2,
 ) -> jax.Array:
     """Launch the kernel: (h (BH, S, DHV) in the dtype of q, nq (BH, S) f32, the signed normaliser
-    qs_t . n_t of the backward pass). Inputs are prepared by ``forward.py``."""
+    qs_t . n_t of the backward pass). Inputs are prepared by ``forward.py``. ``slots``: shared-memory
+    buffers of the streamed k, v and key-gate tiles (``check_slots``)."""
     plgpu = _mosaic().plgpu()
     BH, S, DHQK = matQ.shape
     DHV = matV.shape[-1]
@@ -248,24 +281,27 @@ def parallel_fw_h_mosaic(
             f"{jnp.dtype(dtype).name}; got "
             f"{matC_enter.shape} {matC_enter.dtype}"
         )
+    check_slots("parallel_fw_h_mosaic", slots)
     tr = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     smem = (
         plgpu.SMEM((BLOCK, DHQK), dtype, transforms=tr),  # q
-        plgpu.SMEM((2, BLOCK, DHQK), dtype, transforms=tr),  # k, 2 slots
-        plgpu.SMEM((2, BLOCK, bV), dtype, transforms=tr),  # v, 2 slots
+        plgpu.SMEM((slots, BLOCK, DHQK), dtype, transforms=tr),  # k, one tile per slot
+        plgpu.SMEM((slots, BLOCK, bV), dtype, transforms=tr),  # v
         plgpu.SMEM((DHQK, bV), dtype, transforms=tr),  # C_{k-1} tile
         plgpu.SMEM((BLOCK, bV), dtype, transforms=tr),  # h tile
         plgpu.SMEM((N_ROWVECS, BLOCK), _F32),
         plgpu.SMEM((BLOCK,), jnp.int32),
-        plgpu.SMEM((2, BLOCK), _F32),  # key gate vector, 2 slots
+        plgpu.SMEM((slots, BLOCK), _F32),  # key gate vector
         plgpu.SMEM((BLOCK,), _F32),  # nq of the query block
     )
     bars = (
         plgpu.Barrier(), plgpu.Barrier(), plgpu.Barrier(), plgpu.Barrier(),
-        plgpu.Barrier(num_barriers=2), plgpu.Barrier(num_barriers=2), plgpu.Barrier(num_barriers=2),
+        plgpu.Barrier(num_barriers=slots), plgpu.Barrier(num_barriers=slots),
+        plgpu.Barrier(num_barriers=slots),
     )
     body = _mosaic().named_body(
-        functools.partial(_kernel, L=L, bV=bV, qk_scale=float(qk_scale), eps=float(eps), interpret=bool(interpret)),
+        functools.partial(_kernel, L=L, bV=bV, qk_scale=float(qk_scale), eps=float(eps), slots=int(slots),
+                          interpret=bool(interpret)),
         "mlstm_mosaic_parallel_fw",
     )
     call = plgpu.kernel(
