@@ -146,8 +146,8 @@ def test_registry_entry():
 
     assert not spec.tool_default and not get_mlstm_kernel_spec("chunkwise_auto").tool_default
     assert "chunkwise_mosaic" not in default_tool_kernels() and "chunkwise_auto" not in default_tool_kernels()
-    # the Triton family's options, plus the choice of backward kernels
-    assert spec.options == {**pallas.options, "bw_kernels": None}
+    # the Triton family's options, plus the choice of backward kernels and the pipeline buffers
+    assert spec.options == {**pallas.options, "bw_kernels": None, "pipeline_slots": None}
     with pytest.raises(ValueError, match="no option"):
         get_mlstm_kernel("chunkwise_mosaic", chunk_sise=64)
 
@@ -474,6 +474,19 @@ def test_interpret_split_dq_dk_kernels_against_float64_and_triton(dims):
         assert relative_error(a, b) < 1e-3, name
 
 
+def test_default_pipeline_slots():
+    """One slot exactly where it lets two programs share an SM and two slots do not (the standard
+    heads: measured faster there, slower at the 7B heads, H200 2026-12-02)."""
+    from xlstm_jax.kernels.mlstm_chunkwise.mosaic.forward import default_pipeline_slots
+    from xlstm_jax.kernels.mlstm_chunkwise.mosaic.fw_parallel import smem_bytes
+
+    assert smem_bytes(128, 128, 2) > 227 * 1024 // 2 >= smem_bytes(128, 128, 1)
+    assert default_pipeline_slots(128, 128) == 1  # standard heads
+    assert default_pipeline_slots(256, 128) == 2  # 7B heads: one program per SM either way
+    assert default_pipeline_slots(64, 128) == 2  # small heads: two programs per SM with two slots
+    assert default_pipeline_slots(128, 64) == 2
+
+
 def test_default_bw_kernels():
     """The backward kernels a call without ``bw_kernels`` gets (padded head dims): the split dQ /
     dK kernels where DHQK would be tiled (7B heads), else the Mosaic ones; Triton with fuse_dkdv."""
@@ -592,6 +605,15 @@ def test_interpret_outputs_and_gradients(case, x64):
     _compare_grads(inputs, TOL["bfloat16"], seg=_segment_ids(B, S) if packed else None,
                    input_gate=input_gate, grad_mode=grad_mode, chunk_size=chunk, interpret=True,
                    tuned=False, **options)
+
+
+def test_interpret_forward_state_normaliser_over_column_blocks(x64):
+    """The forward kernel's inter-chunk normaliser term W_t qs_t . n_{k-1}, computed in the kernel
+    64 columns of q at a time: DHQK 128 (two column blocks), two chunks and initial states (n_{k-1}
+    nonzero in both), soft gates so that the entering state weighs in every denominator (with the
+    second column block left out, h is off by 3.4e-1); h and the last states against float64."""
+    inputs = _inputs(1, 1, 128, 128, 64, "bfloat16", seed=2)
+    _compare(inputs, TOL["bfloat16"], jit=True, chunk_size=64, interpret=True, tuned=False)
 
 
 @pytest.mark.slow  # ~20-40 s on 2 cores (CI budget); the GPU tests check the same arithmetic compiled

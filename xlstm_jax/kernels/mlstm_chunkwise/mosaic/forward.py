@@ -16,12 +16,13 @@ gradients. Forward pass:
 2. the m scan (m == 0 for the sigmoid cell), the gate vectors and the chunk-border states C_k,
    n_k: the Triton family's ``autodiff.forward_states`` (XLA or Pallas gates, the Triton
    recurrent kernel ``fw_recurrent``; ``m_scan``, ``gates_impl``, ``states_bf16`` as there);
-3. O(S * DHQK) per-query vectors in XLA: the inter-chunk normaliser term W_t qs_t . n_{k-1}, the
-   lower bound lam_t (norm_val exp(-m_t), i.e. norm_val for the sigmoid cell), the
-   chunk-relative reset starts, and the entering states cast to the kernel dtype (the wgmma
-   operand type; the Triton kernel casts the same tile in registers);
+3. O(S) per-query vectors in XLA: the state weight W_t, the lower bound lam_t (norm_val exp(-m_t),
+   i.e. norm_val for the sigmoid cell), the chunk-relative reset starts, and the entering states
+   cast to the kernel dtype (the wgmma operand type; the Triton kernel casts the same tile in
+   registers);
 4. h and the signed normaliser nq_t = qs_t . n_t from the Mosaic GPU kernel
-   ``fw_parallel.parallel_fw_h_mosaic``.
+   ``fw_parallel.parallel_fw_h_mosaic``, which also computes the inter-chunk normaliser term
+   W_t qs_t . n_{k-1} from its q tile and the float32 border state n_{k-1}.
 
 Backward pass (``jax.custom_vjp``): the residuals and the backward of the Triton family
 (``autodiff.forward_residuals`` / ``backward_from_residuals``: the recurrent backward kernel, the
@@ -68,7 +69,7 @@ from ..pallas.autodiff import (
 )
 from . import bw_parallel_dk, bw_parallel_dq, bw_parallel_split
 from .bw_parallel_dv import parallel_bw_dv_mosaic
-from .fw_parallel import BLOCK, _mosaic, block_rows, block_starts, check_slots, parallel_fw_h_mosaic
+from .fw_parallel import BLOCK, _mosaic, block_rows, block_starts, check_slots, parallel_fw_h_mosaic, smem_bytes
 
 KERNEL_NAME = "chunkwise_mosaic"
 _F32 = jnp.float32
@@ -85,10 +86,21 @@ score-gradient kernel (``bw_parallel_split``). Without one the call takes ``defa
 the Mosaic kernels were faster than the Triton ones at every row of the first GPU run
 (2026-12-02, H200: fwbw 4-15% at the standard and 7B heads, 18% at the small heads), the split
 ones where DHQK is tiled."""
-DEFAULT_PIPELINE_SLOTS = 2
-"""``pipeline_slots`` when a call gives none: double-buffered streamed tiles, the kernels as first
-measured (2026-12-02); 1 (two programs per SM at the standard heads) is measured against it in
-docs/benchmarks.md."""
+SMEM_PER_SM = 227 * 1024
+"""Shared memory one SM gives its resident programs (H100 / H200)."""
+
+
+def default_pipeline_slots(DQ: int, bV: int) -> int:
+    """``pipeline_slots`` when a call gives none, at the padded DHQK ``DQ`` and the DHV tile ``bV``:
+    1 where one slot lets two programs share an SM and two slots do not
+    (``fw_parallel.smem_bytes``: the standard heads, DQ 128 and bV 128), else 2. Measured on an
+    H200 (2026-12-02, 8 x 8192, docs/benchmarks.md): at the standard heads the forward kernel
+    0.994 -> 0.794 ms and dV 1.021 -> 0.822 ms with one slot; at the 7B heads (one program per SM
+    either way) one slot was slower (fw 3.01 -> 3.42 ms, fwbw 9.67 -> 10.04)."""
+    two = smem_bytes(DQ, bV, 2) <= SMEM_PER_SM // 2
+    one = smem_bytes(DQ, bV, 1) <= SMEM_PER_SM // 2
+    return 1 if one and not two else 2
+
 _OPEN_FORGET_GATE = 1e30  # log_sigmoid(1e30) == 0 exactly: the state carries through
 
 
@@ -148,7 +160,7 @@ class MosaicConfig:
     ``mosaic_bw_fns``; ``"triton"``: every backward kernel the Triton family's."""
     slots: int = 2
     """Shared-memory buffers of the streamed tiles of the forward and dV kernels
-    (``fw_parallel.PIPELINE_SLOTS``; the ``pipeline_slots`` option)."""
+    (``fw_parallel.PIPELINE_SLOTS``; the ``pipeline_slots`` option, ``default_pipeline_slots``)."""
 
 
 def forward_padded(q, k, v, i, logf, C0, n0, m0, cfg: MosaicConfig) -> ForwardOut:
@@ -161,19 +173,17 @@ def forward_padded(q, k, v, i, logf, C0, n0, m0, cfg: MosaicConfig) -> ForwardOu
     c = cfg.core
     L = c.params.chunk_size_intra
     BH, S, DQ = q.shape
-    NC, nQB = S // L, S // BLOCK
+    nQB = S // BLOCK
     # the m scan (m == 0 for the sigmoid cell), gate vectors and border states: the Triton family's
     vecM, g, matC_states, vecN_states, matC_last = forward_states(k, v, i, logf, C0, n0, m0, c)
-    # per-query vectors (XLA, O(S * DQ)): the state term of the normaliser and its lower bound
-    vecN_enter = jnp.repeat(vecN_states[:, :NC], L, axis=1)  # (BH, S, DQ): n_{k-1} of t's chunk
+    # per-query vectors (XLA, O(S)): the state weight and the normaliser's lower bound; the state
+    # term of the normaliser, W_t qs_t . n_{k-1}, is the kernel's (it has the q tile; an XLA einsum
+    # here read all of q once more: 0.073 ms at the standard heads, 8 x 8192, H200)
     vecW = g.vecWinter * c.qk_scale
-    vecNqInter = vecW * jnp.einsum(
-        "bsd,bsd->bs", q.astype(_F32), vecN_enter, precision=jax.lax.Precision.HIGHEST
-    )
     vecLam = gates.normalizer_lower_bound(
         vecM, norm_val=c.norm_val, stabilize_correctly=c.stabilize_correctly
     )
-    rows = block_rows(g.vecQlog, vecW, vecNqInter, vecLam)  # (BH, nQB, 4, 64)
+    rows = block_rows(g.vecQlog, vecW, vecLam)  # (BH, nQB, 3, 64)
     start = block_starts(g.vecStart, L)
     klog = g.vecKlog.reshape(BH, nQB, BLOCK)
     # the kernel reads C_{k-1} of chunk k from the (BH, NC + 1, DQ, DV) border states directly
@@ -181,7 +191,7 @@ def forward_padded(q, k, v, i, logf, C0, n0, m0, cfg: MosaicConfig) -> ForwardOu
     # of the whole state array (0.32 ms at the standard heads, 8 x 8192)
     matC_enter = matC_states.astype(q.dtype)  # a no-op with states_bf16
     matH, vecNq = parallel_fw_h_mosaic(
-        q, k, v, rows.astype(_F32), start, klog.astype(_F32), matC_enter,
+        q, k, v, rows.astype(_F32), start, klog.astype(_F32), matC_enter, vecN_states,
         L=L, bV=cfg.bV, qk_scale=c.qk_scale, eps=c.eps, interpret=cfg.interpret_mosaic, slots=cfg.slots,
     )
     return ForwardOut(matH, vecNq, vecM, matC_states, vecN_states, g.scaM_borders, matC_last, g)
@@ -413,7 +423,7 @@ def mlstm_chunkwise_mosaic(
             interpret=True if interpret_mosaic else None,
         ),
         bV=bV, interpret_mosaic=interpret_mosaic, bw_kernels=bw_kernels,
-        slots=DEFAULT_PIPELINE_SLOTS if pipeline_slots is None else pipeline_slots,
+        slots=default_pipeline_slots(DQ, bV) if pipeline_slots is None else pipeline_slots,
     )
     matH, matC_last, vecN_last, scaM_last = _forward(q, k, v, i, logf, C0, n0, m0, cfg)
     h = matH[:, :S, :DHV].reshape(B, NH, S, DHV).astype(out_dtype)

@@ -7,8 +7,9 @@ a program. For query t in chunk k (entering state C_{k-1}, n_{k-1} from the recu
     h_t = (W_t qs_t^T C_{k-1} + sum_{z_t <= s <= t} P_ts v_s) / (max(|nq_t|, lam_t) + eps)
     P_ts = (qs_t . k_s) exp2(vecQlog_t + vecKlog_s),   nq_t = nqInter_t + sum_s P_ts
 
-with W_t = vecWinter_t (qs = q * qk_scale), nqInter_t = W_t qs_t . n_{k-1} and
-lam_t = norm_val exp(-m_t) (or norm_val) computed in XLA (O(S * DHQK), ``forward.py``); z_t the
+with W_t = vecWinter_t (qs = q * qk_scale), nqInter_t = W_t qs_t . n_{k-1} (in the kernel, from the
+q tile in shared memory and n_{k-1} in float32) and lam_t = norm_val exp(-m_t) (or norm_val)
+computed in XLA (O(S), ``forward.py``); z_t the
 latest reset <= t in the chunk (``vecStart``, passed chunk-relative).
 
 Design (v1: simple and correct first; one warpgroup of 128 threads, no warp specialisation):
@@ -57,8 +58,8 @@ from jax.experimental import pallas as pl
 
 BLOCK = 64
 """Query rows per program and key rows per loop step: one wgmma M tile of one warpgroup."""
-N_ROWVECS = 4
-"""Per-query vectors packed into one (4, 64) TMA tile: vecQlog, W * qk_scale, nqInter, lam."""
+N_ROWVECS = 3
+"""Per-query vectors packed into one (3, 64) TMA tile: vecQlog, W * qk_scale, lam."""
 _F32 = jnp.float32
 
 
@@ -112,7 +113,7 @@ def smem_bytes(DHQK: int, bV: int, slots: int, itemsize: int = 2) -> int:
     q (64, DHQK), ``slots`` x (k (64, DHQK) + v (64, bV)), the state tile (DHQK, bV), the output
     tile (64, bV), plus the f32 / int32 vectors."""
     tiles = BLOCK * DHQK + slots * (BLOCK * DHQK + BLOCK * bV) + DHQK * bV + BLOCK * bV
-    return tiles * itemsize + 4 * BLOCK * (N_ROWVECS + 1 + slots + 1)
+    return tiles * itemsize + 4 * BLOCK * (N_ROWVECS + 1 + slots + 1) + 4 * DHQK
 
 
 def _mosaic():
@@ -126,10 +127,11 @@ def _kernel(
     q_ref,  # (BH, S, DHQK) gmem
     k_ref,  # (BH, S, DHQK)
     v_ref,  # (BH, S, DHV)
-    rows_ref,  # (BH, S / 64, 4, 64) f32: vecQlog, W * qk_scale, nqInter, lam
+    rows_ref,  # (BH, S / 64, 3, 64) f32: vecQlog, W * qk_scale, lam
     start_ref,  # (BH, S / 64, 64) int32: z_t - chunk start
     klog_ref,  # (BH, S / 64, 64) f32
     c_ref,  # (BH, NC or NC + 1, DHQK, DHV) kernel dtype: row k is the state entering chunk k
+    n_ref,  # (BH, NC or NC + 1, DHQK / 64, 64) f32: row k is n_{k-1}, the normaliser state entering chunk k
     h_ref,  # out (BH, S, DHV) kernel dtype
     nq_ref,  # out (BH, S) f32: the signed normaliser qs_t . n_t (a residual of the backward pass)
     smem,
@@ -143,8 +145,8 @@ def _kernel(
     interpret: bool,
 ):
     plgpu = _mosaic().plgpu()
-    q_smem, k_smem, v_smem, c_smem, h_smem, rows_smem, start_smem, klog_smem, nq_smem = smem
-    q_bar, c_bar, rows_bar, start_bar, k_bar, v_bar, klog_bar = bars
+    q_smem, k_smem, v_smem, c_smem, h_smem, rows_smem, start_smem, klog_smem, nq_smem, n_smem = smem
+    q_bar, c_bar, rows_bar, start_bar, k_bar, v_bar, klog_bar, n_bar = bars
     wg = plgpu.Layout.WGMMA
     row_layout, col_layout = wg.reduce(1), wg.reduce(0)
     load = functools.partial(_mosaic().load, interpret=interpret)
@@ -172,13 +174,13 @@ def _kernel(
     plgpu.copy_gmem_to_smem(start_ref.at[bh, qb], start_smem, start_bar)
     fetch_kv(0, 0)
     plgpu.copy_gmem_to_smem(c_ref.at[bh, chunk, pl.ds(0, DHQK), vcols], c_smem, c_bar)
+    plgpu.copy_gmem_to_smem(n_ref.at[bh, chunk], n_smem, n_bar)
 
     plgpu.barrier_wait(rows_bar)
     plgpu.barrier_wait(start_bar)
     vecQlog = load(rows_smem.at[0], row_layout)
     vecW = load(rows_smem.at[1], row_layout)
-    vecNqInter = load(rows_smem.at[2], row_layout)
-    vecLam = load(rows_smem.at[3], row_layout)
+    vecLam = load(rows_smem.at[2], row_layout)
     vecStart = load(start_smem, row_layout)
     shape_s = (BLOCK, BLOCK)
     idx_r = _mosaic().iota(shape_s, 0, wg, interpret=interpret)
@@ -186,6 +188,16 @@ def _kernel(
     matQlog = lax.broadcast_in_dim(vecQlog, shape_s, [0])
     matStart = lax.broadcast_in_dim(vecStart, shape_s, [0])
     plgpu.barrier_wait(q_bar)
+
+    # the state term of the normaliser, nqInter_t = W_t qs_t . n_{k-1}: q from shared memory in the
+    # wgmma layout, 64 columns at a time (32 float32 registers), times n_{k-1} (float32), row sums
+    plgpu.barrier_wait(n_bar)
+    vecQn = _mosaic().layout_cast(jnp.zeros((BLOCK,), _F32), row_layout, interpret=interpret)
+    for c in range(DHQK // BLOCK):
+        matQc = load(q_smem.at[:, pl.ds(c * BLOCK, BLOCK)], wg).astype(_F32)
+        vecNc = load(n_smem.at[c], col_layout)
+        vecQn = vecQn + (matQc * lax.broadcast_in_dim(vecNc, (BLOCK, BLOCK), [1])).sum(axis=1)
+    vecNqInter = vecW * vecQn
 
     n_iter = iq + 1
     shape_h = (BLOCK, bV)
@@ -251,6 +263,7 @@ def parallel_fw_h_mosaic(
     start: jax.Array,  # (BH, S / 64, 64) int32
     klog: jax.Array,  # (BH, S / 64, 64) f32
     matC_enter: jax.Array,  # (BH, NC or NC + 1, DHQK, DHV) dtype of q: row k enters chunk k
+    vecN_enter: jax.Array,  # (BH, NC or NC + 1, DHQK) f32: row k is n_{k-1}, entering chunk k
     *,
     L: int,
     bV: int,
@@ -281,6 +294,8 @@ def parallel_fw_h_mosaic(
             f"{jnp.dtype(dtype).name}; got "
             f"{matC_enter.shape} {matC_enter.dtype}"
         )
+    if vecN_enter.shape != matC_enter.shape[:3]:
+        raise ValueError(f"vecN_enter must be {matC_enter.shape[:3]} (the rows of matC_enter); got {vecN_enter.shape}")
     check_slots("parallel_fw_h_mosaic", slots)
     tr = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     smem = (
@@ -293,11 +308,12 @@ def parallel_fw_h_mosaic(
         plgpu.SMEM((BLOCK,), jnp.int32),
         plgpu.SMEM((slots, BLOCK), _F32),  # key gate vector
         plgpu.SMEM((BLOCK,), _F32),  # nq of the query block
+        plgpu.SMEM((DHQK // BLOCK, BLOCK), _F32),  # n_{k-1}, 64 values per row
     )
     bars = (
         plgpu.Barrier(), plgpu.Barrier(), plgpu.Barrier(), plgpu.Barrier(),
         plgpu.Barrier(num_barriers=slots), plgpu.Barrier(num_barriers=slots),
-        plgpu.Barrier(num_barriers=slots),
+        plgpu.Barrier(num_barriers=slots), plgpu.Barrier(),
     )
     body = _mosaic().named_body(
         functools.partial(_kernel, L=L, bV=bV, qk_scale=float(qk_scale), eps=float(eps), slots=int(slots),
@@ -313,4 +329,5 @@ def parallel_fw_h_mosaic(
         compiler_params=plgpu.CompilerParams(),
         interpret=_mosaic().interpret_params(interpret),
     )
-    return call(matQ, matK, matV, rows, start, klog, matC_enter)
+    vecN_blocks = vecN_enter.astype(_F32).reshape(*vecN_enter.shape[:2], DHQK // BLOCK, BLOCK)
+    return call(matQ, matK, matV, rows, start, klog, matC_enter, vecN_blocks)
