@@ -27,7 +27,8 @@
 #   REPS            timed calls per bench measurement                           [10]
 #   BENCH_GRAD_MODES  gradient modes of (b)                                    [exact tfla]
 #   BENCH_KERNELS   kernels of (b); the table shows chunkwise_pallas as "ours" and
-#                   chunkwise_mosaic (if listed) in columns of its own           [chunkwise_pallas]
+#                   every other kernel or option set (chunkwise_mosaic, chunkwise_auto, ...) in a
+#                   table of its own                                             [chunkwise_pallas]
 #   OURS_PEER_TIMER 1: also time ours through .peers/peer_shapes.py             [0]
 #   PY              python                                                      [python3]
 #   ONLY_TABLE      1: only (d), from the files already in $OUT                 [0]
@@ -129,17 +130,19 @@ def load(path):
 
 
 ours = {}  # (heads, B, S, grad_mode, mode) -> ms (chunkwise_pallas, no explicit options)
-mosaic = {}  # label ("chunkwise_mosaic[:options]") -> the same for chunkwise_mosaic, with any options
+mosaic = {}  # label ("kernel[:options]") -> the same for every other kernel or option set
 params = {}  # (heads, B, S, grad_mode) -> (source, kernel params)
+fam = {}  # (label, heads, B, S) -> chunkwise_auto's family and options
 for path in glob.glob(os.path.join(out, "bench_*.json")):
     for r in (load(path) or {}).get("results", []):
         key = (r["heads"], r["B"], r["S"], r["grad_mode"], r["mode"])
-        if r["kernel"] == "chunkwise_mosaic":
-            label = "chunkwise_mosaic" + "".join(
+        if r["kernel"] != "chunkwise_pallas" or r.get("options"):  # its own table (chunkwise_mosaic, chunkwise_auto, ...)
+            label = r["kernel"] + "".join(
                 (":" if i == 0 else ",") + f"{k}={v}" for i, (k, v) in enumerate((r.get("options") or {}).items()))
             mosaic.setdefault(label, {})[key] = r.get("ms", r.get("error", "error"))
-            continue
-        if r["kernel"] != "chunkwise_pallas" or r.get("options"):
+            if "family" in r and r["grad_mode"] == "exact":  # chunkwise_auto: what it ran
+                fam[(label, r["heads"], r["B"], r["S"])] = r["family"] + (
+                    " " + ",".join(f"{k}={v}" for k, v in r["mosaic_options"].items()) if r.get("mosaic_options") else "")
             continue
         if "ms" in r:
             ours[key] = r["ms"]
@@ -184,6 +187,10 @@ def short(p):
     return ",".join(f"{SHORT.get(k, k.replace('siz_b_', ''))}={v}" for k, v in p.items()) or "(heuristics)"
 
 
+def goal_of(r_fw, r_bw):
+    return "-" if r_fw is None or r_bw is None else ("y" if r_fw <= 0.5 and r_bw <= 0.6 else "n")
+
+
 rows = []
 print("\nours = chunkwise_pallas with the tuned table (xlstm-jax bench, exact grads unless noted); "
       "peer = mlstm_kernels triton_limit_chunk, chunk 64 (.peers/peer_shapes.py); ms, bf16")
@@ -210,9 +217,9 @@ for heads, B, S in ROWS:
                      tuned_entry=e, bench_params=params.get((heads, B, S, "exact")),
                      ours_peer_timer={m: ours_pt.get((heads, B, S, m)) for m in ("exact", "tfla")}))
 for label, res in sorted(mosaic.items()):
-    print(f"\n{label} (Mosaic GPU kernels; same bench call), ms and ratio to the peer:")
+    print(f"\n{label} (same bench call), ms and ratio to the peer:")
     print(f"{'heads':<9}{'B x S':>9}{'fw':>8}{'fwbw':>8}{'fwbw tfla':>10}{'fw/peer':>8}{'fwbw/peer':>10}"
-          f"{'fw/pallas':>10}{'fwbw/pallas':>12}")
+          f"{'fw/pallas':>10}{'fwbw/pallas':>12}{'goal':>5}")
     for heads, B, S in ROWS:
         m = {k: res.get((heads, B, S) + k) for k in (("exact", "fw"), ("exact", "fwbw"), ("tfla", "fwbw"))}
         if not any(m.values()):
@@ -224,6 +231,8 @@ for label, res in sorted(mosaic.items()):
         rat = lambda a, b: a / b if a and b else None  # noqa: E731
         print(f"{heads:<9}{f'{B}x{S}':>9}{f(fw, 8)}{f(bw, 8)}{f(num[('tfla', 'fwbw')], 10)}"
               f"{f(rat(fw, p.get('fw_ms')), 8)}{f(rat(bw, p.get('fwbw_ms')), 10)}{f(rat(fw, ofw), 10)}{f(rat(bw, obw), 12)}"
+              + f"{goal_of(rat(fw, p.get('fw_ms')), rat(bw, p.get('fwbw_ms'))):>5}"
+              + (f"  {fam[(label, heads, B, S)]}" if (label, heads, B, S) in fam else "")
               + "".join(f"  {k[1]} {k[0]}: {v[:60]}" for k, v in m.items() if isinstance(v, str)))
         for r in rows:
             if (r["heads"], r["B"], r["S"]) == (heads, B, S):

@@ -234,6 +234,28 @@ def pallas_kernel_params(opts: dict, B: int, NH: int, S: int, DHQK: int, DHV: in
     return {"kernel_params": {**dataclasses.asdict(res.params), **res.call_options}, "tuning_source": res.source}
 
 
+def auto_family_choice(opts: dict, B: int, NH: int, S: int, DHQK: int, DHV: int, dtype, grad_mode: str) -> dict:
+    """What ``chunkwise_auto`` with ``opts`` runs at this shape: ``{"family": "mosaic" | "triton",
+    "family_reason": ..., "mosaic_options": {...}}`` plus the Triton family's parameters of
+    ``pallas_kernel_params`` (the recurrent kernels and the gates of both families), from the same
+    trace-time lookup as the call (nothing runs)."""
+    from xlstm_jax.kernels.mlstm_chunkwise.mosaic.auto import choose_family
+    from xlstm_jax.kernels.mlstm_chunkwise.pallas.autodiff import kernel_dtype_of
+
+    try:
+        choice = choose_family(B=B, NH=NH, S=S, DHQK=DHQK, DHV=DHV,
+                               kernel_dtype=kernel_dtype_of(opts.get("autocast_kernel_dtype"), dtype),
+                               grad_mode=grad_mode, chunk_size=opts.get("chunk_size"), tuned=opts.get("tuned"),
+                               interpret=opts.get("interpret"))
+    except ValueError as err:  # the kernel call reports it as the case's error
+        return {"family_error": str(err)}
+    out = {"family": choice.family, "family_reason": choice.reason}
+    if choice.mosaic_options is not None:
+        out["mosaic_options"] = choice.mosaic_options
+    return {**out, **pallas_kernel_params({k: opts.get(k) for k in ("chunk_size", "autocast_kernel_dtype", "tuned")},
+                                          B, NH, S, DHQK, DHV, dtype, grad_mode)}
+
+
 def _case_name(row: dict) -> str:
     """A directory name for one measured case, e.g. ``chunkwise_pallas-small-B16-S2048-fwbw-exact-exp``."""
     opts = "".join(f"-{k}={v}" for k, v in sorted(row["options"].items()))
@@ -340,6 +362,8 @@ def run(args) -> int:
                            "documents": int((seg[:, 1:] != seg[:, :-1]).sum() + B) if packed else B}
                     if name == "chunkwise_pallas":
                         row.update(pallas_kernel_params(opts, B, NH, S, DHQK, DHV, dtype, gm))
+                    elif name == "chunkwise_auto":
+                        row.update(auto_family_choice(opts, B, NH, S, DHQK, DHV, dtype, gm))
                     try:
                         t0 = time.perf_counter()
                         out = jax.block_until_ready(fn(*arg_sets[0]))
@@ -404,7 +428,11 @@ def run(args) -> int:
         key = (r["heads"], r["B"], r["S"], r["grad_mode"], json.dumps(r["options"], sort_keys=True))
         if "tuning_source" in r and key not in shown:
             shown.add(key)
-            print(f"chunkwise_pallas {r['heads']} {r['B']}x{r['S']} {r['grad_mode']}: parameters from "
+            fam = ""
+            if "family" in r:  # chunkwise_auto: the family and the options it passes on
+                mo = ",".join(f"{k}={v}" for k, v in (r.get("mosaic_options") or {}).items())
+                fam = f" family {r['family']} ({r['family_reason']}{'; ' + mo if mo else ''});"
+            print(f"{r['kernel']} {r['heads']} {r['B']}x{r['S']} {r['grad_mode']}:{fam} parameters from "
                   f"{r['tuning_source']}: " + ",".join(f"{k}={v}" for k, v in r["kernel_params"].items()))
     if args.profile:
         print_profiles(results)
