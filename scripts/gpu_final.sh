@@ -13,7 +13,9 @@
 #   (table)    the seven-row table with the ratios and the goal (scripts/gpu_speed.sh ONLY_TABLE=1);
 #   (check)    the errors of chunkwise_auto at the standard row 8 x 8192 against chunkwise_native in
 #              float32 at highest matmul precision (`bench --check`);
-#   (profile)  per-kernel profiles (command buffers off) of the rows in PROFILE_ROWS while time is left.
+#   (profile)  per-kernel profiles (command buffers off) of the rows in PROFILE_ROWS while time is left,
+#              after the first of them the forward of the two long-sequence rows with smaller
+#              recurrent tiles and with chunk 256 (variants, for the next tuning).
 # Usage (repository root): OUT=$OUT bash scripts/gpu_final.sh. Everything lands in $OUT/final.tgz
 # (rewritten after each step, so a cut call keeps what it finished) and $OUT/summary.txt.
 set -u
@@ -89,8 +91,19 @@ t0=$(date +%s)
   --json "$W/check.json" > "$W/check.log" 2>&1
 step check $? "$t0"
 
-# (profile) ---------------------------------------------------------------------------------------
+# (profile, variants) -----------------------------------------------------------------------------
 mkdir -p "$W/prof"
+variants() {  # fw of the long-sequence rows with smaller recurrent tiles (more programs) or chunk 256
+  for r in 7b:2,32768 standard:2,32768; do
+    [ "$(left)" -gt 30 ] || { steps+=("variants $r: skipped (time)"); continue; }
+    t0=$(date +%s)
+    timeout -k 5 "$(cap 60)" $PY -m xlstm_jax bench --heads "${r%%:*}" --shapes "${r#*:}" --modes fw --reps 10 \
+      --warmup 2 --no-ceilings --kernels chunkwise_auto chunkwise_mosaic:siz_b_DHQK_inter=64,siz_b_DHV_inter=64 \
+      chunkwise_mosaic:chunk_size=256 --json "$W/variants_${r%%:*}.json" > "$W/variants_${r%%:*}.log" 2>&1
+    step "variants $r" $? "$t0"
+  done
+}
+first=1
 for r in $PROFILE_ROWS; do
   [ "$(left)" -gt 40 ] || { steps+=("profile $r: skipped (time)"); continue; }
   t0=$(date +%s); name="${r%%:*}_${r#*:}"; name=${name/,/x}
@@ -98,6 +111,7 @@ for r in $PROFILE_ROWS; do
     $PY -m xlstm_jax bench --heads "${r%%:*}" --shapes "${r#*:}" --kernels chunkwise_auto --modes fw fwbw \
     --reps 10 --no-ceilings --profile "$W/prof/$name" --json "$W/prof/$name.json" > "$W/prof/$name.log" 2>&1
   step "profile $r" $? "$t0"
+  [ "$first" = 1 ] && variants; first=0
 done
 
 # summary -----------------------------------------------------------------------------------------
@@ -109,6 +123,9 @@ done
   done
   sed -n '/^ours = /,$p' "$W/table.txt"
   grep -E "max rel|FAIL|NaN|chunkwise_auto +standard|tolerance" "$W/check.log" | cut -c1-220
+  for f in "$W"/variants_*.log; do
+    [ -f "$f" ] && grep -E "^chunkwise" "$f" | cut -c1-150
+  done
   for f in "$W"/prof/*.log; do
     [ -f "$f" ] && sed -n '/^profile /,/more kernels/p' "$f" | grep -E "^profile|^ " | cut -c1-140 | head -n 16
   done
