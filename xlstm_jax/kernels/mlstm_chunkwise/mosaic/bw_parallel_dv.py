@@ -19,10 +19,11 @@ Design (the forward kernel's, transposed: one warpgroup of 128 threads, no warp 
   chunk from the diagonal on: the causal triangle, like the Triton kernel.
 * Shared memory (16-bit tiles in the (8, 64) tiling with the 128-byte swizzle): the k block
   (64, DHQK) and the state-cotangent tile dC_c (DHQK, bV) loaded once by TMA; q (64, DHQK), dh
-  (64, bV) and the per-query vectors double-buffered (2 slots), so the TMA load of query block
-  j + 1 overlaps the two wgmmas and the gate math of block j; the output tile (64, bV). At
-  DHQK = 128, bV = 128: 16 + 32 + 2 * (16 + 16) + 16 KB = 128 KB; at DHQK = 256 (7B heads): 32
-  + 64 + 2 * (32 + 16) + 16 = 208 KB (the forward kernel's budget).
+  (64, bV) and the per-query vectors in ``slots`` buffers (``fw_parallel.PIPELINE_SLOTS``): with 2
+  the TMA load of query block j + 1 overlaps the two wgmmas and the gate math of block j, with 1 it
+  follows them; the output tile (64, bV). At DHQK = 128, bV = 128: 16 + 32 + 2 * (16 + 16) + 16 KB
+  = 128 KB with two slots, 96 KB with one (two CTAs per SM: the default there); at DHQK = 256 (7B
+  heads): 32 + 64 + 2 * (32 + 16) + 16 = 208 KB (the forward kernel's budget).
 * First the state term: acc = Wstate_s * (k dC_c) (wgmma from two shared-memory operands, a
   64 x bV f32 accumulator). Then per query block: S^T = k q^T (wgmma, 64 x 64 f32), the gate
   matrix exp2(Klog_s + Qlog_t) with the causal and reset masks, scaled per query column by

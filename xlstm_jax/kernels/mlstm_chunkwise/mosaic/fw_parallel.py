@@ -19,11 +19,15 @@ Design (v1: simple and correct first; one warpgroup of 128 threads, no warp spec
   up to the diagonal, so its work is the causal triangle of the chunk, like the Triton kernel.
 * Shared memory (bf16/f16; every 2-D tile in the (8, 64) tiling with the 128-byte swizzle that
   wgmma reads without bank conflicts): the q block (64, DHQK) and the state tile C_{k-1}
-  (DHQK, bV) loaded once by TMA; k (64, DHQK), v (64, bV) and the key gate vector double-buffered
-  (2 slots), so the TMA load of key block j + 1 overlaps the two wgmmas and the gate math of block
-  j; the output tile (64, bV); small f32/int32 vectors. At DHQK = 128, bV = 128: 16 + 32 + 2 * (16
-  + 16) + 16 KB = 128 KB; at DHQK = 256 (7B heads): 32 + 64 + 2 * (32 + 16) + 16 = 208 KB of
-  the H200's 227 KB (one CTA per SM; 2 at DHQK = 64).
+  (DHQK, bV) loaded once by TMA; k (64, DHQK), v (64, bV) and the key gate vector in ``slots``
+  buffers (``PIPELINE_SLOTS``): with 2 the TMA load of key block j + 1 overlaps the two wgmmas and
+  the gate math of block j; with 1 it follows them; the output tile (64, bV); small f32/int32
+  vectors and n_{k-1}. At DHQK = 128, bV = 128: 16 + 32 + 2 * (16 + 16) + 16 KB = 128 KB with two
+  slots (one CTA per SM), 96 KB with one (two CTAs per SM: one's loads under the other's wgmmas;
+  the default there, ``forward.default_pipeline_slots``); at DHQK = 256 (7B heads): 32 + 64 + 2 *
+  (32 + 16) + 16 = 208 KB of the H200's 227 KB (one CTA per SM either way; 2 at DHQK = 64).
+* The normaliser's inter-chunk term W_t qs_t . n_{k-1}: q from shared memory into registers (the
+  wgmma layout, 64 columns at a time) times n_{k-1} (float32, one small TMA tile), row sums.
 * First the inter-chunk term: acc = W_t * (q C_{k-1}) (wgmma from two shared-memory operands,
   64 x bV f32 accumulator = 64 registers per thread at bV = 128), the Triton kernel's order. Then
   per key block: S = q k^T (wgmma, 64 x 64 f32, 32 registers), the gate matrix
