@@ -834,11 +834,14 @@ def test_tune_times_the_mosaic_family(tmp_path, capsys):
     assert "mosaic_bw_kernels" not in e  # only a Mosaic win records it
 
 
-@pytest.mark.parametrize("winner", ["mosaic", "triton", "mosaic_split"])
-def test_tune_times_both_mosaic_backward_choices(winner, tmp_path, capsys, monkeypatch):
-    """With the fwbw objective the tuner times chunkwise_mosaic with both ``bw_kernels``; when the
-    Mosaic family wins (a fake measurement: interpreted Mosaic is far slower than interpreted
-    Triton), the entry records the faster backward choice and ``chunkwise_auto`` passes it on."""
+@pytest.mark.parametrize("winner,slots_win", [("mosaic", False), ("triton", False), ("mosaic_split", False),
+                                              ("mosaic", True), ("mosaic_split", True)])
+def test_tune_times_both_mosaic_backward_choices(winner, slots_win, tmp_path, capsys, monkeypatch):
+    """With the fwbw objective the tuner times chunkwise_mosaic with its three ``bw_kernels``, and the
+    fastest of them again with the other ``pipeline_slots`` (here 1: two slots are the default at
+    these heads); when the Mosaic family wins (a fake measurement: interpreted Mosaic is far slower
+    than interpreted Triton), the entry records the faster backward choice and slot count, and
+    ``chunkwise_auto`` passes both on."""
     from xlstm_jax.cli import main
     from xlstm_jax.kernels.mlstm_chunkwise.mosaic.auto import choose_family
     from xlstm_jax.kernels.mlstm_chunkwise.pallas import tuning
@@ -847,7 +850,15 @@ def test_tune_times_both_mosaic_backward_choices(winner, tmp_path, capsys, monke
     fake = {"mosaic": {"triton": 2.0, "mosaic": 1.5, "mosaic_bw": 1.0, "mosaic_split": 1.2},
             "triton": {"triton": 2.0, "mosaic": 1.0, "mosaic_bw": 1.5, "mosaic_split": 1.2},
             "mosaic_split": {"triton": 2.0, "mosaic": 1.5, "mosaic_bw": 1.2, "mosaic_split": 1.0}}[winner]
-    monkeypatch.setattr(tune._Measurer, "measure", lambda self, o, mode, family="triton": fake[family])
+    timed_slots = []
+
+    def measure(self, o, mode, family="triton", slots=None):
+        if slots is None:
+            return fake[family]
+        timed_slots.append((family, slots))
+        return fake[family] + (-0.25 if slots_win else 0.25)
+
+    monkeypatch.setattr(tune._Measurer, "measure", measure)
     out = tmp_path / "out.json"
     rc = main(["tune", "--interpret", "--heads", "1,64,64", "--shapes", "1,64", "--space", "siz_b_L_loop=64",
                "--objective", "fwbw", "--report-modes", "fwbw", "--reps", "1", "--warmup", "0",
@@ -855,16 +866,28 @@ def test_tune_times_both_mosaic_backward_choices(winner, tmp_path, capsys, monke
     text = capsys.readouterr().out
     assert rc == 0, text
     assert f"bw_kernels=mosaic, fwbw: {fake['mosaic_bw']:.3f}" in text
+    best_family = {"mosaic": "mosaic_bw", "triton": "mosaic", "mosaic_split": "mosaic_split"}[winner]
+    assert timed_slots == [(best_family, 1)]  # the fastest backward choice, the other slot count only
+    assert "pipeline_slots=1, fwbw:" in text
     (e,) = tuning.parse_table(out.read_text(), str(out))
+    slots = 1 if slots_win else 2
     assert e["family"] == "mosaic" and e["mosaic_bw_kernels"] == winner and e["ms"]["mosaic_bw_fwbw"] == fake["mosaic_bw"]
+    assert e["mosaic_pipeline_slots"] == slots and e["ms"]["mosaic_slots1_fwbw"] is not None
     monkeypatch.setattr(tuning, "tables", lambda: [(str(out), (e,))])
     fc = choose_family(B=1, NH=1, S=64, DHQK=64, DHV=64, kernel_dtype=jnp.bfloat16, grad_mode="exact",
                        interpret=True, device_kind=e["device_kind"])
     assert fc.family == "mosaic" and fc.mosaic_options["bw_kernels"] == winner
-    if winner != "mosaic":
+    assert fc.mosaic_options["pipeline_slots"] == slots
+    if winner != "mosaic" or slots_win:
         return
     with pytest.warns(UserWarning, match="mosaic_bw_kernels must be one of"):  # a bad entry is skipped
         bad = tuning.parse_table(
             out.read_text().replace('"mosaic_bw_kernels": "mosaic"', '"mosaic_bw_kernels": "cuda"'), str(out)
         )
     assert bad == []
+    for value in ("3", "true", '"2"'):
+        with pytest.warns(UserWarning, match="mosaic_pipeline_slots must be one of"):
+            bad = tuning.parse_table(
+                out.read_text().replace('"mosaic_pipeline_slots": 2', f'"mosaic_pipeline_slots": {value}'), str(out)
+            )
+        assert bad == []

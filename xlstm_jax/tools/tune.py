@@ -18,7 +18,10 @@ only) with the options of the best Triton candidate that it takes (``mosaic.auto
 and records ``"family": "mosaic"`` in the entry when it is faster by ``--min-gain`` in the
 objective (the ``chunkwise_auto`` kernel then runs it for that shape); with the ``fwbw`` objective
 it times the family's three backward choices (``bw_kernels`` triton, mosaic, mosaic_split) and records
-``"mosaic_bw_kernels"`` (whichever was fastest) with a Mosaic win. Where Mosaic GPU cannot run,
+``"mosaic_bw_kernels"`` (whichever was fastest) with a Mosaic win; the fastest of those is timed once
+more with the other ``pipeline_slots`` (1 or 2: the forward and dV kernels' buffers; first with
+``mosaic.forward.default_pipeline_slots_for``), and the faster count is recorded as
+``"mosaic_pipeline_slots"`` with a Mosaic win. Where Mosaic GPU cannot run,
 the entry stays Triton and the table says why.
 
 Refuses to run on a machine without a GPU (a ``UsageError``) unless ``--interpret`` (interpret-mode
@@ -122,7 +125,7 @@ class _Measurer:
         self.sets = {"fw": [x for x, _ in sets], "fwbw": [x + (dh,) for x, dh in sets]}
         self.compiled: dict = {}
 
-    def _functions(self, overrides: dict, family: str = "triton"):
+    def _functions(self, overrides: dict, family: str = "triton", slots: int | None = None):
         import jax
         import jax.numpy as jnp
 
@@ -135,7 +138,7 @@ class _Measurer:
 
             fn, overrides = forward.mlstm_chunkwise_mosaic, mosaic_options(overrides)
             bw = {"mosaic": "triton", "mosaic_bw": "mosaic", "mosaic_split": "mosaic_split"}[family]
-            overrides = {**overrides, "bw_kernels": bw}
+            overrides = {**overrides, "bw_kernels": bw, **({} if slots is None else {"pipeline_slots": slots})}
         else:
             fn = mlstm_chunkwise_pallas
 
@@ -148,14 +151,15 @@ class _Measurer:
         return {"fw": jax.jit(kernel), "fwbw": jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))}
 
     @staticmethod
-    def _key(overrides: dict, mode: str, family: str = "triton"):
-        return (mode, tuple(sorted(overrides.items()))) + (() if family == "triton" else (family,))
+    def _key(overrides: dict, mode: str, family: str = "triton", slots: int | None = None):
+        return ((mode, tuple(sorted(overrides.items()))) + (() if family == "triton" else (family,))
+                + (() if slots is None else (("pipeline_slots", slots),)))
 
-    def _compile(self, overrides: dict, mode: str, family: str = "triton"):
-        key = self._key(overrides, mode, family)
+    def _compile(self, overrides: dict, mode: str, family: str = "triton", slots: int | None = None):
+        key = self._key(overrides, mode, family, slots)
         if key not in self.compiled:
             try:
-                fn = self._functions(overrides, family)[mode]
+                fn = self._functions(overrides, family, slots)[mode]
                 self.compiled[key] = ("ok", fn.lower(*self.sets[mode][0]).compile())
             except Exception as err:  # recorded, raised when the candidate is measured
                 self.compiled[key] = ("error", err)
@@ -171,19 +175,20 @@ class _Measurer:
         with ThreadPoolExecutor(max_workers=min(self.threads, len(todo))) as pool:
             list(pool.map(lambda c: self._compile(c, mode), todo))
 
-    def measure(self, overrides: dict, mode: str, family: str = "triton") -> float:
+    def measure(self, overrides: dict, mode: str, family: str = "triton", slots: int | None = None) -> float:
         """Median ms per call of ``mode`` ("fw" or "fwbw") with ``overrides`` (of the Triton family;
         ``family="mosaic"``: chunkwise_mosaic with those it takes and the Triton backward kernels,
         ``"mosaic_bw"``: the same with ``bw_kernels="mosaic"``, ``"mosaic_split"``: with
-        ``bw_kernels="mosaic_split"``); raises on failure."""
+        ``bw_kernels="mosaic_split"``; ``slots``: the Mosaic family's ``pipeline_slots``, None its
+        default); raises on failure."""
         from .timing import time_calls
 
-        status, obj = self._compile(overrides, mode, family)
+        status, obj = self._compile(overrides, mode, family, slots)
         if status == "error":
             raise obj
         sets = self.sets[mode]
         t = time_calls(obj, sets, reps=self.reps, warmup=self.warmup)
-        self.compiled.pop(self._key(overrides, mode, family), None)  # free the executable
+        self.compiled.pop(self._key(overrides, mode, family, slots), None)  # free the executable
         return 1e3 * t.median_s
 
 
@@ -241,7 +246,7 @@ def run(args) -> int:
                                                 else _try(m.measure, {}, mode))
                     final[mode] = (res.best_ms if mode == args.objective else
                                    final[f"{mode}_default"] if not res.best else _try(m.measure, res.best, mode))
-                family, family_note, mosaic_bw = _family_choice(m, res, final, args, dtype)
+                family, family_note, mosaic_bw, mosaic_slots = _family_choice(m, res, final, args, dtype)
                 params = tuning.minimal_overrides(S, DHQK, DHV, dtype, res.best)
                 entry = tuning.make_entry(key, params, objective=args.objective,
                                           ms={k: (None if v is None else round(v, 4)) for k, v in final.items()},
@@ -250,7 +255,8 @@ def run(args) -> int:
                                                  "failed": sum(t.error is not None for t in res.trials),
                                                  **({"family": family, "family_note": family_note}
                                                     if "mosaic" in args.families else {}),
-                                                 **({"mosaic_bw_kernels": mosaic_bw} if family == "mosaic" else {})})
+                                                 **({"mosaic_bw_kernels": mosaic_bw, "mosaic_pipeline_slots": mosaic_slots}
+                                                    if family == "mosaic" else {})})
                 entries.append(entry)
                 shown = {**params, **({"family": family} if family != "triton" else {})}
                 rows.append((key, shown, final, time.perf_counter() - t0))
@@ -273,15 +279,17 @@ def run(args) -> int:
     return 1 if failed else 0
 
 
-def _family_choice(m: _Measurer, res, final: dict, args, dtype) -> tuple[str, str, str]:
-    """("mosaic" or "triton", a note, the Mosaic ``bw_kernels``) for one key: with ``--families ...
-    mosaic``, chunkwise_mosaic is timed with the best candidate, with the Triton backward kernels and
-    (when the objective includes the backward pass) with ``bw_kernels="mosaic"`` and
-    ``"mosaic_split"`` (times in ``final`` as ``mosaic_fw`` / ``mosaic_fwbw`` / ``mosaic_bw_fwbw`` /
-    ``mosaic_split_fwbw``); the fastest variant wins if it is ``--min-gain`` faster than the Triton
-    family in the objective."""
+def _family_choice(m: _Measurer, res, final: dict, args, dtype) -> tuple[str, str, str, int | None]:
+    """("mosaic" or "triton", a note, the Mosaic ``bw_kernels``, its ``pipeline_slots``) for one key:
+    with ``--families ... mosaic``, chunkwise_mosaic is timed with the best candidate, with the
+    Triton backward kernels and (when the objective includes the backward pass) with
+    ``bw_kernels="mosaic"`` and ``"mosaic_split"`` (times in ``final`` as ``mosaic_fw`` /
+    ``mosaic_fwbw`` / ``mosaic_bw_fwbw`` / ``mosaic_split_fwbw``), all with the default
+    ``pipeline_slots``; the fastest of them once more with the other slot count
+    (``mosaic_slots<n>_<objective>``); the fastest variant wins if it is ``--min-gain`` faster than the
+    Triton family in the objective."""
     if "mosaic" not in args.families:
-        return "triton", "", "triton"
+        return "triton", "", "triton", None
     from xlstm_jax.kernels.mlstm_chunkwise.mosaic.forward import MOSAIC_DTYPES
     from xlstm_jax.kernels.pallas import _mosaic
 
@@ -290,7 +298,7 @@ def _family_choice(m: _Measurer, res, final: dict, args, dtype) -> tuple[str, st
         why = f"no Mosaic kernel for {dtype.name}"
     if why is not None:
         print(f"  mosaic: not timed ({why})", flush=True)
-        return "triton", f"mosaic not timed: {why}"[:200], "triton"
+        return "triton", f"mosaic not timed: {why}"[:200], "triton", None
     for mode in dict.fromkeys([args.objective, *args.report_modes]):
         final[f"mosaic_{mode}"] = _try(m.measure, res.best, mode, "mosaic")
         print(f"  mosaic {mode}: {_fmt(final[f'mosaic_{mode}'])} ms (triton {_fmt(final.get(mode))})", flush=True)
@@ -306,13 +314,24 @@ def _family_choice(m: _Measurer, res, final: dict, args, dtype) -> tuple[str, st
             alt = final.get(key)
             if alt is not None and (mos is None or alt < mos):
                 mos, bw = alt, name
-    what = "mosaic" + (f" (bw_kernels={bw})" if bw != "triton" else "")
     if mos is None:
-        return "triton", "mosaic failed (see the log)", "triton"
+        return "triton", "mosaic failed (see the log)", "triton", None
+    from xlstm_jax.kernels.mlstm_chunkwise.mosaic.forward import default_pipeline_slots_for
+
+    _, _, _, DHQK, DHV = m.shape
+    slots = default_pipeline_slots_for(DHQK, DHV)
+    other = 3 - slots  # the other of (1, 2)
+    fam = {"triton": "mosaic", "mosaic": "mosaic_bw", "mosaic_split": "mosaic_split"}[bw]
+    alt = final[f"mosaic_slots{other}_{args.objective}"] = _try(m.measure, res.best, args.objective, fam, other)
+    print(f"  mosaic, bw_kernels={bw}, pipeline_slots={other}, {args.objective}: {_fmt(alt)} ms "
+          f"(pipeline_slots={slots}: {_fmt(mos)})", flush=True)
+    if alt is not None and alt < mos:
+        mos, slots = alt, other
+    what = "mosaic (" + (f"bw_kernels={bw}, " if bw != "triton" else "") + f"pipeline_slots={slots})"
     if mos < res.best_ms * (1.0 - args.min_gain):
-        return "mosaic", f"{what} {mos:.3f} ms < triton {res.best_ms:.3f} ms ({args.objective})", bw
+        return "mosaic", f"{what} {mos:.3f} ms < triton {res.best_ms:.3f} ms ({args.objective})", bw, slots
     return ("triton", f"{what} {mos:.3f} ms >= (1 - min_gain) x triton {res.best_ms:.3f} ms ({args.objective})",
-            "triton")
+            "triton", None)
 
 
 def _write(entries: list, cache: str | None, json_path: str | None, trials: list, trials_path: str | None) -> None:

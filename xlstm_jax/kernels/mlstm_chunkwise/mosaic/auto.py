@@ -11,8 +11,9 @@ entry when it was faster by the tuner's ``--min-gain`` (``tuning`` module doc, `
 
 * tuning is enabled (``tuned`` / ``$XLSTM_JAX_TUNING``) and the entry matching the call (the
   lookup of ``tuning.lookup``: device kind, head dims, dtype, nearest S and B * NH) says
-  ``"family": "mosaic"`` (its ``"mosaic_bw_kernels"``, when it records one, is passed on as
-  ``bw_kernels``; else ``chunkwise_mosaic``'s default);
+  ``"family": "mosaic"`` (its ``"mosaic_bw_kernels"`` and ``"mosaic_pipeline_slots"``, when it
+  records them, are passed on as ``bw_kernels`` and ``pipeline_slots``; else ``chunkwise_mosaic``'s
+  defaults);
 * the kernel dtype is bfloat16 or float16 (``chunkwise_mosaic`` has no float32 kernel);
 * the chunk (an explicit ``chunk_size``, else the entry's ``chunk_size_intra``) is a multiple of 64;
 * Mosaic GPU can run: its API imports, and the default device is an NVIDIA GPU of compute
@@ -90,6 +91,9 @@ def choose_family(
     bw = tuning.entry_mosaic_bw_kernels(entry)
     if bw is not None:
         opts["bw_kernels"] = bw
+    slots = tuning.entry_mosaic_pipeline_slots(entry)
+    if slots is not None:
+        opts["pipeline_slots"] = slots
     if chunk_size is not None:  # an explicit chunk wins over the tuned one, as in chunkwise_pallas
         opts.pop("chunk_size_intra", None)
         opts["chunk_size"] = chunk_size

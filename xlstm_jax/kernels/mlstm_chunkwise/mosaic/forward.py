@@ -56,6 +56,7 @@ from ..._common import MLSTMState
 from ...options import CellOptions
 from ...validation import empty_sequence_outputs, validate_sequence_call
 from ..pallas import gates, tuning
+from ..pallas.heuristics import padded_head_dim
 from ..pallas.autodiff import (
     CoreConfig,
     ForwardOut,
@@ -100,6 +101,14 @@ def default_pipeline_slots(DQ: int, bV: int) -> int:
     two = smem_bytes(DQ, bV, 2) <= SMEM_PER_SM // 2
     one = smem_bytes(DQ, bV, 1) <= SMEM_PER_SM // 2
     return 1 if one and not two else 2
+
+
+def default_pipeline_slots_for(DHQK: int, DHV: int, siz_b_DH_parallel: int | None = None) -> int:
+    """``default_pipeline_slots`` of a call with head dims DHQK, DHV (padded as the call pads them)
+    and the DHV tile ``siz_b_DH_parallel`` (None: ``DEFAULT_BV``)."""
+    DQ = _round_up(padded_head_dim(DHQK), 64)
+    DV = _round_up(padded_head_dim(DHV), 64)
+    return default_pipeline_slots(DQ, min(siz_b_DH_parallel or DEFAULT_BV, DV))
 
 _OPEN_FORGET_GATE = 1e30  # log_sigmoid(1e30) == 0 exactly: the state carries through
 

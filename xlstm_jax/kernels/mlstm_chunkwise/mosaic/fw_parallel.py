@@ -59,6 +59,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from ..pallas.tuning import MOSAIC_PIPELINE_SLOTS
+
 
 BLOCK = 64
 """Query rows per program and key rows per loop step: one wgmma M tile of one warpgroup."""
@@ -97,8 +99,8 @@ def key_block_mask(idx_r, idx_c, j, ik, start_cols):
     return (idx_c + j * BLOCK >= idx_r) & (idx_r + ik * BLOCK >= start_cols)
 
 
-PIPELINE_SLOTS = (1, 2)
-"""Shared-memory buffers of the tiles a forward or dV program streams over its loop (k, v and the
+PIPELINE_SLOTS = MOSAIC_PIPELINE_SLOTS
+"""(Defined beside the tuned tables, which record it.) Shared-memory buffers of the tiles a forward or dV program streams over its loop (k, v and the
 key gates; q, dh and the query vectors in dV): 2 double-buffers them (the TMA load of block j + 1
 overlaps the wgmmas of block j), 1 loads block j + 1 after block j's wgmmas and frees one tile of
 each, which at the standard heads (DHQK 128, DHV tile 128) brings a program's shared memory from

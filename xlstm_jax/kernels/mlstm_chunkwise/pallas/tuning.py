@@ -103,6 +103,11 @@ MOSAIC_BW_KERNELS = ("mosaic", "triton", "mosaic_split")
 """The values of ``chunkwise_mosaic``'s ``bw_kernels`` (its default, when a call gives none, is
 ``mosaic.forward.default_bw_kernels``), which an entry that chose the Mosaic family records as
 ``"mosaic_bw_kernels"`` (the fastest of those the tuner timed; docs/benchmarks.md)."""
+MOSAIC_PIPELINE_SLOTS = (1, 2)
+"""The values of ``chunkwise_mosaic``'s ``pipeline_slots`` (the shared-memory buffers of its forward
+and dV kernels' streamed tiles; default ``mosaic.forward.default_pipeline_slots``), which an entry
+that chose the Mosaic family records as ``"mosaic_pipeline_slots"`` (the faster of the two the
+tuner timed)."""
 
 CALL_OPTION_DEFAULTS: dict[str, Any] = {
     "recompute_states_in_bw": True,
@@ -218,6 +223,10 @@ def validate_entry(entry: Any) -> dict:
     if "mosaic_bw_kernels" in entry and entry["mosaic_bw_kernels"] not in MOSAIC_BW_KERNELS:
         raise ValueError(f"tuning entry mosaic_bw_kernels must be one of {list(MOSAIC_BW_KERNELS)}; "
                          f"got {entry['mosaic_bw_kernels']!r}")
+    slots = entry.get("mosaic_pipeline_slots")
+    if "mosaic_pipeline_slots" in entry and (isinstance(slots, bool) or slots not in MOSAIC_PIPELINE_SLOTS):
+        raise ValueError(f"tuning entry mosaic_pipeline_slots must be one of {list(MOSAIC_PIPELINE_SLOTS)}; "
+                         f"got {slots!r}")
     out = dict(entry)
     out["dtype"] = dtype_name(entry["dtype"])
     return out
@@ -232,6 +241,12 @@ def entry_mosaic_bw_kernels(entry: dict) -> str:
     """The ``bw_kernels`` of ``chunkwise_mosaic`` a (validated) entry records; None when it records
     none (``chunkwise_mosaic`` then resolves its default)."""
     return entry.get("mosaic_bw_kernels")
+
+
+def entry_mosaic_pipeline_slots(entry: dict) -> int | None:
+    """The ``pipeline_slots`` of ``chunkwise_mosaic`` a (validated) entry records; None when it
+    records none (``chunkwise_mosaic`` then takes ``default_pipeline_slots``)."""
+    return entry.get("mosaic_pipeline_slots")
 
 
 def entry_key(entry: dict) -> TuningKey:
