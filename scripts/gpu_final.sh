@@ -12,7 +12,7 @@
 #              8 x 8192 (standard, 7B heads) and the small row;
 #   (table)    the seven-row table with the ratios and the goal (scripts/gpu_speed.sh ONLY_TABLE=1);
 #   (check)    the errors of chunkwise_auto at the standard row 8 x 8192 against chunkwise_native in
-#              float32 at highest matmul precision (`bench --check`);
+#              float32 at highest matmul precision (`bench --check`): h (fw) and the gradients (fwbw);
 #   (profile)  per-kernel profiles (command buffers off) of the rows in PROFILE_ROWS while time is left,
 #              after the first of them the forward of the two long-sequence rows with smaller
 #              recurrent tiles and with chunk 256 (variants, for the next tuning).
@@ -35,7 +35,8 @@ step() { steps+=("$1: rc=$2 ($(( $(date +%s) - $3 )) s)"); pack; }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv > "$W/env.txt" 2>&1
 $PY -c "import jax, jaxlib; print('jax', jax.__version__, 'jaxlib', jaxlib.__version__, jax.devices())" >> "$W/env.txt" 2>&1
-git log -1 --format="commit %H %s" >> "$W/env.txt" 2>/dev/null
+# the device copy's git metadata can lag behind its (current) working tree: a hint only
+git log -1 --format="git HEAD of the device copy (may be stale): %H %s" >> "$W/env.txt" 2>/dev/null
 
 # (tests) -----------------------------------------------------------------------------------------
 t0=$(date +%s); TL=$(cap "${TEST_LIMIT:-130}"); n=0
@@ -87,7 +88,7 @@ pack
 # (check) -----------------------------------------------------------------------------------------
 t0=$(date +%s)
 [ "$(left)" -gt 15 ] && timeout -k 10 "$(cap 90)" $PY -m xlstm_jax bench --kernels chunkwise_auto --heads standard --shapes 8,8192 \
-  --grad-mode exact --modes fwbw --check --check-precision highest --reps 3 --warmup 1 --no-ceilings \
+  --grad-mode exact --modes fw fwbw --check --check-precision highest --reps 3 --warmup 1 --no-ceilings \
   --json "$W/check.json" > "$W/check.log" 2>&1
 step check $? "$t0"
 
