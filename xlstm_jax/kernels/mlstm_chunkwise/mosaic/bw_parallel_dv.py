@@ -45,7 +45,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from .fw_parallel import BLOCK, _mosaic, block_rows, block_starts, check_slots, key_block_mask
+from .fw_parallel import BLOCK, _mosaic, block_rows, block_starts, check_slots, key_block_mask, streamed_loop
 
 N_QVECS = 2
 """Per-query vectors packed into one (2, 64) TMA tile: vecQlog, qk_scale / den."""
@@ -118,15 +118,8 @@ def _kernel(
 
     matAcc0 = _mosaic().dot_nn(k_smem, dc_smem) * lax.broadcast_in_dim(vecWstate, shape_dv, [0])
 
-    def step(j, matAcc):
+    def step(j, slot, matAcc):
         """Query block ik + j of the chunk: acc -> acc + P^T dh of this block."""
-        slot = lax.rem(j, jnp.int32(slots))
-        if slots == 2:
-
-            @pl.when(j + 1 < n_iter)
-            def _prefetch():  # the other slot was last read by block j - 1, whose wgmmas are done
-                fetch_q(j + 1, 1 - slot)
-
         plgpu.barrier_wait(q_bar.at[slot])
         plgpu.barrier_wait(qvec_bar.at[slot])
         plgpu.barrier_wait(start_bar.at[slot])
@@ -142,17 +135,10 @@ def _kernel(
         )
         matPt = matPt.astype(dtype)
         plgpu.barrier_wait(dh_bar.at[slot])
-        # awaited: the slot may be refilled by the prefetch of step j + 1
-        matAcc = _mosaic().dot_acc(matAcc, matPt, dh_smem.at[slot], interpret=interpret)
-        if slots == 1:
+        # awaited: the slot may be refilled (``streamed_loop``)
+        return _mosaic().dot_acc(matAcc, matPt, dh_smem.at[slot], interpret=interpret)
 
-            @pl.when(j + 1 < n_iter)
-            def _refill():  # the one slot's q, dh and vectors are read (both wgmmas awaited)
-                fetch_q(j + 1, 0)
-
-        return matAcc
-
-    matAcc = lax.fori_loop(jnp.int32(0), n_iter, step, matAcc0)
+    matAcc = streamed_loop(n_iter, slots, fetch_q, step, matAcc0)
 
     dv_smem[...] = matAcc.astype(dv_smem.dtype)
     plgpu.commit_smem()

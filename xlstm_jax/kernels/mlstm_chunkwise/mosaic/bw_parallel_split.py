@@ -42,7 +42,7 @@ from jax.experimental import pallas as pl
 
 from .bw_parallel_dk import SMEM_LIMIT, finish_dk
 from .bw_parallel_dq import finish_dq
-from .fw_parallel import BLOCK, _mosaic, block_rows, block_starts, query_block_mask
+from .fw_parallel import BLOCK, _mosaic, block_rows, block_starts, query_block_mask, streamed_loop
 
 _F32 = jnp.float32
 
@@ -186,25 +186,19 @@ def score_gradients_mosaic(matV, matDH, vecQlog, vecKlog, vecDenInv, vecDnq, vec
 def _accumulate_ds(shape, n_iter, fetch, ds_smem, ds_bar, b_smem, b_bar, *, transpose_ds: bool,
                    interpret: bool):
     """The loop of the dQ and dK programs: the f32 ``shape`` accumulator plus dS_j @ b_j (dS_j^T @
-    b_j with ``transpose_ds``) over the ``n_iter`` blocks j, the dS and b tiles double-buffered:
-    ``fetch(j, slot)`` issues block j's TMAs (block 0 before the loop), the next block's while the
-    current one is multiplied."""
+    b_j with ``transpose_ds``) over the ``n_iter`` blocks j, the dS and b tiles double-buffered
+    (``streamed_loop`` with 2 slots): ``fetch(j, slot)`` issues block j's TMAs (block 0 before the
+    loop), the next block's while the current one is multiplied."""
     plgpu = _mosaic().plgpu()
 
-    def step(j, matAcc):
-        slot = lax.rem(j, jnp.int32(2))
-
-        @pl.when(j + 1 < n_iter)
-        def _prefetch():  # the other slot was last read by block j - 1, whose wgmma is done
-            fetch(j + 1, 1 - slot)
-
+    def step(j, slot, matAcc):
         plgpu.barrier_wait(b_bar.at[slot])
         plgpu.barrier_wait(ds_bar.at[slot])
         return _mosaic().dot_acc_smem(matAcc, ds_smem.at[slot], b_smem.at[slot], transpose_a=transpose_ds,
                                       interpret=interpret)
 
     matAcc0 = _mosaic().layout_cast(jnp.zeros(shape, _F32), plgpu.Layout.WGMMA, interpret=interpret)
-    return lax.fori_loop(jnp.int32(0), n_iter, step, matAcc0)
+    return streamed_loop(n_iter, 2, fetch, step, matAcc0)
 
 
 def _dq_kernel(

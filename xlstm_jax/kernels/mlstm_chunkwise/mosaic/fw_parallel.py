@@ -114,6 +114,33 @@ def check_slots(name: str, slots) -> None:
         raise ValueError(f"{name}: slots (pipeline_slots) must be one of {list(PIPELINE_SLOTS)}; got {slots!r}")
 
 
+def streamed_loop(n_iter, slots: int, fetch, body, init):
+    """``lax.fori_loop`` over the ``n_iter`` blocks a program streams, with ``slots`` buffers per
+    streamed tile: ``fetch(j, slot)`` issues block j's TMA loads (the caller issues block 0 into slot
+    0 before the loop); ``body(j, slot, carry) -> carry`` waits for and uses block j, and must have
+    awaited every read of its slot when it returns. With 2 slots block j + 1 is fetched into the
+    other slot before block j is used (that slot was last read by block j - 1); with 1 after."""
+
+    def step(j, carry):
+        slot = lax.rem(j, jnp.int32(slots))
+        if slots == 2:
+
+            @pl.when(j + 1 < n_iter)
+            def _prefetch():
+                fetch(j + 1, 1 - slot)
+
+        carry = body(j, slot, carry)
+        if slots == 1:
+
+            @pl.when(j + 1 < n_iter)
+            def _refill():
+                fetch(j + 1, 0)
+
+        return carry
+
+    return lax.fori_loop(jnp.int32(0), n_iter, step, init)
+
+
 def smem_bytes(DHQK: int, bV: int, slots: int, itemsize: int = 2) -> int:
     """Shared memory of one forward program (the dV program's is the same up to ~1 KB of vectors):
     q (64, DHQK), ``slots`` x (k (64, DHQK) + v (64, bV)), the state tile (DHQK, bV), the output
@@ -213,16 +240,9 @@ def _kernel(
 
     matAcc0 = _mosaic().dot_nn(q_smem, c_smem) * lax.broadcast_in_dim(vecW, shape_h, [0])
 
-    def step(j, carry):
+    def step(j, slot, carry):
         """Key block j of the chunk: (nq, acc) -> (nq, acc) with this block's P added."""
         vecNq, matAcc = carry
-        slot = lax.rem(j, jnp.int32(slots))
-        if slots == 2:
-
-            @pl.when(j + 1 < n_iter)
-            def _prefetch():  # the other slot was last read by block j - 1, whose wgmmas are done
-                fetch_kv(j + 1, 1 - slot)
-
         plgpu.barrier_wait(k_bar.at[slot])
         plgpu.barrier_wait(klog_bar.at[slot])
 
@@ -235,18 +255,12 @@ def _kernel(
         vecNq = vecNq + matP.sum(axis=1)
         matP = matP.astype(dtype)
         plgpu.barrier_wait(v_bar.at[slot])
-        # awaited: the slot may be refilled by the prefetch of step j + 1
+        # awaited: the slot may be refilled (``streamed_loop``)
         matAcc = _mosaic().dot_acc(matAcc, matP, v_smem.at[slot], interpret=interpret)
-        if slots == 1:
-
-            @pl.when(j + 1 < n_iter)
-            def _refill():  # the one slot's k, v and key gates are read (both wgmmas awaited)
-                fetch_kv(j + 1, 0)
-
         return vecNq, matAcc
 
     vecNq0 = _mosaic().layout_cast(jnp.zeros((BLOCK,), _F32), row_layout, interpret=interpret)
-    vecNqIntra, matAcc = lax.fori_loop(jnp.int32(0), n_iter, step, (vecNq0, matAcc0))
+    vecNqIntra, matAcc = streamed_loop(n_iter, slots, fetch_kv, step, (vecNq0, matAcc0))
 
     vecNq = vecNqInter + vecNqIntra
     vecDen = jnp.maximum(jnp.abs(vecNq), vecLam) + eps
