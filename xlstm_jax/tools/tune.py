@@ -111,6 +111,11 @@ def _check_space(space, flag: str = "--space") -> list:
     return list(space)
 
 
+MOSAIC_FAMILY_BW = {"mosaic": "triton", "mosaic_bw": "mosaic", "mosaic_split": "mosaic_split"}
+"""The ``family`` names of ``_Measurer.measure`` for ``chunkwise_mosaic`` and the ``bw_kernels`` each
+times (the keys of the ``final`` times: ``mosaic_*``, ``mosaic_bw_*``, ``mosaic_split_*``)."""
+
+
 class _Measurer:
     """Compiles and times candidates of one key (``overrides`` dicts of kernel options)."""
 
@@ -132,13 +137,12 @@ class _Measurer:
         from xlstm_jax.kernels.mlstm_chunkwise.pallas import mlstm_chunkwise_pallas
 
         gm, interp = self.grad_mode, self.interpret
-        if family in ("mosaic", "mosaic_bw", "mosaic_split"):  # the Mosaic family, by its bw_kernels
+        if family in MOSAIC_FAMILY_BW:  # the Mosaic family, by its bw_kernels
             from xlstm_jax.kernels.mlstm_chunkwise.mosaic import forward
             from xlstm_jax.kernels.mlstm_chunkwise.mosaic.auto import mosaic_options
 
             fn, overrides = forward.mlstm_chunkwise_mosaic, mosaic_options(overrides)
-            bw = {"mosaic": "triton", "mosaic_bw": "mosaic", "mosaic_split": "mosaic_split"}[family]
-            overrides = {**overrides, "bw_kernels": bw, **({} if slots is None else {"pipeline_slots": slots})}
+            overrides = {**overrides, "bw_kernels": MOSAIC_FAMILY_BW[family], **({} if slots is None else {"pipeline_slots": slots})}
         else:
             fn = mlstm_chunkwise_pallas
 
@@ -321,7 +325,7 @@ def _family_choice(m: _Measurer, res, final: dict, args, dtype) -> tuple[str, st
     _, _, _, DHQK, DHV = m.shape
     slots = default_pipeline_slots_for(DHQK, DHV)
     other = 3 - slots  # the other of (1, 2)
-    fam = {"triton": "mosaic", "mosaic": "mosaic_bw", "mosaic_split": "mosaic_split"}[bw]
+    fam = next(f for f, b in MOSAIC_FAMILY_BW.items() if b == bw)
     alt = final[f"mosaic_slots{other}_{args.objective}"] = _try(m.measure, res.best, args.objective, fam, other)
     print(f"  mosaic, bw_kernels={bw}, pipeline_slots={other}, {args.objective}: {_fmt(alt)} ms "
           f"(pipeline_slots={slots}: {_fmt(mos)})", flush=True)
