@@ -55,14 +55,12 @@ step tests 0 "$t0"
 
 # (peer) ------------------------------------------------------------------------------------------
 t0=$(date +%s)
-$PY -m pip install -q --no-index --no-deps --target /tmp/peers .whl/*.whl > "$W/peer_install.log" 2>&1
+rc=0
 for g in "${GROUPS_[@]}"; do
   read -r heads peer shapes <<<"$g"
-  PYTHONPATH=/tmp/peers:$PYTHONPATH timeout -k 10 "$(cap 150)" $PY .peers/peer_shapes.py limit64 "$peer" "$shapes" \
-    > "$W/peer_$heads.log" 2>&1
-  grep '^RESULT ' "$W/peer_$heads.log" | sed 's/^RESULT //' > "$W/peer_limit64_$heads.jsonl"
+  OUT="$W" PY=$PY bash scripts/peer_rows.sh limit64 "$peer" "$shapes" "$heads" "$(cap 150)" || rc=$?
 done
-step peer 0 "$t0"
+step peer "$rc" "$t0"
 
 # (ours) ------------------------------------------------------------------------------------------
 # tfla (fwbw only: the forward is the same) at one row per head preset, after exact at all seven

@@ -83,18 +83,14 @@ done
 peer_run() {
 # (c) the peer (and optionally ours) through .peers/peer_shapes.py ----------------------------------
 if [ -f .peers/peer_shapes.py ] && ls .whl/*.whl >/dev/null 2>&1; then
-  $PY -m pip install -q --no-index --no-deps --target /tmp/peers .whl/*.whl >"$OUT/peer_install.log" 2>&1 \
-    || status+=("peer wheels: install failed (see peer_install.log)")
   impls="limit64"; [ "$OURS_PEER_TIMER" = 1 ] && impls="limit64 ours_exact ours_tfla"
   for g in "${GROUPS_[@]}"; do
     read -r heads peer shapes rows <<<"$g"
     for impl in $impls; do
-      T=$(( rows * 60 + 60 )); t0=$(date +%s)
-      PYTHONPATH=/tmp/peers:$PYTHONPATH timeout -k 10 "$T" $PY .peers/peer_shapes.py "$impl" "$peer" "$shapes" \
-        >"$OUT/peer_${impl}_$heads.log" 2>&1
+      t0=$(date +%s)
+      OUT="$OUT" PY=$PY bash scripts/peer_rows.sh "$impl" "$peer" "$shapes" "$heads" $(( rows * 60 + 60 ))
       rc=$?
-      grep '^RESULT ' "$OUT/peer_${impl}_$heads.log" | sed 's/^RESULT //' >"$OUT/peer_${impl}_$heads.jsonl"
-      status+=("peer $impl $heads: rc=$rc ($(( $(date +%s) - t0 )) s) $(wc -l <"$OUT/peer_${impl}_$heads.jsonl") results")
+      status+=("peer $impl $heads: rc=$rc ($(( $(date +%s) - t0 )) s) $(wc -l <"$OUT/peer_${impl}_$heads.jsonl" 2>/dev/null) results")
     done
   done
 else
