@@ -265,6 +265,41 @@ def test_linear_max_state_scan_and_pullback():
         gates.max_state_scan_linear(i[:, :40], logf[:, :40], m0, 16)
 
 
+def _sequential_max_states(i, logf, m0):
+    """m_t = max(logf_t + m_{t-1}, i_t), one step at a time (the reference's recurrence)."""
+
+    def step(m_prev, x):
+        m = jnp.maximum(x[1] + m_prev, x[0])
+        return m, m
+
+    return jax.lax.scan(step, m0, (i.T, logf.T))[1].T
+
+
+@pytest.mark.parametrize("ties", [False, True], ids=["no-ties", "ties"])
+def test_recurrent_pullback_equals_sequential_autodiff(ties):
+    """``max_state_pullback_recurrent`` (the exact path's pull-back of dm) against ``jax.vjp`` of the
+    step-by-step recurrence in float64, with resets (f = -inf, -1e30, -300), i = -inf and the time
+    padding; with ``ties`` also i_t = logf_t + m_{t-1} exactly (i = -inf after logf = -inf, and a
+    step where both are set equal), where the split must be jnp.maximum's 1/2."""
+    i, logf, m0 = to_float64(_gates())
+    if ties:
+        i = i.at[0, 16].set(-jnp.inf)  # logf = -inf there too: -inf = -inf
+        m_seq = _sequential_max_states(i, logf, m0)
+        i = i.at[2, 10].set(logf[2, 10] + m_seq[2, 9])  # an exact tie of two finite values
+    dm = jnp.asarray(np.random.default_rng(11).normal(size=i.shape))
+    vecM = gates.max_state_scan(i, logf, m0)
+    got = gates.max_state_pullback_recurrent(i, logf, m0, vecM, dm)
+    _, vjp = jax.vjp(_sequential_max_states, i, logf, m0)
+    want = vjp(dm)
+    for a, b, name in zip(got, want, ("dI", "dLogF", "dM0")):
+        assert not np.isnan(np.asarray(a)).any(), name
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-12, err_msg=name)
+    assert float(jnp.abs(got[2]).max()) > 0.1  # the pull-back reaches m0
+    if not ties:  # away from ties: the vjp of the associative scan, summed in another order
+        for a, b in zip(got, gates.max_state_pullback(i, logf, m0, dm)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-12)
+
+
 def test_recurrent_kernels_16bit_states_and_decay_grads():
     """states_dtype: the C / dC states are the fp32 ones rounded once; the fp32 last state and dC0
     are exact; the fused decay inner products equal the XLA einsum over the states."""

@@ -11,15 +11,16 @@ Forward (``chunkwise_forward``): the m scan and the gate vectors (XLA, O(S)), th
 Backward (``chunkwise_backward``): dh -> (1/den, dnq, dm) in XLA; the recurrent backward kernel
 (state cotangents); the dQ, dK, dV kernels; gate gradients from <dq, q>, <dk, k> and the state
 decays by chunk-local sums (``gates.gate_gradients``). ``grad_mode="exact"`` (default) carries the normalizer as an extra value column
-(dnq) and pulls dm back through the m scan (``jax.vjp``); ``grad_mode="tfla"`` treats the
+(dnq) and pulls dm back through the m recurrence (``gates.max_state_pullback_recurrent``: one linear
+scan from the forward's m, with the step-by-step recurrence's tie rule); ``grad_mode="tfla"`` treats the
 denominator and m as constants, the convention of the TFLA kernels (docs/design.md, section 1).
 
 Variant paths (``ChunkwiseKernelParams`` fields, keywords of ``mlstm_chunkwise_pallas`` and of
 the registry entry; the defaults are the paths above; ``heuristics.VARIANT_CHOICES``):
 
 * ``m_scan="linear"``: the m scan as an associative scan inside each chunk plus a sequential
-  ``lax.scan`` over the chunk borders (``gates.max_state_scan_linear``); its ``jax.vjp`` is the
-  pull-back in exact mode.
+  ``lax.scan`` over the chunk borders (``gates.max_state_scan_linear``), forward only (the
+  pull-back reads m, whichever scan computed it).
 * ``gates_impl="pallas"``: the gate vectors from m in one Pallas kernel, one program per (row,
   chunk) (``gate_kernels.gate_vectors``), in the forward pass and again in the backward pass.
 * ``gate_grads_impl="pallas"``: the recurrent backward kernel also returns the decay terms
@@ -318,8 +319,8 @@ def chunkwise_backward(
         scaDM0 = jnp.zeros_like(scaDM0)
     elif exact:
         vecDM = vecDm.at[:, -1].add(scaDM_last - scaDlast)
-        scan = gates.max_state_scan_for(p.m_scan, p.chunk_size_intra)
-        dI_m, dLogF_m, dM0_m = gates.max_state_pullback(vecI, vecLogF, scaM0, vecDM, scan=scan)
+        # the pull-back of the recurrence from the forward's m: one linear scan (no recomputed m scan)
+        dI_m, dLogF_m, dM0_m = gates.max_state_pullback_recurrent(vecI, vecLogF, scaM0, vecM, vecDM)
         vecDI, vecDLogF, scaDM0 = vecDI + dI_m, vecDLogF + dLogF_m, scaDM0 + dM0_m
     return matDQ, matDK, matDV, vecDI, vecDLogF, matDC0, vecDN0, scaDM0
 

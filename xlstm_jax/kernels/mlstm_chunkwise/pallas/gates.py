@@ -445,6 +445,45 @@ def max_state_pullback(
     return vjp(vecDM.astype(vecI.dtype))
 
 
+def max_state_pullback_recurrent(
+    vecI: jax.Array,  # (BH, S)
+    vecLogF: jax.Array,  # (BH, S)
+    scaM0: jax.Array,  # (BH,)
+    vecM: jax.Array,  # (BH, S) the forward's m_t
+    vecDM: jax.Array,  # (BH, S) cotangent of every m_t
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(dI, dLogF, dM0): the pull-back of the cotangents of every m_t through the recurrence
+    m_t = max(logf_t + m_{t-1}, i_t), from the forward's m (nothing recomputed).
+
+    With sel_t = d m_t / d m_{t-1} (1 where logf_t + m_{t-1} > i_t, 0 where it is smaller, 1/2 at a
+    tie, as ``jnp.maximum`` splits it), the total cotangent of m_t is the linear recurrence
+    G_t = dm_t + sel_{t+1} G_{t+1} (G after the last step: 0), and
+
+        dI_t = (1 - sel_t) G_t,   dLogF_t = sel_t G_t,   dM0 = sel_0 G_0.
+
+    G is one associative scan (right to left) of the affine maps y -> dm_t + sel_{t+1} y; their
+    products of sel are exact (powers of two). This is the reverse-mode derivative of the
+    step-by-step recurrence (the float64 reference's), with its tie rule; away from ties it equals
+    ``max_state_pullback`` (the ``jax.vjp`` of the associative (max, +) scan, which recomputes the
+    scan and transposes it), summed in another order.
+    """
+    dt = vecDM.dtype
+    carry = vecLogF.astype(dt) + previous_max_states(vecM.astype(dt), scaM0.astype(dt))
+    vecI = vecI.astype(dt)
+    sel = jnp.where(carry > vecI, 1.0, jnp.where(carry == vecI, 0.5, 0.0)).astype(dt)
+    sel_next = jnp.concatenate([sel[:, 1:], jnp.zeros_like(sel[:, :1])], axis=1)
+
+    def compose(right, left):
+        # ``right`` holds the maps of the later steps (composed), ``left`` the earlier one:
+        # left(right(y)) = x_l + a_l (x_r + a_r y)
+        a_r, x_r = right
+        a_l, x_l = left
+        return a_l * a_r, x_l + a_l * x_r
+
+    _, vecG = jax.lax.associative_scan(compose, (sel_next, vecDM), reverse=True, axis=1)
+    return (1.0 - sel) * vecG, sel * vecG, sel[:, 0] * vecG[:, 0]
+
+
 def chunk_max_states(
     vecI: jax.Array,  # (BH, NC, L)
     vecLogF: jax.Array,  # (BH, NC, L)
