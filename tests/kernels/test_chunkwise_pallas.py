@@ -252,3 +252,35 @@ def test_compiled_against_chunkwise_native(name, B, NH, S, DHQK, DHV, grad_mode)
     _check(h, h_ref, TOL["bfloat16"], "h")
     for gname, a, b in zip(GRAD_NAMES, grads, grads_ref):
         _check(a, b, TOL["bfloat16"], f"grad {gname}")
+
+
+IN_KERNEL_GATES_CASES = [
+    ("bf16-exact-B2-NH2-S1024-DHQK64-DHV128", 2, 2, 1024, 64, 128, "exact"),
+    ("bf16-tfla-B1-NH2-S1024-DHQK128-DHV256", 1, 2, 1024, 128, 256, "tfla"),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name,B,NH,S,DHQK,DHV,grad_mode", IN_KERNEL_GATES_CASES,
+                         ids=[c[0] for c in IN_KERNEL_GATES_CASES])
+def test_compiled_in_kernel_gates_against_chunkwise_native(name, B, NH, S, DHQK, DHV, grad_mode):
+    """``gates_impl="kernel"`` compiled (the gate scans as ``tt.scan`` inside the recurrent kernel),
+    states kept, against the XLA chunkwise reference in float32, with a forget gate of 0 inside a
+    chunk and at a chunk border (resets the scans must find)."""
+    q, k, v, i, f = mlstm_inputs(jax.random.PRNGKey(9), B, NH, S, DHQK, DHV, dtype=jnp.bfloat16)[:5]
+    f = f.at[:, :, 200].set(-jnp.inf).at[:, :, 512].set(-jnp.inf)
+    dh = jax.random.normal(jax.random.PRNGKey(10), (B, NH, S, DHV), jnp.float32)
+
+    def fwbw(fn, args):
+        h, vjp = jax.vjp(fn, *args)
+        return h, vjp(dh.astype(h.dtype))
+
+    kern = jax.jit(lambda *a: fwbw(lambda *x: mlstm_chunkwise_pallas(
+        *x, grad_mode=grad_mode, gates_impl="kernel", recompute_states_in_bw=False), a))
+    ref = jax.jit(lambda *a: fwbw(lambda *x: mlstm_chunkwise(*x, grad_mode=grad_mode), a))
+    h, grads = kern(q, k, v, i, f)
+    with jax.default_matmul_precision("highest"):
+        h_ref, grads_ref = ref(*(x.astype(jnp.float32) for x in (q, k, v, i, f)))
+    _check(h, h_ref, TOL["bfloat16"], "h")
+    for gname, a, b in zip(GRAD_NAMES, grads, grads_ref):
+        _check(a, b, TOL["bfloat16"], f"grad {gname}")

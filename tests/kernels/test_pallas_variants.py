@@ -66,6 +66,9 @@ VARIANTS = [
     ("m_scan-linear", "float32", (("m_scan", "linear"),)),
     ("gates-pallas", "float32", (("gates_impl", "pallas"),)),
     ("gate_grads-pallas", "float32", (("gate_grads_impl", "pallas"),)),
+    ("gates-kernel", "float32", (("gates_impl", "kernel"),)),
+    ("gates-kernel-keepstates-bf16", "bfloat16",
+     (("gates_impl", "kernel"), ("states_bf16", True), ("recompute_states_in_bw", False))),
     # slow: "all-keepstates-bf16" runs states_bf16 with the same inputs and tolerance (among others)
     pytest.param("states_bf16", "bfloat16", (("states_bf16", True),), marks=pytest.mark.slow),
     ("all-keepstates-bf16", "bfloat16",
@@ -100,6 +103,53 @@ def test_fused_gate_options_sigmoid_cell_with_segments():
     ref_outs, ref_grads = run(mlstm_parallel)(to_float64(inputs), to_float64(cots))
     assert_trees_close(outs, ref_outs, TOL["float32"], "fused sigmoid segments outputs")
     assert_trees_close(grads, ref_grads, TOL["float32"], "fused sigmoid segments gradients")
+
+
+@pytest.mark.parametrize("input_gate", ["exp", "sigmoid"])
+def test_in_kernel_gates_without_initial_state(input_gate):
+    """gates_impl="kernel" on a call without initial states (the recurrent kernel starts from zeros
+    and m0 = 0 without loading them), hard gates, two tiles of the state per row (so one program
+    writes the gate vectors and the other only reads its chunk's weights), exact gradients; the
+    sigmoid cell keeps the XLA gates."""
+    inputs, cots = _inputs("float32")
+    inputs = inputs[:5]
+    kernel = get_mlstm_kernel("chunkwise_pallas", chunk_size=L, gates_impl="kernel", siz_b_DHV_inter=16)
+    run = lambda fn: jax.jit(lambda i, c: outputs_and_grads_of(  # noqa: E731
+        lambda *a: fn(*a, return_last_states=True, input_gate=input_gate), i, c))
+    outs, grads = run(kernel)(inputs, cots)
+    ref_outs, ref_grads = run(mlstm_parallel)(to_float64(inputs), to_float64(cots))
+    assert_trees_close(outs, ref_outs, TOL["float32"], f"gates kernel {input_gate} outputs")
+    assert_trees_close(grads, ref_grads, TOL["float32"], f"gates kernel {input_gate} gradients")
+
+
+def test_chunk_gates_scanned_equals_xla_gates():
+    """The scans of ``chunk_gates_scanned`` (the recurrent kernel's gate arithmetic), chunk by chunk
+    with the carried m, against ``gates.max_state_scan`` and ``gates.kernel_gates`` on rows with resets
+    of every kind (f = -inf, -1e30, -300, i = -inf, time padding)."""
+    i, logf, m0 = _gates()
+    BH_, S_ = i.shape
+    vecM = gates.max_state_scan(i, logf, m0)
+    ref = gates.kernel_gates(i, logf, vecM, m0, L)
+    names = ("vecM", "vecQlog", "vecKlog", "vecWinter", "vecWstate", "vecStart", "vecReset")
+    got = {n: np.zeros((BH_, S_)) for n in names}
+    decay = np.zeros((BH_, S_ // L))
+    for b in range(BH_):
+        m_prev = m0[b]
+        for k in range(S_ // L):
+            sl = slice(k * L, (k + 1) * L)
+            out = gate_kernels.chunk_gates_scanned(i[b, sl], logf[b, sl], m_prev, k * L, L)
+            for n, val in zip(names, out[:7]):
+                got[n][b, sl] = np.asarray(val)
+            decay[b, k], m_prev = float(out[7]), out[8]
+    want = {n: np.asarray(vecM if n == "vecM" else getattr(ref, n), np.float64) for n in names}
+    want["vecDecay"], got["vecDecay"] = np.asarray(ref.vecDecay, np.float64), decay
+    assert want["vecReset"].sum() >= 5  # resets by -inf, -1e30 and -300 are in the rows
+    for n in want:
+        a, b = got[n], want[n]
+        np.testing.assert_array_equal(np.isinf(a), np.isinf(b), err_msg=n)
+        assert not np.isnan(a).any(), n
+        fin = np.isfinite(b)
+        np.testing.assert_allclose(a[fin], b[fin], rtol=1e-5, atol=1e-5, err_msg=n)
 
 
 def _check_variant(name, dtype, options, grad_mode):

@@ -74,7 +74,7 @@ from .bw_parallel_dq import parallel_bw_dq
 from .bw_parallel_dv import parallel_bw_dv
 from .bw_recurrent import recurrent_bw_states
 from .fw_parallel import parallel_fw_h
-from .fw_recurrent import recurrent_fw_states
+from .fw_recurrent import recurrent_fw_states, recurrent_fw_states_gated
 from .heuristics import ChunkwiseKernelParams, padded_head_dim
 
 _F32 = jnp.float32
@@ -144,6 +144,8 @@ def forward_states(matK, matV, vecI, vecLogF, matC0, vecN0, scaM0, cfg: CoreConf
     matC_last fp32), i.e. the m scan (m == 0 for the sigmoid cell), the gate vectors and the
     recurrent kernel; shared with the Mosaic GPU family (``mlstm_chunkwise.mosaic``)."""
     p = cfg.params
+    if cfg.max_state and p.gates_impl == "kernel":  # the m recurrence and the vectors in the recurrent kernel
+        return _fw_states_gated(matK, matV, vecI, vecLogF, matC0, vecN0, scaM0, cfg)
     if cfg.max_state and p.gates_impl == "fused":  # the m scan and the vectors in one launch
         g, vecM = gate_kernels.fused_gate_vectors(vecI, vecLogF, scaM0, params=p, interpret=cfg.interpret)
     else:
@@ -153,6 +155,22 @@ def forward_states(matK, matV, vecI, vecLogF, matC0, vecN0, scaM0, cfg: CoreConf
             vecM = jnp.zeros_like(vecI)
         g = _kernel_gates(vecI, vecLogF, vecM, scaM0, cfg)
     matC_states, vecN_states, matC_last = _fw_states(matK, matV, g, matC0, vecN0, cfg)
+    return vecM, g, matC_states, vecN_states, matC_last
+
+
+def _fw_states_gated(matK, matV, vecI, vecLogF, matC0, vecN0, scaM0, cfg: CoreConfig):
+    """``forward_states`` with ``gates_impl="kernel"``: the recurrent kernel computes m and the gate
+    vectors chunk by chunk (``fw_recurrent.recurrent_fw_states_gated``); no XLA gate preparation."""
+    p = cfg.params
+    initial = (None, None, None) if cfg.zero_initial_state else (matC0, vecN0, scaM0)
+    matC_states, vecN_states, matC_last, vecM, vecs = recurrent_fw_states_gated(
+        matK, matV, vecI, vecLogF, *initial, params=p, interpret=cfg.interpret,
+        states_dtype=_states_dtype(cfg, matK.dtype),
+    )
+    vecQlog, vecKlog, vecWinter, vecWstate, vecStart, vecReset, vecDecay = vecs
+    g = gates.KernelGates(vecQlog, vecKlog, vecWinter, vecWstate, vecDecay,
+                          gates.border_max_states(vecM, scaM0.astype(vecM.dtype), p.chunk_size_intra),
+                          vecStart, vecReset, None)
     return vecM, g, matC_states, vecN_states, matC_last
 
 
@@ -343,8 +361,16 @@ def forward_residuals(primals: tuple, out: ForwardOut, cfg: CoreConfig) -> tuple
         out.matC_states if keep_states else None,
         out.vecN_states if keep_states else None,
         out.matC_last if keep_states else None,
-        out.gates if cfg.params.save_gates else None,
+        out.gates if keep_gates(cfg) else None,
     )
+
+
+def keep_gates(cfg: CoreConfig) -> bool:
+    """Whether the forward's gate vectors are residuals: with ``save_gates``, and with the gates
+    computed in the recurrent kernel (``gates_impl="kernel"``, exponential cell: the backward pass
+    would otherwise recompute them in XLA)."""
+    p = cfg.params
+    return p.save_gates or (p.gates_impl == "kernel" and cfg.max_state)
 
 
 def backward_from_residuals(cfg: CoreConfig, res: tuple, cts: tuple, bw_fns: dict | None = None) -> tuple:

@@ -49,6 +49,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from . import gates
+from ...pallas import _triton
 from ._kernel_utils import launch
 from .heuristics import ChunkwiseKernelParams
 
@@ -134,6 +135,75 @@ def _chunk_gate_vectors(vecI, vecLogF, vecM, vecMprev, m_border, m_next, c0, L):
         c0 + jnp.maximum(latest, 0),
         reset,
         jnp.full((L,), jnp.exp(scaG + m_border - m_next), _F32),
+    )
+
+
+def _maxplus_carry(earlier, later):
+    """(A, B, C) of consecutive steps composed: A the sum of logf, B the best log weight of an input
+    seen so far (its i plus the logf after it), C the same without the segment's last input (the
+    carried part). One step t is (logf_t, i_t, -inf)."""
+    a1, b1, c1 = earlier
+    a2, b2, c2 = later
+    del c1
+    carried = b1 + a2
+    return a1 + a2, jnp.maximum(carried, b2), jnp.maximum(carried, c2)
+
+
+def _restarting_sum(earlier, later):
+    """(value, flag) pairs: the inclusive sum restarting at every flagged step (from its value)."""
+    v1, f1 = earlier
+    v2, f2 = later
+    return jnp.where(f2 != 0, v2, v1 + v2), jnp.maximum(f1, f2)
+
+
+def chunk_gates_scanned(vecI, vecLogF, m_prev, c0, L: int):
+    """The gate vectors of one chunk and its per-step m, from i, logf (L,) and the entering m
+    (scalar), with associative scans (``_triton.associative_scan``: ``tt.scan`` in a Triton kernel)
+    instead of (L, L) selections: usable inside a kernel that walks the chunks in order
+    (``gates_impl="kernel"``, ``fw_recurrent``).
+
+        (A_t, B_t, C_t) = scan of ``_maxplus_carry`` over (logf, i, -inf)
+        carry_t = max(m_{k-1} + A_t, C_t)          (= logf_t + m_{t-1}: the old state's log weight)
+        m_t     = max(carry_t, i_t)                (the recurrence m_t = max(logf_t + m_{t-1}, i_t))
+        reset_t = carry_t - m_t < -104 or logf_t = -inf   (``gates.reset_positions``)
+        z_t     = max_{s <= t, reset_s} s (-1: none), a cumulative max
+        b_t     = sum_{z_t < s <= t} logf_s        (a scan restarting at resets; no differences)
+        a_s     = i_s + sum_{r > s} logf_r         (reverse cumulative sum minus logf_s; -inf before
+                                                    the chunk's last reset, as in ``gates.chunk_gates``)
+
+    Every sum adds logf values (all <= 0) with the reset positions' logf left out, as the XLA path
+    (``gates.kernel_gates``) does; only a_s is a difference (of the reverse sum and the step's own
+    logf: both are <= 0 and the step's logf is part of the sum, so the error is that of the sum).
+    Returns (vecM, vecQlog, vecKlog, vecWinter, vecWstate, vecStart, reset int32, scaDecay, m_last).
+    """
+    idx = jnp.arange(L, dtype=jnp.int32)
+    neg_inf = jnp.full((L,), -jnp.inf, _F32)
+    A, _, C = _triton.associative_scan(_maxplus_carry, (vecLogF, vecI, neg_inf))
+    carry = jnp.maximum(m_prev + A, C)
+    vecM = jnp.maximum(carry, vecI)
+    # f = -inf is a reset also where i = -inf too (there carry - m is -inf - -inf = NaN)
+    reset = ((carry - vecM < -gates.RESET_LOG_WEIGHT) | (vecLogF == -jnp.inf)).astype(jnp.int32)
+    (latest,) = _triton.associative_scan(lambda x, y: (jnp.maximum(x[0], y[0]),),
+                                         (jnp.where(reset != 0, idx, jnp.int32(-1)),))
+    last = jnp.max(jnp.where(reset != 0, idx, jnp.int32(-1)))
+    logf = jnp.where(reset != 0, 0.0, vecLogF)  # a reset's logf enters no sum
+    vecB, _ = _triton.associative_scan(_restarting_sum, (logf, reset))
+    (rev,) = _triton.associative_scan(lambda x, y: (x[0] + y[0],), (logf,), reverse=True)
+    vecA = jnp.where(idx < last, -jnp.inf, vecI + (rev - logf))
+    m_last = jnp.max(jnp.where(idx == L - 1, vecM, -jnp.inf))
+    b_end = jnp.sum(jnp.where(idx == L - 1, vecB, 0.0))
+    scaG = jnp.where(last >= 0, -jnp.inf, b_end)
+    seen = latest >= 0
+    return (
+        vecM,
+        (vecB - vecM) * gates.LOG2_E,
+        (vecI - vecB) * gates.LOG2_E,
+        jnp.where(seen, 0.0, jnp.exp(vecB + m_prev - vecM)),
+        jnp.exp(vecA - m_last),
+        c0 + jnp.maximum(latest, 0),
+        reset,
+        jnp.exp(scaG + m_prev - m_last),
+        m_last,
     )
 
 

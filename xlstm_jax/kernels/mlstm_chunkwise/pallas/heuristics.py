@@ -77,7 +77,7 @@ OVERRIDABLE = tuple(f.name for f in dataclasses.fields(ChunkwiseKernelParams))
 
 VARIANT_CHOICES = {
     "m_scan": ("associative", "linear"),
-    "gates_impl": ("xla", "pallas", "fused"),
+    "gates_impl": ("xla", "pallas", "fused", "kernel"),
     "gate_grads_impl": ("xla", "pallas", "fused"),
     "states_bf16": (False, True),
     "save_gates": (False, True),
@@ -92,6 +92,13 @@ VARIANT_CHOICES = {
   together in one Pallas launch, one program per row walking its chunks (``gate_kernels.
   fused_gate_vectors``; ``m_scan`` is then unused in the forward pass; the backward pass, which has
   m, recomputes the vectors with the ``"pallas"`` kernel).
+  ``"kernel"``: the m recurrence and every gate vector inside the recurrent forward kernel, chunk by
+  chunk with associative scans on the chunk's vectors (``gate_kernels.chunk_gates_scanned``,
+  ``fw_recurrent.recurrent_fw_gated_kernel``; ``chunk_size_inter`` = ``chunk_size_intra``): the
+  forward pass has no XLA gate preparation (two kernel launches), and the vectors are residuals for
+  the backward pass. Meant for short sequences of small heads, where the forward is launch-bound;
+  it adds the gate arithmetic to the recurrent kernel's serial walk over the chunks. The sigmoid
+  cell (m == 0) keeps the XLA gates.
 * gate_grads_impl: the backward glue in XLA, or in Pallas: the state-decay inner products
   <dC_k, C_{k-1}> fused into the recurrent backward kernel and the per-chunk gate-gradient sums in a
   Pallas kernel (``gate_kernels.py``); ``"fused"``: as ``"pallas"``, and with exact gradients of the
@@ -186,8 +193,14 @@ def chunkwise_kernel_params(
     else:
         L = default_intra_chunk(dtype)
     L = fit_chunk_size(L, S, pallas=True)
-    L_inter = ov.get("chunk_size_inter", min(L, 128))
+    variants = variant_options(ov)
+    # gates_impl="kernel": the recurrent kernel folds each chunk in with one product (its weights
+    # stay in registers), so the inter chunk is the intra chunk
+    in_kernel_gates = variants["gates_impl"] == "kernel"
+    L_inter = ov.get("chunk_size_inter", L if in_kernel_gates else min(L, 128))
     L_inter = min(L_inter, L) if _is_pow2(L_inter) else L_inter
+    if in_kernel_gates and L_inter != L:
+        raise ValueError(f"gates_impl='kernel' needs chunk_size_inter == chunk_size_intra ({L}); got {L_inter}")
     big_heads = DHQK > 128 or DHV > 256  # larger tiles than the standard heads
     huge_heads = DHQK > 256 or DHV > 512  # larger than the 7B heads: unmeasured
     b_par = ov.get("siz_b_L_parallel", min(64 if (is_fp32 or huge_heads) else 128, L))
@@ -224,4 +237,4 @@ def chunkwise_kernel_params(
             raise ValueError(f"{name} must be a positive int; got {value!r}")
     if not _is_pow2(launch["num_warps_intra"]) or not _is_pow2(launch["num_warps_inter"]):
         raise ValueError(f"num_warps must be a power of two; got {launch}")
-    return ChunkwiseKernelParams(chunk_size_intra=L, **sizes, **launch, **variant_options(ov))
+    return ChunkwiseKernelParams(chunk_size_intra=L, **sizes, **launch, **variants)

@@ -140,7 +140,7 @@ SEARCH_SPACE: tuple[tuple[str, tuple], ...] = (
     # fwbw 6.87 default, 7.45 gate_grads_impl=pallas, 7.97 fused; gates_impl=fused fw 2.21 -> 3.32):
     # a search with budget left still tries them (another GPU may differ)
     ("gate_grads_impl", ("xla", "pallas", "fused")),
-    ("gates_impl", ("xla", "pallas", "fused")),
+    ("gates_impl", ("xla", "pallas", "fused", "kernel")),
     ("save_gates", (False, True)),
     ("fuse_dkdv", (False, True)),
 )
