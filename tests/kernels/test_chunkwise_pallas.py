@@ -264,7 +264,8 @@ IN_KERNEL_GATES_CASES = [
 @pytest.mark.parametrize("name,B,NH,S,DHQK,DHV,grad_mode", IN_KERNEL_GATES_CASES,
                          ids=[c[0] for c in IN_KERNEL_GATES_CASES])
 def test_compiled_in_kernel_gates_against_chunkwise_native(name, B, NH, S, DHQK, DHV, grad_mode):
-    """``gates_impl="kernel"`` compiled (the gate scans as ``tt.scan`` inside the recurrent kernel),
+    """``gates_impl="kernel"`` and ``gate_grads_impl="kernel"`` compiled (the gate scans as ``tt.scan``
+    inside the recurrent kernel and the gate-gradient kernel),
     states kept, against the XLA chunkwise reference in float32, with a forget gate of 0 inside a
     chunk and at a chunk border (resets the scans must find)."""
     q, k, v, i, f = mlstm_inputs(jax.random.PRNGKey(9), B, NH, S, DHQK, DHV, dtype=jnp.bfloat16)[:5]
@@ -276,7 +277,7 @@ def test_compiled_in_kernel_gates_against_chunkwise_native(name, B, NH, S, DHQK,
         return h, vjp(dh.astype(h.dtype))
 
     kern = jax.jit(lambda *a: fwbw(lambda *x: mlstm_chunkwise_pallas(
-        *x, grad_mode=grad_mode, gates_impl="kernel", recompute_states_in_bw=False), a))
+        *x, grad_mode=grad_mode, gates_impl="kernel", gate_grads_impl="kernel", recompute_states_in_bw=False), a))
     ref = jax.jit(lambda *a: fwbw(lambda *x: mlstm_chunkwise(*x, grad_mode=grad_mode), a))
     h, grads = kern(q, k, v, i, f)
     with jax.default_matmul_precision("highest"):

@@ -67,8 +67,10 @@ VARIANTS = [
     ("gates-pallas", "float32", (("gates_impl", "pallas"),)),
     ("gate_grads-pallas", "float32", (("gate_grads_impl", "pallas"),)),
     ("gates-kernel", "float32", (("gates_impl", "kernel"),)),
+    ("gate_grads-kernel", "float32", (("gate_grads_impl", "kernel"),)),
     ("gates-kernel-keepstates-bf16", "bfloat16",
-     (("gates_impl", "kernel"), ("states_bf16", True), ("recompute_states_in_bw", False))),
+     (("gates_impl", "kernel"), ("gate_grads_impl", "kernel"), ("states_bf16", True),
+      ("recompute_states_in_bw", False))),
     # slow: "all-keepstates-bf16" runs states_bf16 with the same inputs and tolerance (among others)
     pytest.param("states_bf16", "bfloat16", (("states_bf16", True),), marks=pytest.mark.slow),
     ("all-keepstates-bf16", "bfloat16",
@@ -107,19 +109,44 @@ def test_fused_gate_options_sigmoid_cell_with_segments():
 
 @pytest.mark.parametrize("input_gate", ["exp", "sigmoid"])
 def test_in_kernel_gates_without_initial_state(input_gate):
-    """gates_impl="kernel" on a call without initial states (the recurrent kernel starts from zeros
+    """gates_impl="kernel" and gate_grads_impl="kernel" on a call without initial states (the recurrent kernel starts from zeros
     and m0 = 0 without loading them), hard gates, two tiles of the state per row (so one program
     writes the gate vectors and the other only reads its chunk's weights), exact gradients; the
     sigmoid cell keeps the XLA gates."""
     inputs, cots = _inputs("float32")
     inputs = inputs[:5]
-    kernel = get_mlstm_kernel("chunkwise_pallas", chunk_size=L, gates_impl="kernel", siz_b_DHV_inter=16)
+    kernel = get_mlstm_kernel("chunkwise_pallas", chunk_size=L, gates_impl="kernel", gate_grads_impl="kernel",
+                              siz_b_DHV_inter=16)
     run = lambda fn: jax.jit(lambda i, c: outputs_and_grads_of(  # noqa: E731
         lambda *a: fn(*a, return_last_states=True, input_gate=input_gate), i, c))
     outs, grads = run(kernel)(inputs, cots)
     ref_outs, ref_grads = run(mlstm_parallel)(to_float64(inputs), to_float64(cots))
     assert_trees_close(outs, ref_outs, TOL["float32"], f"gates kernel {input_gate} outputs")
     assert_trees_close(grads, ref_grads, TOL["float32"], f"gates kernel {input_gate} gradients")
+
+
+@pytest.mark.parametrize("pullback", [True, False], ids=["pullback", "no-pullback"])
+def test_gate_gradients_scanned_kernel_equals_xla(pullback):
+    """gate_grads_impl="kernel": the one-launch gate gradients (and the m pull-back) against
+    ``gates.gate_gradients`` + ``gates.max_state_pullback_recurrent`` on rows with resets of every
+    kind, several chunks per row (the pull-back's carry crosses the chunk borders)."""
+    i, logf, m0 = _gates()
+    vecM = gates.max_state_scan(i, logf, m0)
+    reset = gates.kernel_gates(i, logf, vecM, m0, L).vecReset
+    rng = np.random.default_rng(6)
+    dqq, dkk, dks, dm = (jnp.asarray(rng.normal(size=i.shape), jnp.float32) for _ in range(4))
+    ddecay = jnp.asarray(rng.normal(size=(3, 48 // L)), jnp.float32)
+    dI, dLogF = gates.gate_gradients(dqq, dkk, dks, ddecay, reset, L)
+    dM0 = jnp.zeros_like(m0)
+    if pullback:
+        dI_m, dLogF_m, dM0 = gates.max_state_pullback_recurrent(i, logf, m0, vecM, dm)
+        dI, dLogF = dI + dI_m, dLogF + dLogF_m
+        assert float(jnp.abs(dM0).max()) > 0.1
+    sel = gates.max_state_selection(i, logf, m0, vecM) if pullback else None
+    got = jax.jit(lambda *a: gate_kernels.gate_gradients_scanned(*a, params=_params(), interpret=True))(
+        dqq, dkk, dks, ddecay, reset, sel, dm if pullback else None)
+    for a, b, name in zip(got, (dI, dLogF, dM0), ("dI", "dLogF", "dM0")):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5, err_msg=name)
 
 
 def test_chunk_gates_scanned_equals_xla_gates():

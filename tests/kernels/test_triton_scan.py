@@ -25,12 +25,19 @@ def _restart(earlier, later):  # (value, flag): a sum restarting at flagged step
     return jnp.where(f2 != 0, v2, v1 + v2), jnp.maximum(f1, f2)
 
 
-def _kernel(a_ref, b_ref, f_ref, oa_ref, ob_ref, ov_ref, orev_ref, omax_ref):
+def _affine_reverse(right, left):  # reverse order of jax.lax.associative_scan: the later part first
+    (a_r, x_r), (a_l, x_l) = right, left
+    return a_l * a_r, x_l + a_l * x_r
+
+
+def _kernel(a_ref, b_ref, f_ref, oa_ref, ob_ref, ov_ref, orev_ref, omax_ref, oaff_ref):
     a, b, flags = a_ref[...], b_ref[...], f_ref[...]
     oa_ref[...], ob_ref[...] = _triton.associative_scan(_maxplus, (a, b))
     ov_ref[...] = _triton.associative_scan(_restart, (a, flags))[0]
     orev_ref[...] = _triton.associative_scan(lambda x, y: (x[0] + y[0],), (a,), reverse=True)[0]
     omax_ref[...] = _triton.associative_scan(lambda x, y: (jnp.maximum(x[0], y[0]),), (flags * 3 - 1,))[0]
+    # a reverse scan that is not commutative: y_t = b_t + a'_t y_{t+1} with a' = exp(a) in (0, 1]
+    oaff_ref[...] = _triton.associative_scan(_affine_reverse, (jnp.exp(a), b), reverse=True)[1]
 
 
 def _call(a, b, flags, interpret):
@@ -38,7 +45,7 @@ def _call(a, b, flags, interpret):
     f32 = jax.ShapeDtypeStruct((R, N), jnp.float32)
     i32 = jax.ShapeDtypeStruct((R, N), jnp.int32)
     return pl.pallas_call(
-        _kernel, grid=(R,), in_specs=[spec] * 3, out_specs=[spec] * 5, out_shape=[f32, f32, f32, f32, i32],
+        _kernel, grid=(R,), in_specs=[spec] * 3, out_specs=[spec] * 6, out_shape=[f32, f32, f32, f32, i32, f32],
         compiler_params=_triton.compiler_params(num_warps=4, num_stages=1), interpret=interpret,
     )(a, b, flags)
 
@@ -56,7 +63,13 @@ def _want(a, b, flags):
     V = jax.lax.associative_scan(_restart, (a, flags), axis=1)[0]
     rev = jnp.cumsum(a[:, ::-1], axis=1)[:, ::-1]
     mx = jax.lax.cummax(flags * 3 - 1, axis=1)
-    return A, B, V, rev, mx
+    ea = np.exp(np.asarray(a, np.float64))
+    bb = np.asarray(b, np.float64)
+    aff = np.zeros_like(bb)
+    for t in range(N - 1, -1, -1):  # the recurrence itself, step by step
+        nxt = aff[:, t + 1] if t + 1 < N else 0.0
+        aff[:, t] = bb[:, t] + ea[:, t] * nxt
+    return A, B, V, rev, mx, aff
 
 
 def test_scans_match_lax_associative_scan():
@@ -64,7 +77,7 @@ def test_scans_match_lax_associative_scan():
     reverse sum and a cumulative max, against the XLA scans."""
     a, b, flags = _inputs()
     got = jax.jit(lambda *x: _call(*x, interpret=_triton.default_interpret(None)))(a, b, flags)
-    for g, w, name in zip(got, _want(a, b, flags), ("A", "B", "restart", "reverse", "cummax")):
+    for g, w, name in zip(got, _want(a, b, flags), ("A", "B", "restart", "reverse", "cummax", "affine-reverse")):
         g, w = np.asarray(g), np.asarray(w)
         np.testing.assert_array_equal(np.isinf(g), np.isinf(w), err_msg=name)
         fin = np.isfinite(w)
@@ -86,7 +99,8 @@ def test_scan_input_errors():
 
 
 def test_in_kernel_gates_lower_to_triton_ir_on_cpu():
-    """The recurrent kernel with the gates inside (``gates_impl="kernel"``), forward and gradients at
+    """The recurrent kernel with the gates inside (``gates_impl="kernel"``) and the scanned gate
+    gradients (``gate_grads_impl="kernel"``), forward and gradients at
     the small heads, lowers for CUDA without a GPU (every scan, the guarded stores of the gate
     vectors, the scalar extractions)."""
     from xlstm_jax.kernels.mlstm_chunkwise.pallas import mlstm_chunkwise_pallas
@@ -95,9 +109,10 @@ def test_in_kernel_gates_lower_to_triton_ir_on_cpu():
     q, k, v, i, f = mlstm_inputs(jax.random.PRNGKey(0), 1, 2, 512, 64, 128, dtype=jnp.bfloat16)[:5]
 
     def fn(*a):
-        return mlstm_chunkwise_pallas(*a, gates_impl="kernel", recompute_states_in_bw=False, interpret=False)
+        return mlstm_chunkwise_pallas(*a, gates_impl="kernel", gate_grads_impl="kernel", recompute_states_in_bw=False,
+                                      interpret=False)
 
     grad = jax.grad(lambda *a: jnp.sum(fn(*a).astype(jnp.float32)), argnums=(0, 1, 2, 3, 4))
     text = jax.jit(grad).trace(q, k, v, i, f).lower(lowering_platforms=("cuda",)).as_text()
-    assert text.count("__gpu$xla.gpu.triton") == 6
-    assert "mlstm_chunkwise_recurrent_fw_gated" in text
+    assert text.count("__gpu$xla.gpu.triton") == 7
+    assert "mlstm_chunkwise_recurrent_fw_gated" in text and "mlstm_chunkwise_gate_gradients_scanned" in text

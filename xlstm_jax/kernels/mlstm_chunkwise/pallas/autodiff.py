@@ -315,19 +315,25 @@ def chunkwise_backward(
             params=p, interpret=cfg.interpret,
         )
         return matDQ, matDK, matDV, vecDI, vecDLogF, matDC0, vecDN0, scaDM0 + dM0_m
+    if p.gate_grads_impl == "kernel":  # gate gradients and (exact, exp cell) the m pull-back: one launch
+        scaDdecay = _decay_terms(g, matDC_states, matC_states, vecDN_states, vecN_states, p)
+        vecDN0 = vecDN_states[:, 0]
+        scaDM0 = jnp.sum(matDC0 * matC0, axis=(1, 2)) + jnp.sum(vecDN0 * vecN0, axis=1)
+        pull = exact and cfg.max_state
+        vecSel = gates.max_state_selection(vecI, vecLogF, scaM0, vecM) if pull else None
+        vecDM = vecDm.at[:, -1].add(scaDM_last - scaDlast) if pull else None
+        vecDI, vecDLogF, dM0_m = gate_kernels.gate_gradients_scanned(
+            vecDqq, vecDkk, vecDkkState, scaDdecay, g.vecReset, vecSel, vecDM, params=p, interpret=cfg.interpret)
+        if not cfg.max_state:  # m == 0 is a constant: m0 enters nothing
+            return matDQ, matDK, matDV, vecDI, vecDLogF, matDC0, vecDN0, jnp.zeros_like(scaDM0)
+        return matDQ, matDK, matDV, vecDI, vecDLogF, matDC0, vecDN0, scaDM0 + dM0_m
     if fused_decay:
         scaDdecay = bw[-1]  # from the recurrent backward kernel
         vecDI, vecDLogF = gate_kernels.gate_gradients(
             vecDqq, vecDkk, vecDkkState, scaDdecay, g.vecReset, params=p, interpret=cfg.interpret
         )
     else:
-        # <dC_k, decay_k C_{k-1}> + <dn_k, decay_k n_{k-1}> for every chunk k (one pass over the states)
-        scaDdecay = gates.chunk_decays(g.vecDecay, p.chunk_size_intra, matDC_states.shape[1] - 1) * (
-            jnp.einsum("bkij,bkij->bk", matDC_states[:, 1:].astype(_F32), matC_states[:, :-1].astype(_F32),
-                       precision=jax.lax.Precision.HIGHEST)
-            + jnp.einsum("bki,bki->bk", vecDN_states[:, 1:], vecN_states[:, :-1],
-                         precision=jax.lax.Precision.HIGHEST)
-        )
+        scaDdecay = _decay_terms(g, matDC_states, matC_states, vecDN_states, vecN_states, p)
         vecDI, vecDLogF = gates.gate_gradients(
             vecDqq, vecDkk, vecDkkState, scaDdecay, g.vecReset, p.chunk_size_intra
         )
@@ -341,6 +347,16 @@ def chunkwise_backward(
         dI_m, dLogF_m, dM0_m = gates.max_state_pullback_recurrent(vecI, vecLogF, scaM0, vecM, vecDM)
         vecDI, vecDLogF, scaDM0 = vecDI + dI_m, vecDLogF + dLogF_m, scaDM0 + dM0_m
     return matDQ, matDK, matDV, vecDI, vecDLogF, matDC0, vecDN0, scaDM0
+
+
+def _decay_terms(g, matDC_states, matC_states, vecDN_states, vecN_states, p) -> jax.Array:
+    """(BH, NC): <dC_k, decay_k C_{k-1}> + <dn_k, decay_k n_{k-1}> for every chunk k (one XLA pass
+    over the states)."""
+    return gates.chunk_decays(g.vecDecay, p.chunk_size_intra, matDC_states.shape[1] - 1) * (
+        jnp.einsum("bkij,bkij->bk", matDC_states[:, 1:].astype(_F32), matC_states[:, :-1].astype(_F32),
+                   precision=jax.lax.Precision.HIGHEST)
+        + jnp.einsum("bki,bki->bk", vecDN_states[:, 1:], vecN_states[:, :-1], precision=jax.lax.Precision.HIGHEST)
+    )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(8,))

@@ -537,3 +537,114 @@ def fused_gate_gradients(
     )(*(x.astype(_F32) for x in (vecI, vecLogF, vecM)), scaM0.astype(_F32).reshape(BH, 1),
       *(x.astype(_F32) for x in (vecDM, vecDqq, vecDkk, vecDkkState, scaDdecay)), vecReset.astype(jnp.int32))
     return dI, dLogF, dM0[:, 0]
+
+
+# ----------------------------------------------------------------------------- gate gradients, scanned
+def _suffix_until_reset(right, left):
+    """Reverse scan of (x, reset at the segment start, reset after the start): the sum of x from the
+    segment start up to the step before its first later reset (``gates._segmented_suffix_sum``).
+    Arguments in ``jax.lax.associative_scan``'s reverse order: the later part first."""
+    p_l, h_l, q_l = left
+    p_r, h_r, q_r = right
+    blocked = jnp.maximum(q_l, h_r)
+    return p_l + jnp.where(blocked != 0, 0.0, p_r), h_l, jnp.maximum(blocked, q_r)
+
+
+def _affine_with_next(right, left):
+    """Reverse scan of the maps y -> x + a y (H_t = sel_t (dm_t + H_{t+1})) with, beside each
+    composite (a, x), the composite (a', x') that gives H at the step after the segment start."""
+    a_l, x_l, a2_l, x2_l = left
+    a_r, x_r, a2_r, x2_r = right
+    del a2_r, x2_r
+    return a_l * a_r, x_l + a_l * x_r, a2_l * a_r, x2_l + a2_l * x_r
+
+
+def gate_gradients_scanned_kernel(
+    vecDqq_ref,  # (S,)
+    vecDkk_ref,  # (S,)
+    vecDkkState_ref,  # (S,)
+    scaDdecay_ref,  # (NC,)
+    vecReset_ref,  # (S,) int32
+    *refs,  # [vecSel (S,) d m_t / d m_{t-1}, vecDM (S,) cotangent of every m_t] with pullback;
+    # then the outputs vecDI (S,), vecDLogF (S,), scaDM0 (1,)
+    L: int,
+    NC: int,
+    pullback: bool,
+):
+    """One program per (batch*head) row, walking its chunks from the last: per chunk the gate
+    gradients of ``gates.gate_gradients`` (a reverse scan that stops at resets) and, with
+    ``pullback``, the pull-back of dm through the m recurrence (``gates.max_state_pullback_recurrent``)
+    as a reverse scan of its affine maps with H = sel G carried across the chunk border."""
+    vecSel_ref, vecDM_ref = refs[:2] if pullback else (None, None)
+    vecDI_ref, vecDLogF_ref, scaDM0_ref = refs[-3:]
+    idx = jnp.arange(L, dtype=jnp.int32)
+    zeros_i = jnp.zeros((L,), jnp.int32)
+
+    def chunk(j, carry_h):
+        k = NC - 1 - j
+        c0 = pl.multiple_of(k * L, L)
+        sl = pl.ds(c0, L)
+        reset = vecReset_ref[sl]
+        x = vecDqq_ref[sl] - vecDkk_ref[sl]
+        suffix, _, _ = _triton.associative_scan(_suffix_until_reset, (x, reset, zeros_i), reverse=True)
+        last = jnp.max(jnp.where(reset != 0, idx, jnp.int32(-1)))
+        per_chunk = jnp.sum(vecDkkState_ref[sl]) + scaDdecay_ref[k]
+        dlogf = suffix + jnp.where(idx >= last, per_chunk, 0.0)
+        dlogf = jnp.where(reset != 0, 0.0, dlogf)
+        dI = vecDkk_ref[sl]
+        if pullback:
+            sel, dm = vecSel_ref[sl], vecDM_ref[sl]
+            ones = jnp.ones((L,), _F32)
+            a, x_h, a2, x2 = _triton.associative_scan(
+                _affine_with_next, (sel, sel * dm, ones, jnp.zeros((L,), _F32)), reverse=True)
+            vecH = x_h + a * carry_h  # H_t = sel_t G_t
+            vecG = dm + (x2 + a2 * carry_h)  # G_t = dm_t + H_{t+1}
+            dI = dI + (1.0 - sel) * vecG
+            dlogf = dlogf + vecH
+            carry_h = jnp.sum(jnp.where(idx == 0, vecH, 0.0))
+        vecDI_ref[sl] = dI
+        vecDLogF_ref[sl] = dlogf
+        return carry_h
+
+    carry_h = jax.lax.fori_loop(jnp.int32(0), jnp.int32(NC), chunk, jnp.float32(0.0))
+    scaDM0_ref[...] = jnp.full((1,), carry_h, _F32)
+
+
+def gate_gradients_scanned(
+    vecDqq: jax.Array,  # (BH, S)
+    vecDkk: jax.Array,  # (BH, S)
+    vecDkkState: jax.Array,  # (BH, S)
+    scaDdecay: jax.Array,  # (BH, NC)
+    vecReset: jax.Array,  # (BH, S) bool or int
+    vecSel: jax.Array | None,  # (BH, S) ``gates.max_state_selection``; None: no pull-back
+    vecDM: jax.Array | None,  # (BH, S)
+    *,
+    params: ChunkwiseKernelParams,
+    interpret: bool,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``gate_grads_impl="kernel"``: (dI, dLogF, dM0) = ``gates.gate_gradients`` plus (with vecSel and
+    vecDM) ``gates.max_state_pullback_recurrent``, in one launch of one program per row that walks
+    its chunks in reverse with associative scans (``tt.scan``) of the chunk's vectors. Without the
+    pull-back dM0 is 0."""
+    BH, S = vecDqq.shape
+    L = params.chunk_size_intra
+    NC = S // L
+    pullback = vecSel is not None
+    if pullback != (vecDM is not None):
+        raise ValueError("gate_gradients_scanned: vecSel and vecDM must both be given or both be None")
+    kernel = functools.partial(gate_gradients_scanned_kernel, L=L, NC=NC, pullback=pullback)
+    row = pl.BlockSpec((None, S), lambda b: (b, 0))
+    f32 = jax.ShapeDtypeStruct((BH, S), _F32)
+    dI, dLogF, dM0 = launch(
+        kernel,
+        grid=(BH,),
+        in_specs=[row, row, row, pl.BlockSpec((None, NC), lambda b: (b, 0)), row] + ([row, row] if pullback else []),
+        out_specs=[row, row, pl.BlockSpec((None, 1), lambda b: (b, 0))],
+        out_shape=[f32, f32, jax.ShapeDtypeStruct((BH, 1), _F32)],
+        num_warps=4,
+        num_stages=1,
+        interpret=interpret,
+        name="mlstm_chunkwise_gate_gradients_scanned",
+    )(*(x.astype(_F32) for x in (vecDqq, vecDkk, vecDkkState, scaDdecay)), vecReset.astype(jnp.int32),
+      *((vecSel.astype(_F32), vecDM.astype(_F32)) if pullback else ()))
+    return dI, dLogF, dM0[:, 0]

@@ -445,6 +445,14 @@ def max_state_pullback(
     return vjp(vecDM.astype(vecI.dtype))
 
 
+def max_state_selection(vecI, vecLogF, scaM0, vecM, dtype=jnp.float32) -> jax.Array:
+    """(BH, S): sel_t = d m_t / d m_{t-1} of m_t = max(logf_t + m_{t-1}, i_t): 1 where the carried
+    term is larger, 0 where i_t is, 1/2 at a tie (``jnp.maximum``'s split)."""
+    carry = vecLogF.astype(dtype) + previous_max_states(vecM.astype(dtype), scaM0.astype(dtype))
+    vecI = vecI.astype(dtype)
+    return jnp.where(carry > vecI, 1.0, jnp.where(carry == vecI, 0.5, 0.0)).astype(dtype)
+
+
 def max_state_pullback_recurrent(
     vecI: jax.Array,  # (BH, S)
     vecLogF: jax.Array,  # (BH, S)
@@ -468,9 +476,7 @@ def max_state_pullback_recurrent(
     scan and transposes it), summed in another order.
     """
     dt = vecDM.dtype
-    carry = vecLogF.astype(dt) + previous_max_states(vecM.astype(dt), scaM0.astype(dt))
-    vecI = vecI.astype(dt)
-    sel = jnp.where(carry > vecI, 1.0, jnp.where(carry == vecI, 0.5, 0.0)).astype(dt)
+    sel = max_state_selection(vecI, vecLogF, scaM0, vecM, dt)
     sel_next = jnp.concatenate([sel[:, 1:], jnp.zeros_like(sel[:, :1])], axis=1)
 
     def compose(right, left):

@@ -78,7 +78,7 @@ OVERRIDABLE = tuple(f.name for f in dataclasses.fields(ChunkwiseKernelParams))
 VARIANT_CHOICES = {
     "m_scan": ("associative", "linear"),
     "gates_impl": ("xla", "pallas", "fused", "kernel"),
-    "gate_grads_impl": ("xla", "pallas", "fused"),
+    "gate_grads_impl": ("xla", "pallas", "fused", "kernel"),
     "states_bf16": (False, True),
     "save_gates": (False, True),
     "fuse_dkdv": (False, True),
@@ -104,6 +104,9 @@ VARIANT_CHOICES = {
   Pallas kernel (``gate_kernels.py``); ``"fused"``: as ``"pallas"``, and with exact gradients of the
   exponential cell the pull-back of the m cotangents through the m scan joins the gate-gradient
   kernel (``gate_kernels.fused_gate_gradients``: one launch instead of the XLA ``jax.vjp`` of the scan).
+  ``"kernel"``: the gate gradients and (exact gradients, exponential cell) the m pull-back in one
+  launch, one program per row walking its chunks in reverse with associative scans of the chunk's
+  vectors (``gate_kernels.gate_gradients_scanned``); the decay terms stay the XLA reduction.
 * save_gates: keep the forward pass's gate vectors (seven (B*NH, S) vectors, 28 bytes per step and
   head) for the backward pass instead of recomputing them there.
 * fuse_dkdv: dK and dV from one kernel (``bw_parallel_dkdv``): the query tiles q, dh and the gate tile

@@ -139,7 +139,7 @@ SEARCH_SPACE: tuple[tuple[str, tuple], ...] = (
     # 16 x 2048 fwbw 1.52 ms default, 1.71 gate_grads_impl=fused, 1.60 fuse_dkdv; standard 8 x 8192
     # fwbw 6.87 default, 7.45 gate_grads_impl=pallas, 7.97 fused; gates_impl=fused fw 2.21 -> 3.32):
     # a search with budget left still tries them (another GPU may differ)
-    ("gate_grads_impl", ("xla", "pallas", "fused")),
+    ("gate_grads_impl", ("xla", "pallas", "fused", "kernel")),
     ("gates_impl", ("xla", "pallas", "fused", "kernel")),
     ("save_gates", (False, True)),
     ("fuse_dkdv", (False, True)),
