@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The closing device call of a session (issue 9), ~9 minutes on an H200, in priority order, each step
 # under its own timeout and all of them under LIMIT seconds:
-#   (tests)    the compiled tests of what changed: tests/kernels/test_chunkwise_mosaic.py's forward
+#   (tests)    (unless SKIP_TESTS=1) the compiled tests of what changed: tests/kernels/test_chunkwise_mosaic.py's forward
 #              cases against float64 (two processes) and its gradient cases of the single-buffered
 #              kernels (pipeline_slots) and the split dQ / dK kernels (one process each), side by side,
 #              none preallocating the GPU's memory;
@@ -15,7 +15,7 @@
 #              float32 at highest matmul precision (`bench --check`): h (fw) and the gradients (fwbw);
 #   (profile)  per-kernel profiles (command buffers off) of the rows in PROFILE_ROWS while time is left,
 #              after the first of them the forward of the two long-sequence rows with smaller
-#              recurrent tiles and with chunk 256 (variants, for the next tuning).
+#              recurrent tiles and with chunk 256 (variants, for the next tuning; SKIP_VARIANTS=1: not).
 # Usage (repository root): OUT=$OUT bash scripts/gpu_final.sh. Everything lands in $OUT/final.tgz
 # (rewritten after each step, so a cut call keeps what it finished) and $OUT/summary.txt.
 set -u
@@ -39,7 +39,9 @@ $PY -c "import jax, jaxlib; print('jax', jax.__version__, 'jaxlib', jaxlib.__ver
 git log -1 --format="git HEAD of the device copy (may be stale): %H %s" >> "$W/env.txt" 2>/dev/null
 
 # (tests) -----------------------------------------------------------------------------------------
+# SKIP_TESTS=1: the caller ran them (scripts/gpu_choose.sh runs them beside its own)
 t0=$(date +%s); TL=$(cap "${TEST_LIMIT:-130}"); n=0
+[ "${SKIP_TESTS:-0}" = 1 ] || {
 # seven processes of one or two cases each (a case compiles for ~30 s, mostly on the CPU)
 for sel in "test_gpu_against and 128-256-bfloat16" "test_gpu_against and 256-512" \
     "test_gpu_against and (64-128-bfloat16 or 128-256-float16)" \
@@ -52,6 +54,7 @@ for sel in "test_gpu_against and 128-256-bfloat16" "test_gpu_against and 256-512
 done
 wait
 step tests 0 "$t0"
+}
 
 # (peer) ------------------------------------------------------------------------------------------
 t0=$(date +%s)
@@ -93,6 +96,7 @@ step check $? "$t0"
 # (profile, variants) -----------------------------------------------------------------------------
 mkdir -p "$W/prof"
 variants() {  # fw of the long-sequence rows with smaller recurrent tiles (more programs) or chunk 256
+  [ "${SKIP_VARIANTS:-0}" = 1 ] && return
   for r in 7b:2,32768 standard:2,32768; do
     [ "$(left)" -gt 30 ] || { steps+=("variants $r: skipped (time)"); continue; }
     t0=$(date +%s)
