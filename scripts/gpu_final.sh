@@ -11,7 +11,7 @@
 #              the model runs) at the seven rows, exact gradients fw and fwbw, then tfla fwbw at
 #              8 x 8192 (standard, 7B heads) and the small row;
 #   (table)    the seven-row table with the ratios and the goal (scripts/gpu_speed.sh ONLY_TABLE=1);
-#   (check)    the errors of chunkwise_auto at the standard row 8 x 8192 against chunkwise_native in
+#   (check)    (unless SKIP_CHECK=1) the errors of chunkwise_auto at the standard row 8 x 8192 against chunkwise_native in
 #              float32 at highest matmul precision (`bench --check`): h (fw) and the gradients (fwbw);
 #   (profile)  per-kernel profiles (command buffers off) of the rows in PROFILE_ROWS while time is left,
 #              after the first of them the forward of the two long-sequence rows with smaller
@@ -88,7 +88,7 @@ pack
 
 # (check) -----------------------------------------------------------------------------------------
 t0=$(date +%s)
-[ "$(left)" -gt 15 ] && timeout -k 10 "$(cap 90)" $PY -m xlstm_jax bench --kernels chunkwise_auto --heads standard --shapes 8,8192 \
+[ "${SKIP_CHECK:-0}" != 1 ] && [ "$(left)" -gt 15 ] && timeout -k 10 "$(cap 90)" $PY -m xlstm_jax bench --kernels chunkwise_auto --heads standard --shapes 8,8192 \
   --grad-mode exact --modes fw fwbw --check --check-precision highest --reps 3 --warmup 1 --no-ceilings \
   --json "$W/check.json" > "$W/check.log" 2>&1
 step check $? "$t0"

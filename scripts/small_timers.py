@@ -9,7 +9,8 @@ script times the same functions three ways, to tell launch latency from device w
     pipelined      BATCH calls back to back (inputs alternating), one synchronisation, divided by
                    BATCH: the steady state of a program that calls the kernel inside a larger step
 
-Usage (GPU machine, repository root): python3 scripts/small_timers.py ours|peer [HEADS] [B,S]
+Usage (GPU machine, repository root): python3 scripts/small_timers.py ours|peer|floor [HEADS] [B,S]
+(floor: ``v * 2``, one elementwise kernel on v, for the per-call cost of any jitted function)
 (HEADS: small | standard | 7b; the peer needs the wheels of ``.whl`` on PYTHONPATH and
 ``.peers/peer_shapes.py``). Prints one ``RESULT {json}`` line per mode.
 """
@@ -48,6 +49,8 @@ def make(impl: str):
 
         kern = get_mlstm_kernel("chunkwise_auto")
         return lambda q, k, v, i, f: kern(q, k, v, i, f)
+    if impl == "floor":  # one elementwise XLA kernel on h-sized data: the per-call cost of any jitted call
+        return lambda q, k, v, i, f: v * 2
     if impl == "peer":
         sys.path.insert(0, os.path.join(os.getcwd(), ".peers"))
         import peer_shapes  # noqa: PLC0415  (the peer runner, a measurement reference)
