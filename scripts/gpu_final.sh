@@ -24,7 +24,7 @@ OUT=${OUT:-/tmp/xlstm_final}; mkdir -p "$OUT"
 W=$(mktemp -d); PY=${PYTHON:-python3}
 LIMIT=${LIMIT:-570}; T0=$(date +%s)
 REPS=${REPS:-10}
-PROFILE_ROWS=${PROFILE_ROWS:-"7b:2,32768 small:16,2048 standard:32,2048 standard:2,32768"}
+PROFILE_ROWS=${PROFILE_ROWS-"7b:2,32768 small:16,2048 standard:32,2048 standard:2,32768"}
 GROUPS_=("standard std 32,2048;8,8192;2,32768" "7b 7b 32,2048;8,8192;2,32768" "small 350m 16,2048")
 steps=()
 left() { echo $(( LIMIT - ($(date +%s) - T0) )); }
