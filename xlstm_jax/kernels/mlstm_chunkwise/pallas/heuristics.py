@@ -122,6 +122,10 @@ and 7B rows (the row kernels walk their chunks serially: 0.29 / 1.12 ms for the 
 vectors at the small / standard row; the decay products add 0.04 / 0.42 ms to the recurrent
 backward kernel against the 0.04 / 0.24 ms XLA reduction they replace), and ``save_gates`` gains
 nothing measurable. They stay selectable and last in the tuner's search; the defaults are XLA.
+The ``"kernel"`` values (2026-12-02, sixth session, same GPU): at the small row fw 0.665 -> 0.424 ms
+(``gates_impl``) and fwbw 1.333 -> 1.192 ms (both), with ``states_bf16`` 0.361 / 1.209: the shipped
+table uses them there; they are unmeasured at the standard and 7B heads (whose rows keep the XLA
+gates).
 """
 
 
