@@ -268,9 +268,7 @@ def chunkwise_backward(
     matDH = matDH.astype(dtype)
     kw = dict(params=p, qk_scale=cfg.qk_scale, interpret=cfg.interpret)
     sdt = _states_dtype(cfg, dtype)
-    fused_decay = p.gate_grads_impl in ("pallas", "fused")
-    # "fused": the m pull-back inside the gate-gradient kernel (exact gradients of the exp cell only)
-    fused_pullback = p.gate_grads_impl == "fused" and exact and cfg.max_state
+    fused_decay = p.gate_grads_impl in ("pallas", "fused")  # the decay terms from the recurrent bw kernel
     bw = recurrent_bw_states(
         matQ, matDH, g.vecWinter, vecDenInv, vecDnq, g.vecDecay,
         matDC_last.astype(_F32), vecDN_last.astype(_F32), **kw, states_dtype=sdt,
@@ -305,47 +303,38 @@ def chunkwise_backward(
             matDV = parallel_bw_dv(*dv_args, output_dtype=dtype, **kw)
     vecN_last = vecN_states[:, -1]
     scaDlast = jnp.sum(matDC_last * matC_last, axis=(1, 2)) + jnp.sum(vecDN_last * vecN_last, axis=1)
-    if fused_pullback:
-        scaDdecay = bw[-1]  # from the recurrent backward kernel
-        vecDN0 = vecDN_states[:, 0]
-        scaDM0 = jnp.sum(matDC0 * matC0, axis=(1, 2)) + jnp.sum(vecDN0 * vecN0, axis=1)
-        vecDM = vecDm.at[:, -1].add(scaDM_last - scaDlast)
+    vecDN0 = vecDN_states[:, 0]
+    scaDM0 = jnp.sum(matDC0 * matC0, axis=(1, 2)) + jnp.sum(vecDN0 * vecN0, axis=1)
+    # exact gradients of the exponential cell: the cotangents of every m_t are pulled back through
+    # the m recurrence (the last m's own cotangent joins the last step's)
+    pull = exact and cfg.max_state
+    vecDM = vecDm.at[:, -1].add(scaDM_last - scaDlast) if pull else None
+    # <dC_k, decay_k C_{k-1}> + <dn_k, decay_k n_{k-1}>: from the recurrent backward kernel, or XLA
+    scaDdecay = bw[-1] if fused_decay else _decay_terms(g, matDC_states, matC_states, vecDN_states, vecN_states, p)
+    if p.gate_grads_impl == "fused" and pull:  # gate gradients and pull-back in the serial row kernel
         vecDI, vecDLogF, dM0_m = gate_kernels.fused_gate_gradients(
             vecI, vecLogF, vecM, scaM0, vecDM, vecDqq, vecDkk, vecDkkState, scaDdecay, g.vecReset,
             params=p, interpret=cfg.interpret,
         )
-        return matDQ, matDK, matDV, vecDI, vecDLogF, matDC0, vecDN0, scaDM0 + dM0_m
-    if p.gate_grads_impl == "kernel":  # gate gradients and (exact, exp cell) the m pull-back: one launch
-        scaDdecay = _decay_terms(g, matDC_states, matC_states, vecDN_states, vecN_states, p)
-        vecDN0 = vecDN_states[:, 0]
-        scaDM0 = jnp.sum(matDC0 * matC0, axis=(1, 2)) + jnp.sum(vecDN0 * vecN0, axis=1)
-        pull = exact and cfg.max_state
+    elif p.gate_grads_impl == "kernel":  # gate gradients and pull-back in one scanned launch
         vecSel = gates.max_state_selection(vecI, vecLogF, scaM0, vecM) if pull else None
-        vecDM = vecDm.at[:, -1].add(scaDM_last - scaDlast) if pull else None
         vecDI, vecDLogF, dM0_m = gate_kernels.gate_gradients_scanned(
             vecDqq, vecDkk, vecDkkState, scaDdecay, g.vecReset, vecSel, vecDM, params=p, interpret=cfg.interpret)
-        if not cfg.max_state:  # m == 0 is a constant: m0 enters nothing
-            return matDQ, matDK, matDV, vecDI, vecDLogF, matDC0, vecDN0, jnp.zeros_like(scaDM0)
-        return matDQ, matDK, matDV, vecDI, vecDLogF, matDC0, vecDN0, scaDM0 + dM0_m
-    if fused_decay:
-        scaDdecay = bw[-1]  # from the recurrent backward kernel
-        vecDI, vecDLogF = gate_kernels.gate_gradients(
-            vecDqq, vecDkk, vecDkkState, scaDdecay, g.vecReset, params=p, interpret=cfg.interpret
-        )
     else:
-        scaDdecay = _decay_terms(g, matDC_states, matC_states, vecDN_states, vecN_states, p)
-        vecDI, vecDLogF = gates.gate_gradients(
-            vecDqq, vecDkk, vecDkkState, scaDdecay, g.vecReset, p.chunk_size_intra
-        )
-    vecDN0 = vecDN_states[:, 0]
-    scaDM0 = jnp.sum(matDC0 * matC0, axis=(1, 2)) + jnp.sum(vecDN0 * vecN0, axis=1)
-    if not cfg.max_state:  # m == 0 is a constant: no cotangent to pull back, m0 enters nothing
-        scaDM0 = jnp.zeros_like(scaDM0)
-    elif exact:
-        vecDM = vecDm.at[:, -1].add(scaDM_last - scaDlast)
-        # the pull-back of the recurrence from the forward's m: one linear scan (no recomputed m scan)
-        dI_m, dLogF_m, dM0_m = gates.max_state_pullback_recurrent(vecI, vecLogF, scaM0, vecM, vecDM)
-        vecDI, vecDLogF, scaDM0 = vecDI + dI_m, vecDLogF + dLogF_m, scaDM0 + dM0_m
+        if fused_decay:
+            vecDI, vecDLogF = gate_kernels.gate_gradients(
+                vecDqq, vecDkk, vecDkkState, scaDdecay, g.vecReset, params=p, interpret=cfg.interpret
+            )
+        else:
+            vecDI, vecDLogF = gates.gate_gradients(
+                vecDqq, vecDkk, vecDkkState, scaDdecay, g.vecReset, p.chunk_size_intra
+            )
+        dM0_m = 0.0
+        if pull:  # one linear scan of the recurrence from the forward's m (no recomputed m scan)
+            dI_m, dLogF_m, dM0_m = gates.max_state_pullback_recurrent(vecI, vecLogF, scaM0, vecM, vecDM)
+            vecDI, vecDLogF = vecDI + dI_m, vecDLogF + dLogF_m
+    # the sigmoid cell: m == 0 is a constant, m0 enters nothing
+    scaDM0 = scaDM0 + dM0_m if cfg.max_state else jnp.zeros_like(scaDM0)
     return matDQ, matDK, matDV, vecDI, vecDLogF, matDC0, vecDN0, scaDM0
 
 
