@@ -123,6 +123,17 @@ def _chunk_gate_vectors(vecI, vecLogF, vecM, vecMprev, m_border, m_next, c0, L):
     logf = jnp.where(reset != 0, 0.0, vecLogF)  # a reset's logf enters no sum
     vecB = jnp.sum(jnp.where((s_ <= t_) & (s_ > latest[:, None]), logf[None, :], 0.0), axis=1)
     rev_excl = jnp.sum(jnp.where(s_ > t_, logf[None, :], 0.0), axis=1)  # row s: sum_{r > s}
+    vecQlog, vecKlog, vecWinter, vecWstate, vecStart, scaDecay = _vectors_from_sums(
+        vecI, vecM, vecB, rev_excl, latest, last, m_border, m_next, c0, L)
+    return vecQlog, vecKlog, vecWinter, vecWstate, vecStart, reset, jnp.full((L,), scaDecay, _F32)
+
+
+def _vectors_from_sums(vecI, vecM, vecB, rev_excl, latest, last, m_prev, m_last, c0, L):
+    """The kernel gate vectors of one chunk (``gates.kernel_gates_from_chunk_gates``) from its sums:
+    b_t (vecB), sum_{r > s} logf_r (rev_excl), the latest reset <= t (latest, -1: none) and the
+    chunk's last reset (last), the entering and the chunk's last m. Returns (vecQlog, vecKlog,
+    vecWinter, vecWstate, vecStart, the chunk's decay as a scalar)."""
+    idx = jnp.arange(L, dtype=jnp.int32)
     vecA = jnp.where(idx < last, -jnp.inf, vecI + rev_excl)
     b_end = jnp.sum(jnp.where(idx == L - 1, vecB, 0.0))  # b_{L-1}: the same rounding as vecB
     scaG = jnp.where(last >= 0, -jnp.inf, b_end)
@@ -130,11 +141,10 @@ def _chunk_gate_vectors(vecI, vecLogF, vecM, vecMprev, m_border, m_next, c0, L):
     return (
         (vecB - vecM) * gates.LOG2_E,
         (vecI - vecB) * gates.LOG2_E,
-        jnp.where(seen, 0.0, jnp.exp(vecB + m_border - vecM)),
-        jnp.exp(vecA - m_next),
+        jnp.where(seen, 0.0, jnp.exp(vecB + m_prev - vecM)),
+        jnp.exp(vecA - m_last),
         c0 + jnp.maximum(latest, 0),
-        reset,
-        jnp.full((L,), jnp.exp(scaG + m_border - m_next), _F32),
+        jnp.exp(scaG + m_prev - m_last),
     )
 
 
@@ -189,22 +199,10 @@ def chunk_gates_scanned(vecI, vecLogF, m_prev, c0, L: int):
     logf = jnp.where(reset != 0, 0.0, vecLogF)  # a reset's logf enters no sum
     vecB, _ = _triton.associative_scan(_restarting_sum, (logf, reset))
     (rev,) = _triton.associative_scan(lambda x, y: (x[0] + y[0],), (logf,), reverse=True)
-    vecA = jnp.where(idx < last, -jnp.inf, vecI + (rev - logf))
     m_last = jnp.max(jnp.where(idx == L - 1, vecM, -jnp.inf))
-    b_end = jnp.sum(jnp.where(idx == L - 1, vecB, 0.0))
-    scaG = jnp.where(last >= 0, -jnp.inf, b_end)
-    seen = latest >= 0
-    return (
-        vecM,
-        (vecB - vecM) * gates.LOG2_E,
-        (vecI - vecB) * gates.LOG2_E,
-        jnp.where(seen, 0.0, jnp.exp(vecB + m_prev - vecM)),
-        jnp.exp(vecA - m_last),
-        c0 + jnp.maximum(latest, 0),
-        reset,
-        jnp.exp(scaG + m_prev - m_last),
-        m_last,
-    )
+    vecQlog, vecKlog, vecWinter, vecWstate, vecStart, scaDecay = _vectors_from_sums(
+        vecI, vecM, vecB, rev - logf, latest, last, m_prev, m_last, c0, L)
+    return vecM, vecQlog, vecKlog, vecWinter, vecWstate, vecStart, reset, scaDecay, m_last
 
 
 def gate_vectors(
@@ -250,6 +248,15 @@ def gate_vectors(
     return gates.KernelGates(qlog, klog, winter, wstate, decay, scaM_borders, start, reset, None)
 
 
+def _chunk_dlogf(suffix, reset, per_chunk, L: int):
+    """dlogf of one chunk (``gates.gate_gradients``) from the suffix sums of <dq, q> - <dk, k> up to
+    the next reset and the chunk's state part (sum of <dk, k>_state plus the decay term): the state
+    part counts from the chunk's last reset on; 0 at the resets themselves."""
+    idx = jnp.arange(L, dtype=jnp.int32)
+    last = jnp.max(jnp.where(reset != 0, idx, jnp.int32(-1)))
+    return jnp.where(reset != 0, 0.0, suffix + jnp.where(idx >= last, per_chunk, 0.0))
+
+
 def gate_gradients_kernel(
     vecDqq_ref,  # (L,)
     vecDkk_ref,  # (L,)
@@ -270,10 +277,8 @@ def gate_gradients_kernel(
     latest = _latest_reset(reset, L)
     # t >= r with no reset in (r, t], i.e. latest_t <= r
     suffix = jnp.sum(jnp.where((t_ >= r_) & (latest[None, :] <= r_), x[None, :], 0.0), axis=1)
-    last = jnp.max(jnp.where(reset != 0, idx, jnp.int32(-1)))
     per_chunk = jnp.sum(vecDkkState_ref[...]) + scaDdecay_ref[k]
-    dlogf = suffix + jnp.where(idx >= last, per_chunk, 0.0)
-    vecDLogF_ref[...] = jnp.where(reset != 0, 0.0, dlogf)
+    vecDLogF_ref[...] = _chunk_dlogf(suffix, reset, per_chunk, L)
 
 
 def gate_gradients(
@@ -478,9 +483,8 @@ def fused_gate_gradients_kernel(
         x = vecDqq_ref[pl.ds(c0, L)] - vecDkk_ref[pl.ds(c0, L)]
         latest = _latest_reset(reset, L)
         suffix = jnp.sum(jnp.where((u_ >= t_) & (latest[None, :] <= t_), x[None, :], 0.0), axis=1)
-        last = jnp.max(jnp.where(reset != 0, idx, jnp.int32(-1)))
         per_chunk = jnp.sum(vecDkkState_ref[pl.ds(c0, L)]) + scaDdecay_ref[k]
-        dlogf = jnp.where(reset != 0, 0.0, suffix + jnp.where(idx >= last, per_chunk, 0.0))
+        dlogf = _chunk_dlogf(suffix, reset, per_chunk, L)
         vecDLogF_ref[pl.ds(c0, L)] = dlogf + sel * vecG
         vecDI_ref[pl.ds(c0, L)] = vecDkk_ref[pl.ds(c0, L)] + (1.0 - sel) * vecG
         return jnp.sum(jnp.where(idx == 0, sel * vecG, 0.0))  # into m_{k-1}: the step before the chunk
@@ -587,10 +591,8 @@ def gate_gradients_scanned_kernel(
         reset = vecReset_ref[sl]
         x = vecDqq_ref[sl] - vecDkk_ref[sl]
         suffix, _, _ = _triton.associative_scan(_suffix_until_reset, (x, reset, zeros_i), reverse=True)
-        last = jnp.max(jnp.where(reset != 0, idx, jnp.int32(-1)))
         per_chunk = jnp.sum(vecDkkState_ref[sl]) + scaDdecay_ref[k]
-        dlogf = suffix + jnp.where(idx >= last, per_chunk, 0.0)
-        dlogf = jnp.where(reset != 0, 0.0, dlogf)
+        dlogf = _chunk_dlogf(suffix, reset, per_chunk, L)
         dI = vecDkk_ref[sl]
         if pullback:
             sel, dm = vecSel_ref[sl], vecDM_ref[sl]

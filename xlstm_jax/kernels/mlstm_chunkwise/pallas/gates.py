@@ -440,7 +440,9 @@ def max_state_pullback(
     scan=None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(dI, dLogF, dM0): the cotangents of the m scan pulled back to its inputs (``scan``: the
-    scan function of the forward pass, default ``max_state_scan``)."""
+    scan function of the forward pass, default ``max_state_scan``), by ``jax.vjp`` of the scan.
+    The kernels' backward uses ``max_state_pullback_recurrent``; this one stays as the independent
+    reference the tests compare it with away from ties."""
     _, vjp = jax.vjp(max_state_scan if scan is None else scan, vecI, vecLogF, scaM0)
     return vjp(vecDM.astype(vecI.dtype))
 
